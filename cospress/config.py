@@ -1,0 +1,99 @@
+"""Typed configs: defaults < YAML file < command-line flags, saved beside every output.
+
+Each stage defines one dataclass (``ExtractConfig``, ``DistillConfig``, ``EvalConfig``) in its runner
+module; this module holds the merge, validation and save logic they share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from cospress.errors import ConfigError
+from cospress.utils import atomic_write_bytes
+
+C = TypeVar("C")
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    """Convert a YAML / CLI value to the field's declared type, or raise ConfigError."""
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(name, inner[0], value)
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        elem = args[0] if args else Any
+        out = [_coerce(name, elem, v) for v in value]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if tp in (int, float, str):
+        try:
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
+    """Build a dataclass from a plain dict; unknown keys are an error naming the valid ones."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(k, hints[k], v) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_config(cls: type[C], config_file: str | Path | None, overrides: dict[str, Any]) -> C:
+    """Merge defaults < YAML file < overrides (flags the user actually gave; None means not given).
+
+    YAML keys may use dashes or underscores (``student-size`` or ``student_size``).
+    """
+    merged: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        merged.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(cls, merged, source=str(config_file or "flags"))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain JSON-able dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    atomic_write_bytes(path, text.encode())
