@@ -1,0 +1,349 @@
+"""Stage 1 runner: K augmented views of every image -> teacher -> a sharded Zarr v3 store.
+
+The work is a list of independent shard ids. Each rank (torchrun) owns the shards ``s`` with
+``s % world_size == rank``; a finished shard is written in one piece and committed atomically, so
+rerunning the same command skips committed shards and completes the rest. Teacher batches never
+straddle a shard boundary and always hold the same images, so a resumed run computes bitwise the
+same features as an uninterrupted one (same machine, CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cospress import __version__
+from cospress.config import save_config, to_dict
+from cospress.data.sources import Source, open_source
+from cospress.data.views import PARAM_NAMES, ViewPolicy, center_view_params, replay_view, sample_view_params
+from cospress.errors import BadImageError, ConfigError, StoreError
+from cospress.models.teachers import build_teacher
+from cospress.store import StoreWriter, estimate_store_bytes
+from cospress.utils import autocast, autocast_dtype, dist_info, human_bytes, pick_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractConfig:
+    """Stage 1 settings. Every field is a YAML key and a ``--flag`` of ``cospress extract-teacher``."""
+
+    data: str = "fashion-mnist:train"
+    teacher: str = "efficientnet_lite0"
+    weights: str | None = None
+    image_size: int | None = None  # teacher input resolution; None = the teacher's default
+    views: int = 8  # K augmented views per image
+    center_view: bool = False  # also store the plain full-image view (as view index K)
+    limit: int | None = None
+    tokens: bool = True
+    seed: int = 0
+    workers: int = 2
+    batch_size: int = 256  # views per teacher forward
+    shard_size: int = 1024  # images per shard
+    out: str = "store"
+    overwrite: bool = False
+    scale_min: float = 0.08
+    scale_max: float = 1.0
+    flip: float = 0.5
+    color_jitter: float = 0.0
+    grayscale: float = 0.0
+    blur: float = 0.0
+    max_pixels: int = 89_478_485
+    precision: str = "auto"  # auto | bf16 | fp32
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.views < 1:
+            raise ConfigError(f"--views must be at least 1, got {self.views}")
+        if self.shard_size < 1:
+            raise ConfigError(f"--shard-size must be at least 1, got {self.shard_size}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
+        if not 0 < self.scale_min <= self.scale_max <= 1:
+            raise ConfigError(f"need 0 < scale-min <= scale-max <= 1, got {self.scale_min}, {self.scale_max}")
+
+    def policy(self) -> ViewPolicy:
+        return ViewPolicy(
+            scale=(self.scale_min, self.scale_max),
+            flip=self.flip,
+            color_jitter=self.color_jitter,
+            grayscale=self.grayscale,
+            blur=self.blur,
+        )
+
+
+class ViewDataset(Dataset):
+    """Row -> the image's stored views, replayed at the teacher's resolution (decoded in workers)."""
+
+    def __init__(self, source: Source, policy: ViewPolicy, seed: int, views: int, center: bool,
+                 size: int, max_pixels: int) -> None:
+        self.source, self.policy, self.seed = source, policy, seed
+        self.views, self.center, self.size, self.max_pixels = views, center, size, max_pixels
+        self.keys = source.keys()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        key = self.keys[row]
+        num_views = self.views + int(self.center)
+        try:
+            sample = self.source.load(row, max_pixels=self.max_pixels)
+        except BadImageError as e:
+            return {"row": row, "images": None, "params": np.zeros((num_views, len(PARAM_NAMES)), np.float32),
+                    "reason": str(e)}
+        w, h = sample.image.size
+        params = [sample_view_params(self.policy, self.seed, key, v, w, h) for v in range(self.views)]
+        if self.center:
+            params.append(center_view_params(w, h))
+        params = np.stack(params).astype(np.float32)
+        images = torch.stack([replay_view(sample.image, p, self.size) for p in params])
+        return {"row": row, "images": images, "params": params, "reason": None}
+
+
+def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return items
+
+
+def shard_batches(shards: list[int], shard_rows: Callable[[int], tuple[int, int]],
+                  images_per_batch: int) -> Iterator[list[int]]:
+    """Row batches aligned to shard starts: a batch never straddles two shards."""
+    for s in shards:
+        start, stop = shard_rows(s)
+        for b in range(start, stop, images_per_batch):
+            yield list(range(b, min(b + images_per_batch, stop)))
+
+
+class _ShardBuffer:
+    """Accumulates one shard's rows until every row has arrived."""
+
+    def __init__(self, start: int, stop: int, num_views: int, dim: int, num_tokens: int, tokens: bool,
+                 keys: list[str], labels: list[int]) -> None:
+        n = stop - start
+        self.start, self.remaining = start, n
+        self.cls = np.zeros((n, num_views, dim), np.float16)
+        self.tokens = np.zeros((n, num_views, num_tokens, dim), np.float16) if tokens else None
+        self.views = np.zeros((n, num_views, len(PARAM_NAMES)), np.float32)
+        self.valid = np.zeros(n, np.uint8)
+        self.keys = keys[start:stop]
+        self.labels = np.asarray(labels[start:stop], np.int64)
+        self.skipped: list[dict[str, str]] = []
+
+
+class _Writer(threading.Thread):
+    """Writes and commits finished shards in the background so the teacher keeps running."""
+
+    def __init__(self, writer: StoreWriter) -> None:
+        super().__init__(daemon=True, name="cospress-shard-writer")
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            shard, buf = item
+            if self.error is not None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                self.writer.write_shard(shard, cls=buf.cls, tokens=buf.tokens, views=buf.views, keys=buf.keys,
+                                        labels=buf.labels, valid=buf.valid, skipped=buf.skipped)
+            except BaseException as e:  # surfaced by the main thread
+                self.error = e
+            self.seconds += time.perf_counter() - t0
+
+    def put(self, shard: int, buf: _ShardBuffer) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((shard, buf))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _check_free_disk(out: Path, need: int) -> None:
+    probe = out if out.exists() else out.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise StoreError(
+            f"not enough free disk for the store at {out}: needs up to {human_bytes(need)}, "
+            f"{human_bytes(free)} free; use --no-tokens, fewer --views, --limit, or another --out"
+        )
+
+
+def _init_distributed(world: int, device: torch.device) -> bool:
+    if world <= 1 or not torch.distributed.is_available():
+        return False
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def _barrier(distributed: bool) -> None:
+    if distributed:
+        torch.distributed.barrier()
+
+
+def run_extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Run stage 1 and return a summary (counts, timings, the manifest when this rank wrote it).
+
+    ``progress(done_images, total_images)`` is called after every teacher batch of this rank.
+    """
+    rank, world, local_rank = dist_info()
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    distributed = _init_distributed(world, device)
+    try:
+        return _extract(cfg, rank, world, device, distributed, progress)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+
+
+def _extract(cfg: ExtractConfig, rank: int, world: int, device: torch.device, distributed: bool,
+             progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    source = open_source(cfg.data, limit=cfg.limit)
+    teacher = build_teacher(cfg.teacher, weights=cfg.weights, image_size=cfg.image_size).to(device)
+    if hasattr(teacher, "to_channels_last"):
+        teacher.to_channels_last()
+    amp = autocast_dtype(cfg.precision, device)
+    policy = cfg.policy()
+    num_views = cfg.views + int(cfg.center_view)
+    keys, labels = source.keys(), source.labels()
+    source_info = source.describe()
+    identity = {
+        "teacher": teacher.describe(),
+        "policy": {**policy.to_dict(), "fingerprint": policy.fingerprint()},
+        "views": cfg.views,
+        "center_view": cfg.center_view,
+        "seed": cfg.seed,
+        "source": source_info,
+        "shard_size": cfg.shard_size,
+        "tokens": cfg.tokens,
+        "param_names": list(PARAM_NAMES),
+        "precision": str(amp).replace("torch.", "") if amp else "float32",
+    }
+    out = Path(cfg.out)
+    estimate = estimate_store_bytes(len(keys), num_views, teacher.dim, teacher.num_tokens, len(PARAM_NAMES),
+                                    cfg.tokens)
+    if rank == 0:
+        log.info("store %s: %d images x %d views, teacher %s (dim %d, %d tokens) -> about %s before compression "
+                 "(float16 embeddings compress only ~1.15x)", out, len(keys), num_views, teacher.name, teacher.dim,
+                 teacher.num_tokens if cfg.tokens else 0, human_bytes(estimate))
+        if not (cfg.overwrite is False and (out / "manifest.json").exists()):
+            _check_free_disk(out, estimate)
+    open_kwargs = dict(num_rows=len(keys), shard_size=cfg.shard_size, num_views=num_views, dim=teacher.dim,
+                       num_tokens=teacher.num_tokens, num_params=len(PARAM_NAMES), tokens=cfg.tokens)
+    if rank == 0:
+        writer = StoreWriter.open(out, identity, overwrite=cfg.overwrite, create=True, **open_kwargs)
+        save_config(cfg, out / "extract-config.yaml")
+    _barrier(distributed)
+    if rank != 0:
+        writer = StoreWriter.open(out, identity, overwrite=False, create=False, **open_kwargs)
+
+    committed = writer.committed_shards()
+    mine = [s for s in range(writer.num_shards) if s % world == rank]
+    pending = [s for s in mine if s not in committed]
+    if committed and rank == 0:
+        log.info("resuming: %d of %d shards already committed", len(committed), writer.num_shards)
+    total_images = sum(writer.shard_rows(s)[1] - writer.shard_rows(s)[0] for s in pending)
+
+    size = teacher.input_size
+    dataset = ViewDataset(source, policy, cfg.seed, cfg.views, cfg.center_view, size, cfg.max_pixels)
+    images_per_batch = max(1, cfg.batch_size // num_views)
+    batches = list(shard_batches(pending, writer.shard_rows, images_per_batch))
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers, collate_fn=_collate,
+                        pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if cfg.workers > 0 else None)
+
+    bg = _Writer(writer)
+    bg.start()
+    buffers: dict[int, _ShardBuffer] = {}
+    done = skipped = 0
+    t_read = t_teacher = 0.0
+    t_start = time.perf_counter()
+    t0 = time.perf_counter()
+    try:
+        for items in loader:
+            t_read += time.perf_counter() - t0
+            shard = items[0]["row"] // cfg.shard_size
+            if shard not in buffers:
+                start, stop = writer.shard_rows(shard)
+                buffers[shard] = _ShardBuffer(start, stop, num_views, teacher.dim, teacher.num_tokens, cfg.tokens,
+                                              keys, labels)
+            buf = buffers[shard]
+            good = [it for it in items if it["images"] is not None]
+            t1 = time.perf_counter()
+            if good:
+                x = torch.cat([it["images"] for it in good]).to(device, non_blocking=True)
+                with torch.inference_mode(), autocast(device, amp):
+                    feats = teacher(x)
+                cls = feats.cls.float().reshape(len(good), num_views, -1).cpu().numpy().astype(np.float16)
+                if cfg.tokens:
+                    tok = feats.tokens.float().reshape(len(good), num_views, teacher.num_tokens, -1)
+                    tok = tok.cpu().numpy().astype(np.float16)
+            t_teacher += time.perf_counter() - t1
+            g = 0
+            for it in items:
+                i = it["row"] - buf.start
+                buf.views[i] = it["params"]
+                if it["images"] is None:
+                    buf.skipped.append({"key": keys[it["row"]], "reason": it["reason"]})
+                    skipped += 1
+                    log.warning("skipped %s: %s", keys[it["row"]], it["reason"])
+                else:
+                    buf.cls[i] = cls[g]
+                    if cfg.tokens:
+                        buf.tokens[i] = tok[g]
+                    buf.valid[i] = 1
+                    g += 1
+            buf.remaining -= len(items)
+            done += len(items)
+            if buf.remaining == 0:
+                bg.put(shard, buffers.pop(shard))
+            if progress is not None:
+                progress(done, total_images)
+            t0 = time.perf_counter()
+    finally:
+        bg.close()
+    elapsed = time.perf_counter() - t_start
+    _barrier(distributed)
+    summary: dict[str, Any] = {
+        "rank": rank, "world_size": world, "images": done, "skipped": skipped, "shards_written": len(pending),
+        "shards_already_committed": len(mine) - len(pending), "seconds": elapsed,
+        "images_per_second": done / elapsed if elapsed > 0 else 0.0,
+        "seconds_reading": t_read, "seconds_teacher": t_teacher, "seconds_writing": bg.seconds,
+        "store": str(out), "estimated_bytes": estimate,
+    }
+    if rank == 0:
+        manifest = writer.finalize(extra={"config": to_dict(cfg), "cospress_version": __version__,
+                                          "timings": {k: summary[k] for k in ("seconds", "seconds_reading",
+                                                                              "seconds_teacher", "seconds_writing")}})
+        summary["manifest"] = manifest
+        summary["skipped_total"] = len(manifest.get("skipped", []))
+    _barrier(distributed)
+    return summary
+
+
+__all__ = ["ExtractConfig", "ViewDataset", "run_extract", "shard_batches"]
