@@ -1,0 +1,184 @@
+"""Stage 1 end to end through the real CLI: correctness, resume after SIGKILL, 2 ranks, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from tests.helpers import cli_env, make_image_folder, make_tiny_teacher_weights, run_cli
+
+ARRAYS = ("cls", "tokens", "views", "labels", "valid", "keys")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"), classes=3, per_class=8)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return make_tiny_teacher_weights(tmp_path_factory.mktemp("w") / "test_vit.safetensors", img_size=32)
+
+
+def _args(images: Path, weights: Path, out: Path, *extra: str) -> list[str]:
+    return ["extract-teacher", "--data", f"folder:{images}", "--teacher", "test_vit", "--weights", str(weights),
+            "--image-size", "32", "--views", "3", "--shard-size", "5", "--batch-size", "6", "--workers", "0",
+            "--precision", "fp32", "--out", str(out), "--no-progress", *extra]
+
+
+def _arrays(store: Path) -> dict[str, np.ndarray]:
+    g = zarr.open_group(str(store), mode="r")
+    return {name: g[name][...] for name in ARRAYS}
+
+
+def _assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    for name in ARRAYS:
+        assert a[name].shape == b[name].shape, name
+        assert np.array_equal(a[name], b[name]), f"array {name} differs"
+
+
+@pytest.fixture(scope="module")
+def reference_store(tmp_path_factory, images, weights) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "store"
+    run_cli(*_args(images, weights, out))
+    return out
+
+
+def test_store_complete_and_verifies(reference_store):
+    manifest = json.loads((reference_store / "manifest.json").read_text())
+    assert manifest["skipped"] == []
+    g = zarr.open_group(str(reference_store), mode="r")
+    assert g["cls"].shape == (24, 3, 64)
+    assert g["tokens"].shape == (24, 3, 4, 64)
+    assert g["valid"][...].all()
+    assert sorted(set(g["labels"][...].tolist())) == [0, 1, 2]
+    proc = run_cli("verify", str(reference_store))
+    assert "ok" in proc.stderr + proc.stdout
+
+
+def test_stored_cls_equals_teacher_on_replayed_views(reference_store, images, weights):
+    """The stored features are the teacher's output on the views replayed from the stored params."""
+    from cospress.data.sources import open_source
+    from cospress.data.views import replay_view
+    from cospress.models.teachers import build_teacher
+
+    g = zarr.open_group(str(reference_store), mode="r")
+    teacher = build_teacher("test_vit", weights=str(weights), image_size=32)
+    source = open_source(f"folder:{images}")
+    keys = list(g["keys"][...])
+    assert keys == source.keys()
+    for row in (0, 7, 23):
+        image = source.load(row).image
+        x = torch.stack([replay_view(image, p, 32) for p in g["views"][row]])
+        with torch.inference_mode():
+            feats = teacher(x)
+        np.testing.assert_allclose(g["cls"][row].astype(np.float32), feats.cls.numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(g["tokens"][row].astype(np.float32), feats.tokens.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_rerun_is_a_noop_and_mismatch_is_refused(reference_store, images, weights, tmp_path):
+    out = tmp_path / "store"
+    shutil.copytree(reference_store, out)
+    before = _arrays(out)
+    run_cli(*_args(images, weights, out))
+    _assert_same(before, _arrays(out))
+    proc = run_cli(*_args(images, weights, out, "--seed", "1"), check=False)
+    assert proc.returncode == 2
+    assert "seed" in proc.stderr and "--overwrite" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    run_cli(*_args(images, weights, out, "--seed", "1", "--overwrite"))
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 1
+
+
+def test_sigkill_then_rerun_is_bitwise_identical(reference_store, images, weights, tmp_path):
+    """Kill the run at several moments with SIGKILL; rerunning completes it bit for bit."""
+    out = tmp_path / "store"
+    cmd = [sys.executable, "-m", "cospress", *_args(images, weights, out)]
+    for delay in (1.5, 3.0, 4.5):
+        proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if (out / "manifest.json").exists():
+            break
+    commits = list((out / "commits").glob("*.json")) if (out / "commits").exists() else []
+    assert len(commits) < 5, "the kill came too late to test a resume"
+    run_cli(*_args(images, weights, out))
+    _assert_same(_arrays(reference_store), _arrays(out))
+    assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_two_ranks_equal_one_process(reference_store, images, weights, tmp_path):
+    out = tmp_path / "store"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "cospress", *_args(images, weights, out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same(_arrays(reference_store), _arrays(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 5
+
+
+def test_bad_inputs_are_skipped_and_recorded(images, weights, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    bad = data / "class_0"
+    (bad / "zero.png").write_bytes(b"")
+    good = (bad / "img_000.png").read_bytes()
+    (bad / "truncated.png").write_bytes(good[: len(good) // 2])
+    (bad / "text.jpg").write_text("this is not an image\n")
+    Image.new("L", (1200, 1000)).save(bad / "bomb.png")  # over the --max-pixels limit below
+    out = tmp_path / "store"
+    proc = run_cli(*_args(data, weights, out, "--max-pixels", "500000"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    reasons = {s["key"]: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {"class_0/zero.png", "class_0/truncated.png", "class_0/text.jpg", "class_0/bomb.png"}
+    assert reasons["class_0/zero.png"].startswith("empty")
+    assert reasons["class_0/truncated.png"].startswith("truncated")
+    assert reasons["class_0/text.jpg"].startswith("not an image")
+    assert reasons["class_0/bomb.png"].startswith("too many pixels")
+    assert "4" in proc.stdout  # the summary prints the skipped count
+    g = zarr.open_group(str(out), mode="r")
+    keys = list(g["keys"][...])
+    valid = g["valid"][...]
+    for key in reasons:
+        assert valid[keys.index(key)] == 0
+    assert valid.sum() == 24
+    assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_verify_names_a_corrupted_shard(reference_store, tmp_path):
+    out = tmp_path / "store"
+    shutil.copytree(reference_store, out)
+    shard_file = next(p for p in sorted((out / "cls").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    data = bytearray(shard_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard_file.write_bytes(bytes(data))
+    proc = run_cli("verify", str(out), check=False)
+    assert proc.returncode == 1
+    assert "corrupted" in proc.stderr and "cls" in proc.stderr
+
+
+def test_bad_source_is_one_line_error(weights, tmp_path):
+    proc = run_cli(*_args(tmp_path / "missing", weights, tmp_path / "s"), check=False)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["extract-teacher", "inspect", "verify"])
+def test_help(command):
+    proc = run_cli(command, "--help")
+    assert "Usage" in proc.stdout
