@@ -32,3 +32,24 @@ class Features:
 
     def float(self) -> Features:
         return Features(self.cls.float(), self.tokens.float())
+
+
+def resample_tokens(
+    tokens: torch.Tensor, grid_from: tuple[int, int], grid_to: tuple[int, int]
+) -> torch.Tensor:
+    """Bilinearly resample a row-major token map [B, h*w, D] to [B, h'*w', D] (align_corners=False).
+
+    Identity (the same tensor) when the grids are equal.
+    """
+    (h, w), (h2, w2) = tuple(grid_from), tuple(grid_to)
+    if (h, w) == (h2, w2):
+        return tokens
+    b, t, d = tokens.shape
+    if t != h * w:
+        raise ValueError(f"tokens have T={t} but grid_from {h}x{w} needs {h * w}")
+    x = tokens.transpose(1, 2).reshape(b, d, h, w)
+    dtype = x.dtype
+    if dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
+        x = x.float()
+    x = torch.nn.functional.interpolate(x, size=(h2, w2), mode="bilinear", align_corners=False)
+    return x.to(dtype).flatten(2).transpose(1, 2)
