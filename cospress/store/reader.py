@@ -1,0 +1,370 @@
+"""Read a complete feature store from a local path or any fsspec URL (file://, http(s)://, s3://, gs://).
+
+A store without manifest.json is incomplete and refused; so is one whose schema major version this
+code does not know. Rows are fetched by byte range from the sharded arrays; ``cache_dir`` keeps a
+local copy of the shard files a remote read touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+from zarr.abc.store import ByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype
+
+from cospress.errors import StoreError
+from cospress.store import manifest as mf
+from cospress.utils import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url
+
+
+def check_range_support(fs: fsspec.AbstractFileSystem, path: str, display: str | None = None) -> None:
+    """Raise StoreError when the server of ``path`` ignores byte ranges (returns the whole file).
+
+    Sharded arrays are read by byte range; a server that answers a ranged GET with the full body
+    (200 instead of 206) would make every row read fetch a whole shard, or misread it.
+    """
+    where = display or mf.redact_url(path)
+    try:
+        data = fs.cat_file(path, start=1, end=3)
+    except FileNotFoundError:
+        raise StoreError(
+            f"{where} is missing; the store is incomplete or corrupted: re-upload or re-extract it"
+        ) from None
+    if len(data) != 2:
+        raise StoreError(
+            f"the server of {where} does not support byte ranges (asked for 2 bytes, got {len(data)}): "
+            "serve the store with a server that honours Range requests (nginx, S3, GCS) or copy it locally"
+        )
+
+
+class _FileCacheStore(zarr.storage.WrapperStore):
+    """Read-through cache: the first read of a key fetches the whole file into ``cache_dir``;
+    every read (ranged or not) is then served from the local copy."""
+
+    def __init__(self, store: zarr.abc.store.Store, cache_dir: str):
+        super().__init__(store)
+        self._cache_dir = Path(cache_dir)
+        self._local = zarr.storage.LocalStore(cache_dir, read_only=True)
+
+    def _with_store(self, store: zarr.abc.store.Store) -> _FileCacheStore:
+        return type(self)(store, str(self._cache_dir))
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        if not (self._cache_dir / key).is_file():
+            full = await self._store.get(key, prototype)
+            if full is None:
+                return None
+            atomic_write_bytes(self._cache_dir / key, full.to_bytes())
+        return await self._local.get(key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype: BufferPrototype, key_ranges: Any) -> list[Buffer | None]:
+        return [await self.get(key, prototype, rng) for key, rng in key_ranges]
+
+
+class StoreReader:
+    """A read-only view of a complete store.
+
+    Attributes: ``manifest`` (dict), ``num_rows`` N, ``num_views`` V, ``dim`` Dt, ``num_tokens`` T,
+    ``has_tokens``, ``param_names`` (P names of the recorded view parameters), ``num_shards``.
+    """
+
+    def __init__(
+        self, url: str | os.PathLike, cache_dir: str | None = None, storage_options: dict | None = None
+    ):
+        self.url = str(url)
+        self.cache_dir = cache_dir
+        self.storage_options = dict(storage_options or {})
+        self.display = mf.redact_url(self.url)
+        if _is_local(self.url):
+            self._fs: fsspec.AbstractFileSystem = fsspec.filesystem("file")
+            self._root = str(Path(self.url).resolve())
+        else:
+            self._fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            self._root = self._root.rstrip("/")
+        self.manifest = self._read_manifest()
+        m = self.manifest
+        self.num_rows = int(m["num_rows"])
+        self.num_views = int(m["num_views"])
+        self.dim = int(m["dim"])
+        self.num_tokens = int(m["num_tokens"])
+        self.has_tokens = bool(m["tokens"])
+        self.num_params = int(m["num_params"])
+        self.param_names = list(m.get("param_names") or [f"p{i}" for i in range(self.num_params)])
+        self.shard_size = int(m["shard_size"])
+        self.num_shards = len(m["shards"])
+        if self.url.startswith(("http://", "https://")):
+            check_range_support(self._fs, self._path(mf.shard_file_key("cls", 0, 3)), self.display)
+        self._arrays = self._open_arrays()
+        self._keys: list[str] | None = None
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.url, self.cache_dir, self.storage_options))
+
+    def _path(self, key: str) -> str:
+        return f"{self._root}/{key}"
+
+    def _read_manifest(self) -> dict:
+        try:
+            raw = self._fs.cat_file(self._path(mf.MANIFEST_FILE))
+        except FileNotFoundError:
+            what = (
+                "it is incomplete"
+                if self._fs.exists(self._path(mf.IDENTITY_FILE))
+                else "it is incomplete or not a store"
+            )
+            raise StoreError(
+                f"{self.display} has no manifest.json: {what} (extraction still running or interrupted, "
+                "or a partial upload); rerun extract-teacher with the same arguments to finish it, or finish the upload"
+            ) from None
+        try:
+            manifest = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise StoreError(
+                f"{self.display}/manifest.json is not valid JSON ({e}); re-upload or re-extract the store"
+            ) from None
+        mf.check_schema_version(manifest.get("schema_version"), self.display)
+        return manifest
+
+    def _zarr_store(self) -> Any:
+        if _is_local(self.url):
+            return zarr.storage.LocalStore(self._root, read_only=True)
+        store = zarr.storage.FsspecStore.from_url(
+            self.url, storage_options=self.storage_options, read_only=True
+        )
+        if self.cache_dir is None:
+            return store
+        # Cache under the manifest's hash, so a re-extracted store never serves stale bytes.
+        tag = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
+        return _FileCacheStore(store, os.path.join(self.cache_dir, tag))
+
+    def _open_arrays(self) -> dict[str, zarr.Array]:
+        store = self._zarr_store()
+        try:
+            return {
+                name: zarr.open_array(store=store, path=name, mode="r") for name in self.manifest["shapes"]
+            }
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise StoreError(
+                f"{self.display}: an array cannot be opened ({type(e).__name__}: {e}); the store is corrupted: re-extract or re-upload it"
+            ) from None
+
+    # ---- whole-store columns ------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """The N sample keys, in row order."""
+        if self._keys is None:
+            self._keys = [str(k) for k in self._arrays["keys"][:]]
+        return list(self._keys)
+
+    def labels(self) -> np.ndarray:
+        """int64 [N] class labels (-1 when unknown)."""
+        return np.asarray(self._arrays["labels"][:], dtype=np.int64)
+
+    def valid(self) -> np.ndarray:
+        """bool [N]: False where the input was skipped (its features are zeros)."""
+        return np.asarray(self._arrays["valid"][:]).astype(bool)
+
+    def valid_rows(self) -> np.ndarray:
+        """int64 indices of the valid rows."""
+        return np.flatnonzero(self.valid()).astype(np.int64)
+
+    # ---- rows ---------------------------------------------------------------------------------
+    def _rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        r = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if r.size and (r.min() < 0 or r.max() >= self.num_rows):
+            raise StoreError(f"row index out of range: the store has {self.num_rows} rows")
+        return r
+
+    def read_rows(
+        self,
+        rows: Sequence[int] | np.ndarray,
+        views: Sequence[Sequence[int]] | np.ndarray | None = None,
+        tokens: bool = True,
+    ) -> dict[str, Any]:
+        """Read rows (any order, repeats allowed).
+
+        ``views``: per row, the view indices to return (same count v for every row), or None for
+        all V. Returns cls float16 [n, v, Dt], tokens float16 [n, v, T, Dt] (None when the store
+        has none or ``tokens=False``), views float32 [n, v, P], labels int64 [n], valid bool [n],
+        keys list[str], rows int64 [n].
+        """
+        r = self._rows(rows)
+        uniq, inv = np.unique(r, return_inverse=True)
+        sel = None
+        if views is not None:
+            sel = np.asarray(views, dtype=np.int64)
+            if sel.ndim != 2 or sel.shape[0] != r.size:
+                raise StoreError(
+                    f"views must give the same number of view indices for each of the {r.size} rows"
+                )
+            if sel.size and (sel.min() < 0 or sel.max() >= self.num_views):
+                raise StoreError(f"view index out of range: the store has {self.num_views} views per row")
+        out: dict[str, Any] = {"rows": r}
+        for name in ("cls", "views"):
+            data = (
+                self._arrays[name].oindex[uniq][inv]
+                if uniq.size
+                else np.zeros((0, *self.manifest["shapes"][name][1:]))
+            )
+            if sel is not None:
+                data = np.take_along_axis(data, sel[:, :, None], axis=1)
+            out[name] = np.asarray(data, dtype=self.manifest["dtypes"][name])
+        out["tokens"] = self._read_tokens(r, sel) if (tokens and self.has_tokens) else None
+        out["labels"] = (
+            np.asarray(self._arrays["labels"].oindex[uniq][inv], dtype=np.int64)
+            if uniq.size
+            else np.zeros(0, np.int64)
+        )
+        out["valid"] = (
+            np.asarray(self._arrays["valid"].oindex[uniq][inv]).astype(bool)
+            if uniq.size
+            else np.zeros(0, bool)
+        )
+        keys = self.keys()
+        out["keys"] = [keys[i] for i in r]
+        return out
+
+    def _read_tokens(self, r: np.ndarray, sel: np.ndarray | None) -> np.ndarray:
+        arr = self._arrays["tokens"]
+        if sel is None:
+            uniq, inv = np.unique(r, return_inverse=True)
+            return (
+                np.asarray(arr.oindex[uniq][inv]) if uniq.size else np.zeros((0, *arr.shape[1:]), np.float16)
+            )
+        out = np.empty((r.size, sel.shape[1], *arr.shape[2:]), dtype=np.float16)
+        # Group rows by their set of views: each group is one orthogonal read of only those views.
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, vs in enumerate(sel):
+            groups.setdefault(tuple(sorted(set(vs.tolist()))), []).append(i)
+        for vset, idx in groups.items():
+            idx_a = np.asarray(idx)
+            uniq, inv = np.unique(r[idx_a], return_inverse=True)
+            block = np.asarray(arr.oindex[uniq, list(vset)])  # [u, len(vset), T, Dt]
+            pos = {v: j for j, v in enumerate(vset)}
+            cols = np.asarray([[pos[v] for v in sel[i]] for i in idx_a])
+            out[idx_a] = block[inv[:, None], cols]
+        return out
+
+    def read_shard(self, shard: int) -> dict[str, Any]:
+        """Every array of one shard, as `read_rows` returns them (all views)."""
+        if not 0 <= shard < self.num_shards:
+            raise StoreError(f"shard {shard} is out of range: the store has {self.num_shards} shards")
+        start, stop = self.manifest["shards"][shard]["rows"]
+        a = self._arrays
+        return {
+            "rows": np.arange(start, stop, dtype=np.int64),
+            "cls": np.asarray(a["cls"][start:stop]),
+            "tokens": np.asarray(a["tokens"][start:stop]) if self.has_tokens else None,
+            "views": np.asarray(a["views"][start:stop]),
+            "labels": np.asarray(a["labels"][start:stop], dtype=np.int64),
+            "valid": np.asarray(a["valid"][start:stop]).astype(bool),
+            "keys": [str(k) for k in a["keys"][start:stop]],
+        }
+
+    # ---- checks -------------------------------------------------------------------------------
+    def check_identity(
+        self, expect_teacher: str | None = None, policy_fingerprint: str | None = None
+    ) -> None:
+        """StoreError unless the store was made by this teacher and view policy.
+
+        ``expect_teacher`` is a teacher fingerprint (``FeatureModel.fingerprint()``) or, less
+        strictly, a teacher name; ``policy_fingerprint`` is ``ViewPolicy.fingerprint()``.
+        """
+        teacher = self.manifest.get("teacher") or {}
+        if expect_teacher is not None and expect_teacher not in (
+            teacher.get("fingerprint"),
+            teacher.get("name"),
+        ):
+            raise StoreError(
+                f"{self.display} was made by teacher {teacher.get('name')} (fingerprint "
+                f"{str(teacher.get('fingerprint'))[:12]}), not {expect_teacher[:64]}: use the matching teacher "
+                "or extract a store with this one"
+            )
+        have = self.manifest.get("policy_fingerprint")
+        if policy_fingerprint is not None and policy_fingerprint != have:
+            raise StoreError(
+                f"{self.display} was made with view policy {str(have)[:12]}, not {policy_fingerprint[:12]}: "
+                "use the store's policy (cospress inspect shows it) or extract a new store"
+            )
+
+    def _hash_file(self, path: str) -> str | None:
+        h = hashlib.sha256()
+        try:
+            with self._fs.open(path, "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+        except FileNotFoundError:
+            return None
+        return h.hexdigest()
+
+    def verify(self, progress: Callable[[int, int], None] | None = None) -> list[dict]:
+        """Recompute the sha256 of every shard file; returns the mismatches (missing files included).
+
+        Each bad entry: {shard, array, expected, actual} (actual None when the file is missing).
+        ``progress(done, total)`` is called after each shard.
+        """
+        bad = []
+        shards = self.manifest["shards"]
+        for done, entry in enumerate(shards, 1):
+            for name, expected in entry["sha256"].items():
+                ndim = len(self.manifest["shapes"][name])
+                actual = self._hash_file(self._path(mf.shard_file_key(name, entry["shard"], ndim)))
+                if actual != expected:
+                    bad.append(
+                        {"shard": entry["shard"], "array": name, "expected": expected, "actual": actual}
+                    )
+            if progress is not None:
+                progress(done, len(shards))
+        if bad:
+            log.warning("%s: %d shard files do not match the manifest", self.display, len(bad))
+        return bad
+
+    def summary(self) -> dict:
+        """What `cospress inspect` shows: teacher, policy, shapes, counts, shards, size."""
+        m = self.manifest
+        teacher = m.get("teacher") or {}
+        disk = None
+        if _is_local(self.url):
+            disk = sum(f.stat().st_size for f in Path(self._root).rglob("*") if f.is_file())
+        return {
+            "url": self.display,
+            "schema_version": m.get("schema_version"),
+            "cospress_version": m.get("cospress_version"),
+            "created": m.get("created"),
+            "teacher": {
+                k: teacher.get(k) for k in ("name", "fingerprint", "input_size", "layer", "dim", "grid")
+            },
+            "source": {k: (m.get("source") or {}).get(k) for k in ("spec", "kind", "count", "keys_sha256")},
+            "policy_fingerprint": m.get("policy_fingerprint"),
+            "view_policy": m.get("view_policy"),
+            "k": m.get("k"),
+            "center_view": m.get("center_view"),
+            "seed": m.get("seed"),
+            "shapes": m["shapes"],
+            "dtypes": m["dtypes"],
+            "tokens": self.has_tokens,
+            "shard_size": self.shard_size,
+            "shards": self.num_shards,
+            "counts": m.get("counts"),
+            "skipped": len(m.get("skipped", [])),
+            "estimated_bytes": mf.estimate_store_bytes(
+                self.num_rows, self.num_views, self.dim, self.num_tokens, self.num_params, self.has_tokens
+            ),
+            "bytes_on_disk": disk,
+        }

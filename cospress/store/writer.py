@@ -1,0 +1,300 @@
+"""Write a feature store: create the Zarr v3 group, write and commit whole shards, write the manifest last.
+
+zarr rewrites a whole shard file when any chunk of it changes, so two writers of one shard lose
+data: every writer (process, thread, rank) owns whole shards, and `StoreWriter.write_shard` writes
+each array's shard in one assignment, so its file is written once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+import cospress
+from cospress.errors import StoreError
+from cospress.store import manifest as mf
+from cospress.utils import atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+_CONFIG = {"write_empty_chunks": True}  # every inner chunk is stored: shard files are deterministic
+
+
+def _compressor(name: str) -> Any:
+    if mf.DTYPES[name] == "str":
+        return "auto"
+    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def _looks_like_store(path: Path) -> bool:
+    return (path / mf.IDENTITY_FILE).exists() or (path / mf.MANIFEST_FILE).exists()
+
+
+class StoreWriter:
+    """Writes one store at a local path. Use `StoreWriter.open`, not the constructor."""
+
+    def __init__(self, path: Path, identity: dict, arrays: dict[str, zarr.Array]):
+        self.path = path
+        self.identity = identity
+        self.arrays = arrays
+        self.num_rows = int(identity["num_rows"])
+        self.shard_size = int(identity["shard_size"])
+        self.num_shards = (self.num_rows + self.shard_size - 1) // self.shard_size
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        identity: dict,
+        *,
+        num_rows: int,
+        shard_size: int,
+        num_views: int,
+        dim: int,
+        num_tokens: int,
+        num_params: int,
+        tokens: bool,
+        overwrite: bool = False,
+        create: bool = True,
+    ) -> StoreWriter:
+        """Create (``create=True``, rank 0) or open (other ranks, after a barrier) a store.
+
+        ``identity`` is the run identity (see `cospress.store.manifest.make_identity`); the layout
+        fields (shapes, dtypes, shard size, ...) are added here. An existing store must have the
+        same identity, else StoreError names the fields that differ. ``overwrite`` deletes an
+        existing store first (never a folder that is not a cospress store).
+        """
+        if num_rows < 1 or shard_size < 1:
+            raise StoreError(
+                f"a store needs at least one row and shard size >= 1 (got {num_rows}, {shard_size})"
+            )
+        p = Path(path)
+        shapes = mf.array_shapes(num_rows, num_views, dim, num_tokens, num_params, tokens)
+        full = {
+            "format": mf.FORMAT_NAME,
+            "schema_version": mf.SCHEMA_VERSION,
+            **identity,
+            "num_rows": int(num_rows),
+            "shard_size": int(shard_size),
+            "num_views": int(num_views),
+            "dim": int(dim),
+            "num_tokens": int(num_tokens),
+            "num_params": int(num_params),
+            "tokens": bool(tokens),
+            "shapes": shapes,
+            "dtypes": {n: mf.DTYPES[n] for n in shapes},
+        }
+        full = json.loads(json.dumps(full))  # plain JSON types, as they will read back
+        if create:
+            if p.exists() and not p.is_dir():
+                raise StoreError(f"{p} is a file, not a store folder; choose another store path")
+            if overwrite and p.exists() and any(p.iterdir()):
+                if not _looks_like_store(p):
+                    raise StoreError(
+                        f"{p} exists and is not a cospress store; refusing to delete it with --overwrite: "
+                        "choose another store path"
+                    )
+                log.info("overwrite: deleting the existing store at %s", p)
+                shutil.rmtree(p)
+            if p.exists() and any(p.iterdir()) and not _looks_like_store(p):
+                raise StoreError(
+                    f"{p} exists, is not empty and is not a cospress store; choose another store path"
+                )
+            if not (p / mf.IDENTITY_FILE).exists():
+                atomic_write_json(p / mf.IDENTITY_FILE, full)
+        stored = cls._read_identity(p)
+        mf.check_schema_version(stored.get("schema_version"), str(p))
+        diff = mf.identity_diff(stored, full)
+        if diff:
+            raise StoreError(
+                f"{p} holds a store made by a different run: {'; '.join(diff)}; "
+                "--overwrite replaces it (or choose another store path)"
+            )
+        arrays = cls._open_arrays(p, full, create=create)
+        return cls(p, full, arrays)
+
+    @staticmethod
+    def _read_identity(p: Path) -> dict:
+        try:
+            return json.loads((p / mf.IDENTITY_FILE).read_text())
+        except FileNotFoundError:
+            raise StoreError(
+                f"{p} has no {mf.IDENTITY_FILE}: the store was not created; run rank 0 with create=True first"
+            ) from None
+        except json.JSONDecodeError as e:
+            raise StoreError(
+                f"{p}/{mf.IDENTITY_FILE} is not valid JSON ({e}); --overwrite replaces the store"
+            ) from None
+
+    @staticmethod
+    def _open_arrays(p: Path, ident: dict, *, create: bool) -> dict[str, zarr.Array]:
+        store = zarr.storage.LocalStore(p)
+        if not (p / "zarr.json").exists():
+            if not create:
+                raise StoreError(f"{p} has no zarr group yet; rank 0 must create the store first")
+            zarr.create_group(store=store, zarr_format=3, attributes={"format": mf.FORMAT_NAME})
+        arrays = {}
+        for name, shape in ident["shapes"].items():
+            if (p / name / "zarr.json").exists():
+                arrays[name] = zarr.open_array(store=store, path=name, mode="r+", config=_CONFIG)
+                if list(arrays[name].shape) != shape:
+                    raise StoreError(
+                        f"{p}/{name} has shape {arrays[name].shape}, expected {shape}; --overwrite replaces it"
+                    )
+                continue
+            if not create:
+                raise StoreError(f"{p}/{name} does not exist yet; rank 0 must create the store first")
+            chunks, shards = mf.array_chunks(name, shape, ident["shard_size"])
+            dtype = str if mf.DTYPES[name] == "str" else mf.DTYPES[name]
+            arrays[name] = zarr.create_array(
+                store=store,
+                name=name,
+                shape=tuple(shape),
+                dtype=dtype,
+                chunks=chunks,
+                shards=shards,
+                compressors=_compressor(name),
+                fill_value=mf.FILL_VALUES[name],
+                config=_CONFIG,
+            )
+        return arrays
+
+    # ---- shards -------------------------------------------------------------------------------
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        """Row range ``[start, stop)`` of one shard (the last one may be short)."""
+        if not 0 <= shard < self.num_shards:
+            raise StoreError(f"shard {shard} is out of range: the store has {self.num_shards} shards")
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.num_rows)
+
+    def _shard_files(self, shard: int) -> dict[str, str]:
+        return {n: mf.shard_file_key(n, shard, len(s)) for n, s in self.identity["shapes"].items()}
+
+    def _read_commit(self, shard: int) -> dict | None:
+        try:
+            return json.loads((self.path / mf.commit_key(shard)).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def committed_shards(self) -> set[int]:
+        """Shards whose commit file is present and whose shard files all exist."""
+        out: set[int] = set()
+        commits = self.path / mf.COMMITS_DIR
+        if not commits.is_dir():
+            return out
+        for entry in commits.iterdir():
+            shard = mf.parse_commit_name(entry.name)
+            if shard is None or shard >= self.num_shards:
+                continue
+            if all((self.path / f).is_file() for f in self._shard_files(shard).values()):
+                out.add(shard)
+        return out
+
+    def estimate_bytes(self) -> int:
+        i = self.identity
+        return mf.estimate_store_bytes(
+            i["num_rows"], i["num_views"], i["dim"], i["num_tokens"], i["num_params"], i["tokens"]
+        )
+
+    def _check(self, name: str, value: Any, n: int) -> np.ndarray:
+        shape = [n, *self.identity["shapes"][name][1:]]
+        if name == "keys":
+            arr = np.asarray([str(k) for k in value], dtype=object)
+            bad = [k for k in arr if not k]
+            if bad:
+                raise StoreError("an empty key cannot be stored; every row needs its sample key")
+        else:
+            arr = np.asarray(value)
+        if list(arr.shape) != shape:
+            raise StoreError(f"write_shard: {name} has shape {list(arr.shape)}, expected {shape}")
+        if name == "keys":
+            return arr.astype(str)
+        return arr.astype(mf.DTYPES[name], copy=False)
+
+    def write_shard(
+        self,
+        shard: int,
+        *,
+        cls: Any,
+        tokens: Any | None,
+        views: Any,
+        keys: list[str],
+        labels: Any,
+        valid: Any,
+        skipped: list[dict] | None = None,
+    ) -> dict:
+        """Write one whole shard, hash its files and commit it; returns the commit.
+
+        Arguments hold the shard's ``n`` rows: cls [n, V, Dt], tokens [n, V, T, Dt] (None when the
+        store keeps no tokens), views [n, V, P], keys [n], labels [n], valid [n] (0 = skipped input,
+        its features zero-filled); ``skipped`` = [{key, reason}]. Rewriting a shard first removes its
+        commit, so a crash mid-write leaves it uncommitted.
+        """
+        start, stop = self.shard_rows(shard)
+        n = stop - start
+        data = {"cls": cls, "views": views, "keys": keys, "labels": labels, "valid": valid}
+        if self.identity["tokens"]:
+            if tokens is None:
+                raise StoreError("this store keeps tokens: write_shard needs tokens [n, V, T, Dt]")
+            data["tokens"] = tokens
+        elif tokens is not None:
+            raise StoreError(
+                "this store was created without tokens; pass tokens=None (or re-create it with tokens)"
+            )
+        checked = {name: self._check(name, value, n) for name, value in data.items()}
+        commit_path = self.path / mf.commit_key(shard)
+        commit_path.unlink(missing_ok=True)
+        (self.path / mf.MANIFEST_FILE).unlink(missing_ok=True)
+        for name, value in checked.items():
+            self.arrays[name][start:stop] = value  # one assignment per shard: its file is written once
+        files = self._shard_files(shard)
+        key_list = [str(k) for k in checked["keys"]]
+        n_valid = int(np.count_nonzero(checked["valid"]))
+        commit = {
+            "shard": shard,
+            "rows": [start, stop],
+            "files": files,
+            "sha256": {name: sha256_file(self.path / f) for name, f in files.items()},
+            "keys_sha256": mf.keys_sha256(key_list),
+            "skipped": [{"key": str(s["key"]), "reason": str(s["reason"])} for s in (skipped or [])],
+            "counts": {"rows": n, "valid": n_valid, "skipped": n - n_valid},
+            "written": mf.now_utc(),
+        }
+        atomic_write_json(commit_path, commit)
+        log.debug("committed shard %d (rows %d-%d, %d valid)", shard, start, stop, n_valid)
+        return commit
+
+    def finalize(self, extra: dict | None = None) -> dict:
+        """Write manifest.json (last, atomically) once every shard is committed; returns it."""
+        done = self.committed_shards()
+        missing = sorted(set(range(self.num_shards)) - done)
+        if missing:
+            raise StoreError(
+                f"{self.path}: {len(missing)} of {self.num_shards} shards are not committed "
+                f"({mf.format_ranges(missing)}); rerun extract-teacher to finish them"
+            )
+        commits = []
+        for shard in range(self.num_shards):
+            commit = self._read_commit(shard)
+            if commit is None:
+                raise StoreError(f"{self.path}/{mf.commit_key(shard)} is unreadable; rerun extract-teacher")
+            commits.append(commit)
+        keys = [str(k) for k in self.arrays["keys"][:]]
+        manifest = mf.build_manifest(self.identity, commits, extra, cospress.__version__)
+        manifest["keys_sha256"] = mf.keys_sha256(keys)
+        atomic_write_json(self.path / mf.MANIFEST_FILE, manifest)
+        log.info(
+            "store complete: %s (%d rows, %d skipped)",
+            self.path,
+            manifest["counts"]["rows"],
+            len(manifest["skipped"]),
+        )
+        return manifest
