@@ -1,0 +1,211 @@
+"""CosPress losses (similarity-preserving KL + cosine distillation) and feature-distillation baselines.
+
+All functions are pure: tensors in, a scalar or a dict of named scalar terms out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cospress.fused_kl import (
+    check_similarity_inputs,
+    cosine_matrix,
+    similarity_kl_fused,
+    similarity_kl_lean,
+    triton_available,
+)
+from cospress.models.features import Features
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPERATURES: tuple[float, ...] = tuple(round(0.01 * k, 2) for k in range(1, 11))
+
+IMPLS = ("auto", "plain", "fused", "lean")
+# Module-level switch used when `impl` is None: "auto" picks "fused" for CUDA tensors when triton
+# is importable, else "plain".
+DEFAULT_IMPL = "auto"
+
+COSPRESS_TERMS = ("local", "global", "tokens", "cls")
+
+
+def _resolve_impl(impl: str | None, device: torch.device) -> str:
+    impl = DEFAULT_IMPL if impl is None else impl
+    if impl not in IMPLS:
+        raise ValueError(f"unknown similarity_kl impl {impl!r}; choose one of {IMPLS}")
+    if impl == "auto":
+        return "fused" if device.type == "cuda" and triton_available() else "plain"
+    return impl
+
+
+def _similarity_kl_plain(t: torch.Tensor, z: torch.Tensor, temperatures: Sequence[float]) -> torch.Tensor:
+    """Reference implementation with autograd; holds several [B, T, N, N] float32 tensors."""
+    b, n, _ = t.shape
+    taus = torch.tensor([float(x) for x in temperatures], dtype=torch.float32, device=t.device)
+    eye = torch.eye(n, dtype=torch.bool, device=t.device)
+    log2n = math.log(2 * n)
+    joints = []
+    for x in (t, z):
+        logits = cosine_matrix(x)[:, None] / taus[None, :, None, None]  # [B, T, N, N]
+        # The diagonal is excluded with -inf (exp -> exactly 0), then replaced by a finite 0 so that
+        # logaddexp and its gradient never see -inf - (-inf); torch.where passes no gradient there.
+        logp = torch.log_softmax(logits.masked_fill(eye, float("-inf")), dim=-1)
+        logp = torch.where(eye, torch.zeros((), device=t.device), logp)
+        joints.append(torch.logaddexp(logp, logp.transpose(-1, -2)) - log2n)
+    log_p, log_q = joints
+    kl = torch.where(eye, torch.zeros((), device=t.device), log_p.exp() * (log_p - log_q))
+    return kl.sum(dim=(-1, -2)).mean()
+
+
+def similarity_kl(
+    t: torch.Tensor,
+    z: torch.Tensor,
+    temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """Similarity-preservation KL between the cosine geometry of t and of z.
+
+    t: [B, N, Dt] (teacher side), z: [B, N, Ds] (compressed side): B independent sets of N vectors.
+    For each set and temperature tau, with i != j:
+        log p_{j|i} = log_softmax_{j != i}(cos(t_i, t_j) / tau),
+        log P_ij = logaddexp(log p_{j|i}, log p_{i|j}) - log 2N,   Q likewise from z,
+        KL(P || Q) = sum_{i != j} P_ij (log P_ij - log Q_ij).
+    Returns a scalar: the mean over the B sets of the mean over the temperatures. Computed in
+    float32 and log space whatever the input dtype or autocast state; both sides get gradients.
+
+    impl: "plain" (autograd, stores [B, T, N, N] tensors), "lean" (pure PyTorch, stores only the two
+    [B, N, N] cosine matrices), "fused" (Triton kernels), "auto" (fused on CUDA when triton is
+    importable, else plain); None uses the module-level DEFAULT_IMPL.
+    """
+    check_similarity_inputs(t, z, temperatures)
+    which = _resolve_impl(impl, t.device)
+    if which == "fused":
+        return similarity_kl_fused(t, z, temperatures)
+    if which == "lean":
+        return similarity_kl_lean(t, z, temperatures)
+    with torch.autocast(device_type=t.device.type, enabled=False):
+        return _similarity_kl_plain(t.float(), z.float(), temperatures)
+
+
+def _one_minus_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of 1 - cos(a_r, b_r), in float32: a, b [B, D] -> scalar."""
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        return (1.0 - F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8)).mean()
+
+
+def _check_weights(weights: Mapping[str, float] | None, names: Sequence[str]) -> dict[str, float]:
+    out = dict.fromkeys(names, 1.0)
+    for key, value in (weights or {}).items():
+        if key not in out:
+            raise ValueError(f"unknown loss weight {key!r}; known terms are {list(names)}")
+        out[key] = float(value)
+    return out
+
+
+def cospress_loss(
+    teacher: Features,
+    compressed: Features,
+    student: Features,
+    temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
+    global_teacher_cls: torch.Tensor | None = None,
+    global_compressed_cls: torch.Tensor | None = None,
+    use_tokens: bool = True,
+    weights: Mapping[str, float] | None = None,
+    impl: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """The CosPress objective as named terms: {"local", "global", "tokens", "cls", "total"}.
+
+    teacher: cls [B, Dt], tokens [B, T, Dt]; compressed = h(teacher): cls [B, Ds], tokens [B, T, Ds];
+    student: cls [B, Ds], tokens [B, T, Ds] (same T as compressed).
+    - local: similarity_kl over each image's CLS + patch tokens [B, 1 + T, .], teacher vs compressed.
+    - global: similarity_kl over the CLS vectors of the batch as one set; global_teacher_cls [G, Dt]
+      and global_compressed_cls [G, Ds] (e.g. the all-gathered batch under DDP) replace the local
+      batch when given (both or neither).
+    - tokens: mean over images of 1 - cos(flatten(student all tokens), flatten(sg(compressed all tokens))).
+    - cls: mean over images of 1 - cos(student CLS, sg(compressed CLS)).
+    The compressor learns only from local + global, the student only from tokens + cls (stop-gradient
+    on the compressed side of the cosines). With use_tokens=False (a store without tokens) the
+    "local" and "tokens" terms are returned as zeros and only CLS vectors are used.
+    weights: per-term multipliers for "total" (default 1 each). All terms are float32 scalars.
+    """
+    w = _check_weights(weights, COSPRESS_TERMS)
+    if (global_teacher_cls is None) != (global_compressed_cls is None):
+        raise ValueError("pass both global_teacher_cls and global_compressed_cls, or neither")
+    gt = teacher.cls if global_teacher_cls is None else global_teacher_cls
+    gz = compressed.cls if global_compressed_cls is None else global_compressed_cls
+    zero = torch.zeros((), dtype=torch.float32, device=teacher.cls.device)
+
+    terms: dict[str, torch.Tensor] = {"global": similarity_kl(gt[None], gz[None], temperatures, impl=impl)}
+    if use_tokens:
+        s_all, c_all = student.all_tokens(), compressed.all_tokens()
+        if s_all.shape != c_all.shape:
+            raise ValueError(
+                f"student and compressed token maps differ: student {tuple(s_all.shape)} vs compressed "
+                f"{tuple(c_all.shape)} (CLS + tokens); match the student's token grid and dim to the store's"
+            )
+        terms["local"] = similarity_kl(teacher.all_tokens(), c_all, temperatures, impl=impl)
+        terms["tokens"] = _one_minus_cos(s_all.flatten(1), c_all.detach().flatten(1))
+    else:
+        terms["local"] = zero
+        terms["tokens"] = zero
+    if student.cls.shape != compressed.cls.shape:
+        raise ValueError(
+            f"student and compressed CLS differ: student {tuple(student.cls.shape)} vs compressed "
+            f"{tuple(compressed.cls.shape)}"
+        )
+    terms["cls"] = _one_minus_cos(student.cls, compressed.cls.detach())
+    out = {name: terms[name] for name in COSPRESS_TERMS}
+    out["total"] = sum(w[name] * out[name] for name in COSPRESS_TERMS)
+    return out
+
+
+FEATURE_DISTILL_KINDS = ("cosine", "mse", "smooth-l1")
+
+
+def feature_distill_loss(
+    kind: str,
+    pred: Features,
+    target: Features,
+    use_tokens: bool = True,
+    weights: Mapping[str, float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Baseline feature distillation: {"cls", "tokens", "total"}.
+
+    pred: cls [B, D], tokens [B, T, D] (e.g. student + linear head into the teacher space); target: the
+    same shapes (the teacher; treated as a constant, detached). The tokens term uses the whole map,
+    CLS + patches [B, 1 + T, D].
+    - cosine: cls = mean of 1 - cos(pred CLS, target CLS); tokens = mean over images of
+      1 - cos(flatten(pred map), flatten(target map)).
+    - mse / smooth-l1: mean over all elements of the CLS vectors, and of the token maps.
+    With use_tokens=False the "tokens" term is zero. weights: per-term multipliers (default 1).
+    """
+    if kind not in FEATURE_DISTILL_KINDS:
+        raise ValueError(f"unknown feature distillation loss {kind!r}; choose one of {FEATURE_DISTILL_KINDS}")
+    w = _check_weights(weights, ("cls", "tokens"))
+    pairs = {"cls": (pred.cls, target.cls.detach())}
+    if use_tokens:
+        pairs["tokens"] = (pred.all_tokens(), target.all_tokens().detach())
+    out: dict[str, torch.Tensor] = {}
+    for name, (p, t) in pairs.items():
+        if p.shape != t.shape:
+            raise ValueError(
+                f"{name}: prediction {tuple(p.shape)} and target {tuple(t.shape)} differ; "
+                "give the student a head that maps to the teacher's dimension"
+            )
+        with torch.autocast(device_type=p.device.type, enabled=False):
+            p, t = p.float(), t.float()
+            if kind == "cosine":
+                out[name] = _one_minus_cos(p.flatten(1), t.flatten(1))
+            elif kind == "mse":
+                out[name] = F.mse_loss(p, t)
+            else:
+                out[name] = F.smooth_l1_loss(p, t)
+    if not use_tokens:
+        out["tokens"] = torch.zeros((), dtype=torch.float32, device=pred.cls.device)
+    out = {"cls": out["cls"], "tokens": out["tokens"]}
+    out["total"] = w["cls"] * out["cls"] + w["tokens"] * out["tokens"]
+    return out
