@@ -151,12 +151,9 @@ def _adapt(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.
 
         prefix = 0 if getattr(model, "no_embed_class", False) else int(model.num_prefix_tokens)
         n_old = pos.shape[1] - prefix
-        side = int(round(n_old**0.5))
-        if side * side != n_old:
-            raise CospressError(
-                f"pos_embed of shape {tuple(pos.shape)} is not a square grid; these weights do not fit "
-                f"{type(model).__name__}"
-            )
+        side = int(round(max(n_old, 0) ** 0.5))
+        if side * side != n_old:  # another layout (e.g. original DINOv2): reported as a shape mismatch
+            return state
         grid = list(model.patch_embed.grid_size)
         log.info("resampling pos_embed from %dx%d to %dx%d", side, side, *grid)
         state["pos_embed"] = resample_abs_pos_embed(
