@@ -1,0 +1,830 @@
+"""Stage 2 runner: train a student from a feature store (CosPress or a feature-distillation baseline).
+
+Reads cached teacher targets and the recorded view parameters from a store, replays each view
+of the source image at the student's size, and trains. Methods:
+
+- ``cospress``: compressor h (LayerNorm + Linear) and the student trained jointly in one AdamW; h
+  learns only from the local + global similarity KL, the student only from the cosine terms against
+  stop-grad h(t). With ``compressor_first`` h is fitted on the store features alone (no images)
+  first, then frozen.
+- ``cosine`` / ``mse`` / ``smooth-l1``: the student + a linear head Ds -> Dt regressing the teacher.
+
+Teacher tokens are resampled bilinearly to the student's grid when the grids differ (in the
+teacher space, before h). The global term is computed on the CLS vectors of the whole global batch,
+all-gathered across DDP ranks with gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cospress import checkpoint as ckpt
+from cospress import distributed as D
+from cospress.config import load_config, save_config, to_dict
+from cospress.distill_data import (
+    BatchPlan,
+    CenterImages,
+    DistillBatches,
+    RowSplit,
+    StepSampler,
+    _Lazy,
+    check_batch,
+    collate_batch,
+    feature_batches,
+    key_index,
+    split_rows,
+)
+from cospress.errors import ConfigError
+from cospress.models.features import Features
+from cospress.utils import atomic_write_json, autocast, autocast_dtype, seed_everything
+
+log = logging.getLogger(__name__)
+
+METHODS = ("cospress", "cosine", "mse", "smooth-l1")
+DEFAULT_TEMPERATURES = tuple(round(0.01 * i, 2) for i in range(1, 11))
+
+
+@dataclass
+class DistillConfig:
+    """Stage 2 settings. Every field is a YAML key and a ``--flag`` of ``cospress distill``."""
+
+    store: str = "store"  # store path or fsspec URL
+    out: str = "runs/distill"  # run folder: config.yaml, metrics.jsonl, checkpoints
+    data: str | None = None  # image source spec; default the store manifest's source
+    cache_dir: str | None = None  # local cache of a remote store's shard files
+    expect_teacher: str | None = None  # refuse a store whose teacher fingerprint (or name) differs
+    method: str = "cospress"  # cospress | cosine | mse | smooth-l1
+    compressor: str = "linear"  # linear (paper: LayerNorm + Linear) | mlp
+    compressor_first: bool = False  # fit h from the store features first, then freeze it
+    compressor_epochs: int = 5  # epochs of the compressor-only fit
+    student: str = "vit_tiny_patch16_224"  # timm model name
+    student_size: int = 64  # student input resolution (px)
+    student_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (or JSON)
+    pretrained: bool = False  # start the student from hub weights
+    epochs: int = 5
+    batch_size: int = 192  # views per global batch (all ranks together)
+    views_per_image: int = 3  # R views of each image in a batch, drawn from the store's K
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05  # not on 1-d params (norms, biases) nor pos/cls tokens
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine to min_lr
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    temperatures: list[float] = field(default_factory=lambda: list(DEFAULT_TEMPERATURES))
+    w_local: float = 1.0
+    w_global: float = 1.0
+    w_tokens: float = 1.0
+    w_cls: float = 1.0
+    use_tokens: bool = True  # token terms (off automatically when the store has no tokens)
+    precision: str = "auto"  # auto (bf16 on CUDA / AMX CPUs) | bf16 | fp32; losses in fp32
+    device: str = "auto"
+    workers: int = 4  # DataLoader processes (decode + replay)
+    seed: int = 0
+    val_fraction: float = 0.05  # store rows held out by sha256(key) for kNN validation
+    val_bank: int = 10000  # training images embedded as the kNN bank
+    val_k: int = 20
+    val_temperature: float = 0.07
+    save_every: int = 0  # also save `last` every N steps (0 = at epoch ends only)
+    resume: bool = False  # continue from OUT/last
+
+
+# ============================================================================ model + losses
+class DistillModel(nn.Module):
+    """The trained modules: ``student`` and either ``compressor`` (cospress) or ``head`` (baselines).
+
+    ``forward(images uint8 [B, 3, S, S], teacher Features(cls [B, Dt], tokens [B, T, Dt]) fp32)``
+    returns (student Features [B, *, Ds] fp32, h(teacher) Features [B, *, Ds] or head(student)
+    Features [B, *, Dt]), the student under autocast ``amp_dtype``.
+    """
+
+    def __init__(self, student: nn.Module, method: str, dt: int, compressor_kind: str = "linear") -> None:
+        super().__init__()
+        from cospress.models.compressor import Compressor
+
+        self.student = student
+        self.method = method
+        self.amp_dtype: torch.dtype | None = None
+        ds = int(student.dim)
+        if method == "cospress":
+            self.compressor = Compressor(dt, ds, compressor_kind)
+        else:
+            self.head = nn.Linear(ds, dt)
+
+    def forward(self, images: torch.Tensor, teacher: Features) -> tuple[Features, Features]:
+        with autocast(images.device, self.amp_dtype):
+            s = self.student(images)
+        s = s.float()
+        if self.method == "cospress":
+            frozen = not any(p.requires_grad for p in self.compressor.parameters())
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                z = self.compressor(teacher)
+            return s, z
+        return s, self.head(s)
+
+
+def compute_losses(
+    model: nn.Module,
+    images: torch.Tensor,
+    teacher: Features,
+    *,
+    method: str,
+    temperatures: list[float] | tuple[float, ...],
+    weights: dict[str, float],
+    use_tokens: bool,
+    frozen_compressor: bool = False,
+) -> dict[str, torch.Tensor]:
+    """One step's named loss terms (fp32) for this rank's part of a global batch; "total" is weighted.
+
+    images [b, 3, S, S] uint8; teacher Features(cls [b, Dt], tokens [b, T, Dt]) on the student's grid.
+    For cospress the global term uses the CLS of all ranks (all-gathered with gradients), so after
+    DDP's gradient mean every rank holds the single-process gradient of the global batch.
+    With a frozen (pre-fitted) compressor only the cosine terms are computed.
+    """
+    from cospress import losses
+
+    s, z = model(images, teacher)
+    if method == "cospress" and frozen_compressor:
+        terms = losses.feature_distill_loss("cosine", s, z.detach(), use_tokens=use_tokens)
+        names = ("tokens", "cls")
+    elif method == "cospress":
+        gt = D.all_gather_no_grad(teacher.cls)
+        gz = D.all_gather_with_grad(z.cls)
+        terms = losses.cospress_loss(
+            teacher,
+            z,
+            s,
+            temperatures,
+            global_teacher_cls=gt,
+            global_compressed_cls=gz,
+            use_tokens=use_tokens,
+        )
+        names = ("local", "global", "tokens", "cls")
+    else:
+        terms = losses.feature_distill_loss(method, z, teacher, use_tokens=use_tokens)
+        names = ("tokens", "cls")
+    out = {k: terms[k].float() for k in names}
+    out["total"] = sum(weights[k] * out[k] for k in names)
+    return out
+
+
+def _resample(tokens: torch.Tensor, grid_from: tuple[int, int], grid_to: tuple[int, int]) -> torch.Tensor:
+    """[B, h*w, D] -> [B, h'*w', D], bilinear on the token grid (identity when the grids match)."""
+    if tuple(grid_from) == tuple(grid_to) or tokens.shape[1] == 0:
+        return tokens
+    try:
+        from cospress.models.features import resample_tokens
+
+        return resample_tokens(tokens, tuple(grid_from), tuple(grid_to))
+    except ImportError:
+        b, _, d = tokens.shape
+        x = tokens.transpose(1, 2).reshape(b, d, *grid_from)
+        x = torch.nn.functional.interpolate(x, size=tuple(grid_to), mode="bilinear", align_corners=False)
+        return x.flatten(2).transpose(1, 2)
+
+
+def teacher_features(batch: dict[str, Any], device: torch.device, grid_t: tuple, grid_s: tuple) -> Features:
+    """Cached targets of a batch as fp32 Features on ``device``, tokens on the student's grid."""
+    cls = batch["cls"].to(device, non_blocking=True).float()
+    tok = batch.get("tokens")
+    if tok is None:
+        tokens = cls.new_zeros((cls.shape[0], 0, cls.shape[1]))
+    else:
+        tokens = _resample(tok.to(device, non_blocking=True).float(), grid_t, grid_s)
+    return Features(cls=cls, tokens=tokens)
+
+
+# ============================================================================ optimizer + schedule
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "dist_token", "register_tokens", "pos_embed_cls")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices, none on 1-d params (norms, biases) and pos/cls tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.rsplit(".", 1)[-1] in _NO_DECAY_NAMES:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from ``lr`` to ``min_lr`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    span = max(total - warmup, 1)
+    t = min(max(step - warmup, 0) / span, 1.0)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+# ============================================================================ validation
+@torch.no_grad()
+def embed_images(
+    student: nn.Module,
+    lazy: _Lazy,
+    indices: np.ndarray,
+    size: int,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    workers: int,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """L2-normalised student CLS of the full images at source positions ``indices``: [n, Ds] fp32 (CPU)."""
+    loader = torch.utils.data.DataLoader(
+        CenterImages(lazy, indices, size), batch_size=batch_size, num_workers=workers, shuffle=False
+    )
+    was_training = student.training
+    student.eval()
+    out = []
+    try:
+        for images in loader:
+            with autocast(device, amp_dtype):
+                cls = student(images.to(device)).cls
+            out.append(torch.nn.functional.normalize(cls.float(), dim=-1).cpu())
+    finally:
+        student.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, int(student.dim))
+
+
+def knn_accuracy(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> float:
+    """Weighted kNN top-1 accuracy: bank [N, D], query [M, D] L2-normalised; votes exp(cos / T) of the k nearest."""
+    num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+    k = min(k, bank.shape[0])
+    correct = 0
+    for q, ql in zip(query.split(1024), query_labels.split(1024), strict=True):
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(q.shape[0], num_classes)
+        votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+        correct += int((votes.argmax(1) == ql).sum())
+    return correct / max(query.shape[0], 1)
+
+
+# ============================================================================ compressor-first
+def fit_compressor(
+    compressor: nn.Module,
+    reader: Any,
+    rows: np.ndarray,
+    cfg: DistillConfig,
+    device: torch.device,
+    use_tokens: bool,
+    log_metric: Callable[[dict], None],
+) -> None:
+    """Fit h from the store features alone (local + global similarity KL), ``compressor_epochs`` epochs.
+
+    Every rank runs the same deterministic fit; rank 0's weights are then broadcast.
+    """
+    from cospress.losses import similarity_kl
+
+    opt = torch.optim.AdamW(param_groups(compressor, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    steps = (len(rows) // (cfg.batch_size // cfg.views_per_image)) * cfg.compressor_epochs
+    step = 0
+    for epoch in range(cfg.compressor_epochs):
+        for batch in feature_batches(
+            reader,
+            rows,
+            seed=cfg.seed,
+            epoch=epoch,
+            batch_size=cfg.batch_size,
+            r=cfg.views_per_image,
+            tokens=use_tokens,
+        ):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, steps, 0, cfg.lr, cfg.min_lr)
+            cls = batch["cls"].to(device).float()
+            zc = compressor(cls)
+            glob = similarity_kl(cls[None], zc[None], cfg.temperatures)
+            local = torch.zeros((), device=device)
+            if use_tokens:
+                t = torch.cat([cls[:, None], batch["tokens"].to(device).float()], dim=1)
+                local = similarity_kl(t, compressor(t), cfg.temperatures)
+            loss = cfg.w_global * glob + cfg.w_local * local
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            log_metric(
+                {
+                    "phase": "compressor",
+                    "epoch": epoch,
+                    "compressor_step": step,
+                    "loss/local": float(local),
+                    "loss/global": float(glob),
+                    "loss/total": float(loss),
+                }
+            )
+    D.broadcast_module(compressor)
+    for p in compressor.parameters():
+        p.requires_grad_(False)
+
+
+# ============================================================================ runner
+def parse_kwargs(value: Any) -> dict[str, Any]:
+    """``student_kwargs`` from a dict, a JSON object, or ``k=v,k=v`` (values parsed as YAML scalars)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    text = str(value).strip()
+    if text.startswith("{"):
+        try:
+            out = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"student_kwargs is not valid JSON: {e}") from None
+        return dict(out)
+    import yaml
+
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        k, sep, v = part.partition("=")
+        if not sep:
+            raise ConfigError(f"student_kwargs: {part!r} is not key=value; use e.g. depth=2,embed_dim=32")
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def validate(cfg: DistillConfig) -> None:
+    """Refuse settings that cannot work, with a one-line ConfigError."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method {cfg.method!r} is unknown; use one of {', '.join(METHODS)}")
+    if cfg.compressor not in ("linear", "mlp"):
+        raise ConfigError(f"compressor {cfg.compressor!r} is unknown; use linear or mlp")
+    if cfg.compressor_first and cfg.method != "cospress":
+        raise ConfigError("compressor_first applies to method cospress only")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"precision {cfg.precision!r} is unknown; use auto, bf16 or fp32")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ConfigError("epochs and batch_size must be >= 1")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ConfigError(f"val_fraction={cfg.val_fraction} must be in [0, 1)")
+    if not cfg.temperatures or min(cfg.temperatures) <= 0:
+        raise ConfigError("temperatures must be a non-empty list of positive numbers")
+
+
+def run_header(cfg: DistillConfig) -> dict[str, Any]:
+    """Config, git sha (when the package sits in a git checkout) and package versions."""
+    import timm
+    import zarr
+
+    import cospress
+
+    sha = None
+    try:
+        sha = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=Path(__file__).parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "config": to_dict(cfg),
+        "git_sha": sha,
+        "versions": {
+            "cospress": cospress.__version__,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "zarr": zarr.__version__,
+            "numpy": np.__version__,
+            "python": sys.version.split()[0],
+        },
+    }
+
+
+def run_distill(cfg: DistillConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Train a student from a store; returns a summary (steps, best/last kNN accuracy, paths, speed).
+
+    ``progress(done_views, total_views)`` is called after every step on rank 0. Under torchrun every
+    rank calls this; torch.distributed is initialised (and torn down) here unless already initialised.
+    """
+    validate(cfg)
+    was_init = torch.distributed.is_available() and torch.distributed.is_initialized()
+    ctx = D.init_distributed(cfg.device)
+    try:
+        return _Run(cfg, ctx, progress).run()
+    finally:
+        if ctx.enabled and not was_init:
+            D.teardown_distributed()
+
+
+class _Run:
+    """One distillation run: set-up, optional compressor fit, epochs, validation, checkpoints."""
+
+    def __init__(self, cfg: DistillConfig, ctx: D.DistContext, progress: Callable | None) -> None:
+        self.cfg, self.ctx, self.progress = cfg, ctx, progress
+        self.device = ctx.device
+        self.out = Path(cfg.out)
+        self.amp = autocast_dtype(cfg.precision, self.device)
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_data(self) -> None:
+        from cospress.data.sources import open_source
+        from cospress.store.reader import StoreReader
+
+        cfg = self.cfg
+        self.reader = reader = StoreReader(cfg.store, cache_dir=cfg.cache_dir)
+        reader.check_identity(expect_teacher=cfg.expect_teacher)
+        man = reader.manifest
+        teacher = man.get("teacher") or {}
+        side = max(int(math.isqrt(max(reader.num_tokens, 1))), 1)
+        self.grid_t = tuple(teacher.get("grid") or (side, reader.num_tokens // side))
+        spec = cfg.data or (man.get("source") or {}).get("spec")
+        if not spec:
+            raise ConfigError(
+                "the store manifest names no image source; pass --data with the source it was made from"
+            )
+        self.use_tokens = bool(cfg.use_tokens and reader.has_tokens)
+        if cfg.use_tokens and not reader.has_tokens:
+            log.warning("the store keeps no tokens: the local and token terms are off (CLS only)")
+        check_batch(cfg.batch_size, cfg.views_per_image, reader.num_views, self.ctx.world)
+        keys = reader.keys()
+        self.split: RowSplit = split_rows(keys, reader.valid(), cfg.val_fraction)
+        ipb = cfg.batch_size // cfg.views_per_image
+        if len(self.split.train) < ipb:
+            raise ConfigError(
+                f"{len(self.split.train)} training images cannot fill one batch of {ipb} images; "
+                "lower batch_size or val_fraction, or use a larger store"
+            )
+        source = open_source(spec)
+        need = np.concatenate([self.split.train, self.split.val])
+        self.source_index = key_index(keys, source.keys(), need, spec)
+        self.lazy = _Lazy(cfg.store, cfg.cache_dir, spec)
+        self.lazy._source = source
+        labels = reader.labels()
+        val = self.split.val[labels[self.split.val] >= 0]
+        rng = np.random.default_rng([cfg.seed, 0xBA2C])
+        bank = rng.permutation(self.split.train)
+        bank = np.sort(bank[labels[bank] >= 0][: cfg.val_bank])
+        self.knn = len(val) > 0 and len(bank) > 0
+        self.val_rows, self.bank_rows, self.labels = val, bank, labels
+        if not self.knn:
+            log.info("no labelled validation rows: kNN validation is off, best = last")
+        self.steps_per_epoch = len(self.split.train) // ipb
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
+        log.info(
+            "store %s: %d rows (%d train, %d val), K=%d, Dt=%d, tokens=%s; source %s",
+            reader.display,
+            reader.num_rows,
+            len(self.split.train),
+            len(self.split.val),
+            reader.num_views,
+            reader.dim,
+            self.use_tokens,
+            spec,
+        )
+
+    def _setup_model(self) -> None:
+        from cospress.models.students import build_student
+
+        cfg = self.cfg
+        seed_everything(cfg.seed)  # the same init on every rank
+        student = build_student(
+            cfg.student, cfg.student_size, cfg.pretrained, **parse_kwargs(cfg.student_kwargs)
+        )
+        self.grid_s = tuple(student.grid)
+        self.model = DistillModel(student, cfg.method, self.reader.dim, cfg.compressor).to(self.device)
+        self.model.amp_dtype = self.amp
+        if self.use_tokens and self.grid_s != self.grid_t:
+            log.info(
+                "teacher tokens %s are resampled bilinearly to the student's grid %s",
+                self.grid_t,
+                self.grid_s,
+            )
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        m = self.model
+        w = ckpt.clean_state_dict(m.student.model.state_dict(), "student.")
+        other = "compressor" if m.method == "cospress" else "head"
+        w.update(ckpt.clean_state_dict(getattr(m, other).state_dict(), f"{other}."))
+        return w
+
+    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        parts = ckpt.split_weights(weights)
+        m = self.model
+        m.student.model.load_state_dict(parts.get("student", {}))
+        other = "compressor" if m.method == "cospress" else "head"
+        getattr(m, other).load_state_dict(parts.get(other, {}))
+
+    def _state(self, step: int, epoch: int, pos: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "epoch": epoch,
+            "position": pos,
+            "optimizer": self.opt.state_dict(),
+            "scheduler": {
+                "name": "warmup_cosine",
+                "step": step,
+                "warmup": self.warmup,
+                "total": self.total_steps,
+            },
+            "rng": ckpt.rng_state(),
+            "config": to_dict(self.cfg),
+            "compressor_fitted": bool(self.cfg.compressor_first),
+            "best": {"metric": self.best_metric, "epoch": self.best_epoch},
+            "history": list(self.history),
+        }
+
+    def _save(self, name: str, step: int, epoch: int, pos: int) -> None:
+        if self.ctx.is_main:
+            ckpt.save_checkpoint(self.out, name, self._weights(), self._state(step, epoch, pos))
+
+    def _log_metric(self, row: dict[str, Any]) -> None:
+        if self.ctx.is_main:
+            self._metrics.write(json.dumps(row) + "\n")
+            self._metrics.flush()
+
+    def _trim_metrics(self, step: int, epoch: int) -> None:
+        """On resume, drop metric lines written after the checkpoint (they are recomputed)."""
+        path = self.out / "metrics.jsonl"
+        if not (self.ctx.is_main and path.is_file()):
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("phase") == "val" and row.get("epoch", 0) >= epoch:
+                continue
+            if row.get("phase") == "train" and row.get("step", 0) > step:
+                continue
+            keep.append(line)
+        atomic_write_json_lines(path, keep)
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict[str, Any]:
+        cfg, ctx = self.cfg, self.ctx
+        self._setup_data()
+        self._setup_model()
+        self.best_metric: float | None = None
+        self.best_epoch = -1
+        self.history: list[dict[str, Any]] = []
+        step = epoch = pos = 0
+        state = None
+        if ckpt.exists(self.out, "last"):
+            if not cfg.resume:
+                raise ConfigError(
+                    f"{self.out} already holds a run (last.safetensors); pass --resume to continue it "
+                    "or choose another --out"
+                )
+            weights, state = ckpt.load_checkpoint(self.out, "last")
+            self._load_weights(weights)
+            step, epoch, pos = int(state["step"]), int(state["epoch"]), int(state["position"])
+            self.best_metric = state["best"]["metric"]
+            self.best_epoch = int(state["best"]["epoch"])
+            self.history = list(state.get("history", []))
+            diff = sorted(
+                k
+                for k, v in state["config"].items()
+                if k not in ("resume", "workers", "out") and to_dict(cfg).get(k) != v
+            )
+            if diff:
+                log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(diff))
+            log.info("resuming from %s at step %d (epoch %d, batch %d)", self.out / "last", step, epoch, pos)
+        elif cfg.resume:
+            log.info("no checkpoint in %s: starting a new run", self.out)
+        if ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            header = run_header(cfg)
+            atomic_write_json(self.out / "run.json", header)
+            log.info("run header: %s", json.dumps(header))
+            if state is not None:
+                self._trim_metrics(step, epoch)
+        self._metrics = open(self.out / "metrics.jsonl", "a") if ctx.is_main else None  # noqa: SIM115
+        try:
+            return self._train(step, epoch, pos, state)
+        finally:
+            if self._metrics is not None:
+                self._metrics.close()
+
+    def _train(self, step: int, epoch: int, pos: int, state: dict | None) -> dict[str, Any]:
+        cfg, ctx, model = self.cfg, self.ctx, self.model
+        frozen = False
+        if cfg.compressor_first:
+            if state is None:
+                log.info("fitting the compressor from the store features (%d epochs)", cfg.compressor_epochs)
+                fit_compressor(
+                    model.compressor,
+                    self.reader,
+                    self.split.train,
+                    cfg,
+                    self.device,
+                    self.use_tokens,
+                    lambda row: self._log_metric(row),
+                )
+            for p in model.compressor.parameters():
+                p.requires_grad_(False)
+            frozen = True
+        self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+        if state is not None:
+            self.opt.load_state_dict(state["optimizer"])
+            ckpt.set_rng_state(state["rng"])
+        elif cfg.compressor_first:
+            self._save("last", 0, 0, 0)  # the fitted compressor survives a kill
+        dmodel: nn.Module = model
+        if ctx.enabled:
+            dmodel = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        weights = {"local": cfg.w_local, "global": cfg.w_global, "tokens": cfg.w_tokens, "cls": cfg.w_cls}
+        total_views = self.total_steps * cfg.batch_size
+        t_start, views_done, last_row = time.perf_counter(), 0, {}
+        while epoch < cfg.epochs:
+            plan = BatchPlan(
+                self.split.train,
+                seed=cfg.seed,
+                epoch=epoch,
+                batch_size=cfg.batch_size,
+                views_per_image=cfg.views_per_image,
+                num_views=self.reader.num_views,
+                rank=ctx.rank,
+                world=ctx.world,
+            )
+            loader = torch.utils.data.DataLoader(
+                DistillBatches(self.lazy, plan, self.source_index, cfg.student_size, self.use_tokens),
+                batch_size=1,
+                sampler=StepSampler(pos, len(plan)),
+                collate_fn=collate_batch,
+                num_workers=cfg.workers,
+                pin_memory=self.device.type == "cuda",
+                generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
+            )
+            t0 = time.perf_counter()
+            for batch in loader:
+                t_data = time.perf_counter() - t0
+                lr = lr_at(step, self.total_steps, self.warmup, cfg.lr, cfg.min_lr)
+                for g in self.opt.param_groups:
+                    g["lr"] = lr
+                teacher = teacher_features(batch, self.device, self.grid_t, self.grid_s)
+                images = batch["images"].to(self.device, non_blocking=True)
+                terms = compute_losses(
+                    dmodel,
+                    images,
+                    teacher,
+                    method=cfg.method,
+                    temperatures=cfg.temperatures,
+                    weights=weights,
+                    use_tokens=self.use_tokens,
+                    frozen_compressor=frozen,
+                )
+                self.opt.zero_grad(set_to_none=True)
+                terms["total"].backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                self.opt.step()
+                step += 1
+                pos = int(batch["step"]) + 1
+                names = sorted(terms)
+                vals = D.all_reduce_mean(torch.stack([terms[k].detach().float() for k in names])).tolist()
+                dt = time.perf_counter() - t0
+                views_done += cfg.batch_size
+                last_row = {
+                    "phase": "train",
+                    "step": step,
+                    "epoch": epoch,
+                    "lr": lr,
+                    **{f"loss/{k}": v for k, v in zip(names, vals, strict=True)},
+                    "images_per_s": cfg.batch_size / max(dt, 1e-9),
+                    "time_data_s": t_data,
+                    "time_step_s": dt,
+                }
+                self._log_metric(last_row)
+                if self.progress is not None and ctx.is_main:
+                    self.progress(step * cfg.batch_size, total_views)
+                if cfg.save_every and step % cfg.save_every == 0 and pos < len(plan):
+                    self._save("last", step, epoch, pos)
+                t0 = time.perf_counter()
+            epoch, pos = epoch + 1, 0
+            self._end_epoch(epoch - 1, step)
+            self._save("last", step, epoch, 0)
+            D.barrier()
+        elapsed = time.perf_counter() - t_start
+        return {
+            "out": str(self.out),
+            "rank": ctx.rank,
+            "world": ctx.world,
+            "steps": step,
+            "epochs": cfg.epochs,
+            "method": cfg.method,
+            "use_tokens": self.use_tokens,
+            "best_epoch": self.best_epoch,
+            "best_knn_accuracy": self.best_metric,
+            "history": self.history,
+            "last": last_row,
+            "images_per_second": views_done / elapsed if views_done else 0.0,
+            "checkpoints": {
+                "last": str(ckpt.paths(self.out, "last")[0]),
+                "best": str(ckpt.paths(self.out, "best")[0]),
+            },
+        }
+
+    def _end_epoch(self, epoch: int, step: int) -> None:
+        """kNN validation on rank 0 and the `best` checkpoint (best = last when there are no labels)."""
+        if not self.ctx.is_main:
+            return
+        row: dict[str, Any] = {"phase": "val", "epoch": epoch, "step": step}
+        better = True
+        if self.knn:
+            t0 = time.perf_counter()
+            emb = {}
+            for name, rows in (("bank", self.bank_rows), ("val", self.val_rows)):
+                emb[name] = embed_images(
+                    self.model.student,
+                    self.lazy,
+                    self.source_index[rows],
+                    self.cfg.student_size,
+                    device=self.device,
+                    amp_dtype=self.amp,
+                    workers=self.cfg.workers,
+                )
+            acc = knn_accuracy(
+                emb["bank"],
+                torch.as_tensor(self.labels[self.bank_rows]),
+                emb["val"],
+                torch.as_tensor(self.labels[self.val_rows]),
+                self.cfg.val_k,
+                self.cfg.val_temperature,
+            )
+            row.update(
+                {
+                    "knn_accuracy": acc,
+                    "val_images": len(self.val_rows),
+                    "bank_images": len(self.bank_rows),
+                    "time_val_s": time.perf_counter() - t0,
+                }
+            )
+            better = self.best_metric is None or acc > self.best_metric
+            log.info("epoch %d: kNN accuracy %.4f on %d held-out images", epoch, acc, len(self.val_rows))
+        if better:
+            self.best_metric, self.best_epoch = row.get("knn_accuracy"), epoch
+        row["best_epoch"] = self.best_epoch
+        self.history.append(row)
+        self._log_metric(row)
+        if better:
+            self._save("best", step, epoch + 1, 0)
+
+
+def atomic_write_json_lines(path: Path, lines: list[str]) -> None:
+    from cospress.utils import atomic_write_bytes
+
+    atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
+
+
+# ============================================================================ entry point for tests / scripts
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m cospress.distill --store S --out O [--key value ...]``: every DistillConfig field is a flag."""
+    import argparse
+    import dataclasses
+
+    parser = argparse.ArgumentParser(prog="python -m cospress.distill", description=main.__doc__)
+    parser.add_argument("--config", default=None, help="YAML file of settings (flags win)")
+    for f in dataclasses.fields(DistillConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=None)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None)
+    args = vars(parser.parse_args(argv))
+    config = args.pop("config")
+    logging.basicConfig(
+        level=os.environ.get("COSPRESS_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s"
+    )
+    cfg = load_config(DistillConfig, config, args)
+    return run_distill(cfg)
+
+
+if __name__ == "__main__":
+    main()

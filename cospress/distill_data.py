@@ -1,0 +1,273 @@
+"""Stage 2 data: the row split, the deterministic batch plan, and datasets of replayed views + cached targets.
+
+A global batch holds ``batch_size`` views: ``views_per_image`` (R) views of each of
+``batch_size / R`` images, the R views drawn without replacement from the store's K random views.
+Everything is a pure function of (seed, epoch, row), so a resumed run sees the same batches, and
+every rank takes a contiguous slice of the images of a global batch (all R views of an image stay
+on one rank, so the per-image local term needs no communication).
+
+Images are looked up in the source BY KEY (never by position).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cospress.errors import ConfigError, StoreError
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- split
+def is_val_key(key: str, fraction: float) -> bool:
+    """True when sha256(key) falls in the first ``fraction`` of the hash space (stable, order-free)."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+    return h < fraction * 2.0**64
+
+
+@dataclass
+class RowSplit:
+    """Store row indices (sorted) used for training and for validation; invalid rows are in neither."""
+
+    train: np.ndarray
+    val: np.ndarray
+
+
+def split_rows(keys: list[str], valid: np.ndarray, val_fraction: float) -> RowSplit:
+    """Valid rows split by sha256(key): ~``val_fraction`` of them are held out for kNN validation."""
+    valid = np.asarray(valid).astype(bool)
+    is_val = np.array([is_val_key(k, val_fraction) for k in keys], dtype=bool)
+    train = np.flatnonzero(valid & ~is_val)
+    val = np.flatnonzero(valid & is_val)
+    return RowSplit(train=train.astype(np.int64), val=val.astype(np.int64))
+
+
+# --------------------------------------------------------------------------- plan
+def epoch_permutation(rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """A permutation of ``rows`` that depends only on (seed, epoch)."""
+    rng = np.random.default_rng([int(seed), int(epoch), 0xC05])
+    return rows[rng.permutation(len(rows))]
+
+
+def choose_views(seed: int, epoch: int, row: int, num_views: int, r: int) -> np.ndarray:
+    """R distinct view indices in [0, K) for one row and epoch (deterministic)."""
+    rng = np.random.default_rng([int(seed), int(epoch), int(row), 0x71E])
+    return np.sort(rng.choice(num_views, size=r, replace=False)).astype(np.int64)
+
+
+class BatchPlan:
+    """The batches of one epoch for one rank: ``rows_views(step) -> (rows [n], views [n, R])``.
+
+    ``steps`` = full global batches in the epoch (a short last batch is dropped: the global term
+    depends on the batch size).
+    """
+
+    def __init__(
+        self,
+        train_rows: np.ndarray,
+        *,
+        seed: int,
+        epoch: int,
+        batch_size: int,
+        views_per_image: int,
+        num_views: int,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        check_batch(batch_size, views_per_image, num_views, world)
+        self.images_per_batch = batch_size // views_per_image
+        self.local_images = self.images_per_batch // world
+        self.order = epoch_permutation(np.asarray(train_rows, dtype=np.int64), seed, epoch)
+        self.steps = len(self.order) // self.images_per_batch
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.r, self.k = views_per_image, num_views
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def global_rows(self, step: int) -> np.ndarray:
+        start = step * self.images_per_batch
+        return self.order[start : start + self.images_per_batch]
+
+    def rows_views(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's (rows [n], view indices [n, R]) of global batch ``step``."""
+        g = self.global_rows(step)
+        rows = g[self.rank * self.local_images : (self.rank + 1) * self.local_images]
+        views = np.stack([choose_views(self.seed, self.epoch, int(r), self.k, self.r) for r in rows])
+        return rows, views.reshape(len(rows), self.r)
+
+
+def check_batch(batch_size: int, r: int, k: int, world: int) -> None:
+    """Refuse a batch that cannot be split into R views per image and equal per-rank slices."""
+    if r < 1 or r > k:
+        raise ConfigError(f"views_per_image={r} must be between 1 and the store's K={k} views")
+    if batch_size % r:
+        raise ConfigError(f"batch_size={batch_size} must be a multiple of views_per_image={r}")
+    if (batch_size // r) % world:
+        raise ConfigError(
+            f"batch_size/views_per_image = {batch_size // r} images must split evenly over {world} ranks"
+        )
+
+
+# --------------------------------------------------------------------------- source lookup
+def key_index(store_keys: list[str], source_keys: list[str], rows: np.ndarray, spec: str) -> np.ndarray:
+    """Source position of every store row (-1 for rows not needed); refuses a store key missing from the source."""
+    pos = {k: i for i, k in enumerate(source_keys)}
+    out = np.full(len(store_keys), -1, dtype=np.int64)
+    missing = []
+    for r in rows:
+        i = pos.get(store_keys[int(r)])
+        if i is None:
+            missing.append(store_keys[int(r)])
+        else:
+            out[int(r)] = i
+    if missing:
+        raise StoreError(
+            f"{len(missing)} store key(s) are not in source {spec!r} (first: {missing[0]!r}); "
+            "pass --data with the image source the store was extracted from"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- datasets
+class _Lazy:
+    """Opens the store reader and the image source on first use in each process (DataLoader workers)."""
+
+    def __init__(self, store_url: str, cache_dir: str | None, source_spec: str) -> None:
+        self.store_url, self.cache_dir, self.source_spec = store_url, cache_dir, source_spec
+        self._reader: Any = None
+        self._source: Any = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_reader": None, "_source": None}
+
+    @property
+    def reader(self) -> Any:
+        if self._reader is None:
+            from cospress.store.reader import StoreReader
+
+            self._reader = StoreReader(self.store_url, cache_dir=self.cache_dir)
+        return self._reader
+
+    @property
+    def source(self) -> Any:
+        if self._source is None:
+            from cospress.data.sources import open_source
+
+            self._source = open_source(self.source_spec)
+        return self._source
+
+
+def read_targets(reader: Any, rows: np.ndarray, views: np.ndarray, tokens: bool) -> dict[str, Any]:
+    """Cached targets of rows [n] x their views [n, R], flattened image-major to n*R views:
+
+    cls f16 [n*R, Dt], tokens f16 [n*R, T, Dt] or None, params f32 [n*R, P] (the recorded view parameters).
+    """
+    data = reader.read_rows(np.asarray(rows, dtype=np.int64), views=np.asarray(views), tokens=tokens)
+
+    def flat(a: Any) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.reshape(-1, *t.shape[2:])
+
+    out = {"cls": flat(data["cls"]), "params": flat(data["views"]), "tokens": None}
+    if tokens and data.get("tokens") is not None:
+        out["tokens"] = flat(data["tokens"])
+    return out
+
+
+class DistillBatches(Dataset):
+    """Item ``step`` = this rank's part of one global batch (a whole batch per item, so a worker
+    reads one batch of targets at once).
+
+    Returns {"images": uint8 [n*R, 3, S, S] (replayed views at the student size), "cls": f16 [n*R, Dt],
+    "tokens": f16 [n*R, T, Dt] or None, "rows": int64 [n], "step": int}; views are image-major
+    (image i's views at i*R .. i*R+R-1).
+    """
+
+    def __init__(
+        self, lazy: _Lazy, plan: BatchPlan, source_index: np.ndarray, student_size: int, tokens: bool
+    ) -> None:
+        self.lazy, self.plan, self.source_index = lazy, plan, source_index
+        self.student_size, self.tokens = int(student_size), bool(tokens)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        from cospress.data.views import replay_view
+
+        rows, views = self.plan.rows_views(int(step))
+        t = read_targets(self.lazy.reader, rows, views, self.tokens)
+        params = t["params"].numpy()
+        r = views.shape[1]
+        images = []
+        for i, row in enumerate(rows):
+            image = self.lazy.source.load(int(self.source_index[int(row)])).image
+            for j in range(r):
+                images.append(replay_view(image, params[i * r + j], self.student_size))
+        return {
+            "images": torch.stack(images),
+            "cls": t["cls"],
+            "tokens": t["tokens"],
+            "rows": torch.as_tensor(rows),
+            "step": int(step),
+        }
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields step indices ``start, start+1, ..., steps-1`` (resume restores the data position)."""
+
+    def __init__(self, start: int, steps: int) -> None:
+        self.start, self.steps = int(start), int(steps)
+
+    def __iter__(self):
+        return iter(range(self.start, self.steps))
+
+    def __len__(self) -> int:
+        return max(self.steps - self.start, 0)
+
+
+class CenterImages(Dataset):
+    """Item i = the full image of source position ``indices[i]`` resized to ``size``: uint8 [3, size, size]."""
+
+    def __init__(self, lazy: _Lazy, indices: np.ndarray, size: int) -> None:
+        self.lazy, self.indices, self.size = lazy, np.asarray(indices, dtype=np.int64), int(size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from cospress.data.views import center_view_params, replay_view
+
+        image = self.lazy.source.load(int(self.indices[i])).image
+        return replay_view(image, center_view_params(*image.size), self.size)
+
+
+def collate_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The DataLoader yields whole batches (one item per step): unwrap the single item."""
+    return items[0]
+
+
+def feature_batches(
+    reader: Any, rows: np.ndarray, *, seed: int, epoch: int, batch_size: int, r: int, tokens: bool
+):
+    """Batches of cached features only (for fitting the compressor without images).
+
+    Yields {"cls": f16 [n*R, Dt], "tokens": f16 [n*R, T, Dt] | None} for every full batch of the epoch.
+    """
+    plan = BatchPlan(
+        rows, seed=seed, epoch=epoch, batch_size=batch_size, views_per_image=r, num_views=reader.num_views
+    )
+    for step in range(len(plan)):
+        rws, views = plan.rows_views(step)
+        t = read_targets(reader, rws, views, tokens)
+        yield {"cls": t["cls"], "tokens": t["tokens"]}
