@@ -1,0 +1,194 @@
+"""Write an evaluation: report.json (every number), report.md (tables) and PNG plots."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cospress.evaluate.ood import roc_curve
+from cospress.utils import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PlotData:
+    """Raw arrays behind the plots (none of them goes into report.json).
+
+    ood_scores: {score name: (id scores [N_id], ood scores [N_ood])};
+    similarity_pairs: (student cosines [P], teacher cosines [P]) for the same image pairs.
+    """
+
+    ood_scores: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    similarity_pairs: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def markdown(report: dict) -> str:
+    """Human-readable tables of a report dict (the structure written to report.json)."""
+    lines = [f"# kNN evaluation of `{report['config'].get('model')}`", ""]
+    counts = report.get("counts", {})
+    if counts:
+        lines += ["| set | images |", "|---|---|"] + [f"| {k} | {v} |" for k, v in counts.items()] + [""]
+    knn = report.get("knn") or {}
+    if knn:
+        lines += [
+            f"## kNN classification (T = {report.get('temperature')}, headline k = {report.get('main_k')})",
+            "",
+            "| k | top-1 % | top-5 % | mean per-class % |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {_fmt(m['top1'])} | {_fmt(m['top5'])} | {_fmt(m['mean_per_class'])} |"
+            for k, m in knn.items()
+        ]
+        lines.append("")
+    ood = report.get("ood") or {}
+    if ood:
+        lines += [
+            "## OOD detection",
+            "",
+            "| set | score | AUROC | FPR95 % | AUPR-in | AUPR-out |",
+            "|---|---|---|---|---|---|",
+        ]
+        for set_name, scores in (report.get("ood_sets") or {"all": ood}).items():
+            for score, m in scores.items():
+                lines.append(
+                    f"| {set_name} | {score} | {_fmt(m['auroc'], 4)} | {_fmt(100 * m['fpr95'], 1)} | "
+                    f"{_fmt(m['aupr_in'], 4)} | {_fmt(m['aupr_out'], 4)} |"
+                )
+        lines.append("")
+    fid = report.get("fidelity")
+    if fid:
+        lines += [
+            f"## Fidelity to `{fid.get('teacher')}` ({fid.get('num_images')} images)",
+            "",
+            "| Spearman ρ | Pearson r | 10-NN overlap | linear CKA |",
+            "|---|---|---|---|",
+            f"| {_fmt(fid['spearman'], 4)} | {_fmt(fid['pearson'], 4)} | {_fmt(fid['knn10_overlap'], 4)} | {_fmt(fid['cka'], 4)} |",
+            "",
+        ]
+    rob = report.get("robustness") or {}
+    if rob.get("corruptions"):
+        sev = sorted({s for v in rob["corruptions"].values() for s in v}, key=int)
+        lines += [
+            f"## Robustness: kNN top-1 % under corruption ({rob.get('num_images')} images, clean {_fmt(rob.get('clean_top1'))})",
+            "",
+            "| corruption | " + " | ".join(f"sev {s}" for s in sev) + " |",
+            "|---|" + "---|" * len(sev),
+        ]
+        for name, by_sev in rob["corruptions"].items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(by_sev.get(s)) for s in sev) + " |")
+        lines += [f"\nmean corruption top-1: {_fmt(rob.get('mean_corruption_top1'))}", ""]
+    if rob.get("attack"):
+        lines += [
+            "## Feature-space PGD-L∞ (10 steps)",
+            "",
+            "| ε | mean 1 − cos | kNN top-1 % |",
+            "|---|---|---|",
+        ]
+        for eps, m in rob["attack"].items():
+            lines.append(f"| {eps} | {_fmt(m['cos_distance'], 4)} | {_fmt(m['top1'])} |")
+        lines.append("")
+    timings = report.get("timings") or {}
+    if timings:
+        lines += ["## Timings (s)", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v, 1)} |" for k, v in timings.items()] + [""]
+    return "\n".join(lines)
+
+
+def _plots(out: Path, report: dict, data: PlotData) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+
+    def save(fig, name: str) -> None:
+        path = out / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    if data.ood_scores:
+        fig, ax = plt.subplots(figsize=(4.8, 4.4))
+        for name, (id_s, ood_s) in data.ood_scores.items():
+            s = np.r_[id_s, ood_s]
+            fpr, tpr, _ = roc_curve(s, np.r_[np.ones(len(id_s), bool), np.zeros(len(ood_s), bool)])
+            auc = report["ood"].get(name, {}).get("auroc")
+            ax.plot(fpr, tpr, label=f"{name} (AUROC {auc:.3f})" if auc is not None else name)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax.axhline(0.95, color="grey", lw=0.6, ls=":")
+        ax.set(
+            xlabel="false-positive rate (OOD accepted)",
+            ylabel="true-positive rate (ID accepted)",
+            title="kNN OOD ROC",
+        )
+        ax.legend(loc="lower right", fontsize=8)
+        save(fig, "roc.png")
+    knn = report.get("knn") or {}
+    if knn:
+        ks = [int(k) for k in knn]
+        fig, ax = plt.subplots(figsize=(4.8, 3.6))
+        for metric in ("top1", "top5", "mean_per_class"):
+            ax.plot(ks, [knn[str(k)][metric] for k in ks], marker="o", label=metric)
+        ax.set(xlabel="k", ylabel="accuracy %", title=f"kNN accuracy vs k (T = {report.get('temperature')})")
+        if len(ks) > 1 and max(ks) / max(min(ks), 1) >= 10:
+            ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.legend(fontsize=8)
+        save(fig, "knn_vs_k.png")
+    if data.similarity_pairs is not None:
+        s, t = data.similarity_pairs
+        fig, ax = plt.subplots(figsize=(4.8, 4.4))
+        hb = ax.hexbin(t, s, gridsize=60, bins="log", cmap="viridis", mincnt=1)
+        lo, hi = float(min(s.min(), t.min())), float(max(s.max(), t.max()))
+        ax.plot([lo, hi], [lo, hi], color="red", lw=0.8, ls="--")
+        fid = report.get("fidelity") or {}
+        ax.set(
+            xlabel="teacher cosine similarity",
+            ylabel="model cosine similarity",
+            title=f"pairwise similarities (ρ = {fid.get('spearman', float('nan')):.3f})",
+        )
+        fig.colorbar(hb, ax=ax, label="pairs (log)")
+        save(fig, "similarity_hexbin.png")
+    rob = report.get("robustness") or {}
+    if rob.get("corruptions"):
+        fig, ax = plt.subplots(figsize=(5.2, 3.8))
+        for name, by_sev in rob["corruptions"].items():
+            sev = sorted(by_sev, key=int)
+            ax.plot(
+                [0] + [int(x) for x in sev],
+                [rob["clean_top1"]] + [by_sev[x] for x in sev],
+                marker="o",
+                label=name,
+            )
+        ax.set(xlabel="severity (0 = clean)", ylabel="kNN top-1 %", title="accuracy under corruption")
+        ax.set_xticks(range(6))
+        ax.legend(fontsize=8)
+        save(fig, "robustness.png")
+    return written
+
+
+def write_report(out_dir: str | Path, report: dict, data: PlotData | None = None) -> list[Path]:
+    """Write report.json, report.md and the plots into out_dir; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "report.json", report)
+    atomic_write_bytes(out / "report.md", markdown(report).encode())
+    paths = [out / "report.json", out / "report.md"] + _plots(out, report, data or PlotData())
+    log.info("report written to %s (%d files)", out, len(paths))
+    return paths

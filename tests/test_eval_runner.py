@@ -1,0 +1,164 @@
+"""End-to-end knn-eval on tiny random models and synthetic image folders (real timm, FAISS)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from cospress.errors import ConfigError  # noqa: E402
+from cospress.evaluate import embed  # noqa: E402
+from cospress.evaluate.runner import EvalConfig, run_knn_eval  # noqa: E402
+from tests.helpers import make_image_folder, make_tiny_teacher_weights  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    train = make_image_folder(root / "train", classes=4, per_class=12, seed=0)
+    test = make_image_folder(root / "test", classes=4, per_class=5, seed=1)
+    ood = root / "ood" / "x"
+    ood.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for i in range(6):  # grey noise: unlike any class colour
+        Image.fromarray(rng.integers(90, 110, size=(40, 40, 3), dtype=np.uint8)).save(ood / f"o{i}.png")
+    weights = make_tiny_teacher_weights(root / "teacher.safetensors", "test_vit", img_size=32)
+    return root, train, test, weights
+
+
+def test_eval_transform_shape_and_crop():
+    image = Image.fromarray(np.arange(60 * 40 * 3, dtype=np.uint8).reshape(40, 60, 3) % 255)
+    out = embed.eval_transform(image, 32, crop_pct=0.875)
+    assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
+    full = embed.eval_transform(image, 32, crop_pct=1.0)
+    assert full.shape == (3, 32, 32) and not torch.equal(out, full)
+
+
+def test_parse_teacher_spec():
+    assert embed.parse_teacher_spec("teacher:vit_small@112") == ("vit_small", 112, None, False)
+    assert embed.parse_teacher_spec("random:test_vit@32") == ("test_vit", 32, None, True)
+    assert embed.parse_teacher_spec("teacher:test_vit=/w.safetensors") == (
+        "test_vit",
+        None,
+        "/w.safetensors",
+        False,
+    )
+    with pytest.raises(ConfigError):
+        embed.parse_teacher_spec("teacher:x@big")
+
+
+def test_run_knn_eval_end_to_end(folders, tmp_path, caplog):
+    root, train, test, weights = folders
+    cfg = EvalConfig(
+        model=f"teacher:test_vit@32={weights}",
+        train=f"folder:{train}",
+        test=f"folder:{test}",
+        ood=[f"folder:{root / 'ood'}"],
+        ood_classes=[3],
+        k=[1, 5, 20],
+        batch_size=16,
+        workers=0,
+        out=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        ood_k=5,
+        fidelity_teacher="random:test_vit@32",
+        robustness_max=8,
+        attack_max=4,
+        crop_pct=1.0,
+    )
+    report = run_knn_eval(cfg)
+    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(on_disk["knn"]) == {"1", "5", "20"}
+    assert on_disk["main_k"] == 20  # the dino protocol's headline k, given in --k
+    assert on_disk["top1"] == report["top1"] == on_disk["knn"]["20"]["top1"]
+    for k, m in on_disk["knn"].items():
+        assert 0 <= m["top1"] <= m["top5"] <= 100, k
+    assert on_disk["counts"]["bank"] == 36  # class 3 removed from the bank
+    assert on_disk["counts"]["test_in_distribution"] == 15
+    assert set(on_disk["ood"]) == {"max_cos", "knn5"}
+    assert set(on_disk["ood_sets"]) == {"heldout_classes", f"folder:{root / 'ood'}"}
+    assert 0 <= on_disk["auroc"] <= 1 and 0 <= on_disk["fpr95"] <= 1
+    fid = on_disk["fidelity"]
+    assert -1 <= fid["spearman"] <= 1 and fid["num_images"] == 20 and fid["spearman"] < 0.999
+    rob = on_disk["robustness"]
+    assert set(rob["corruptions"]) == {"gaussian_noise", "gaussian_blur", "contrast", "jpeg", "pixelate"}
+    assert rob["num_images"] == 8 and set(rob["corruptions"]["jpeg"]) == {"1", "2", "3", "4", "5"}
+    attack = rob["attack"]
+    assert list(attack) == ["1/255", "2/255", "4/255"]
+    assert attack["1/255"]["cos_distance"] < attack["4/255"]["cos_distance"]
+    for name in (
+        "report.md",
+        "config.yaml",
+        "roc.png",
+        "knn_vs_k.png",
+        "similarity_hexbin.png",
+        "robustness.png",
+    ):
+        assert (tmp_path / "out" / name).is_file(), name
+    assert "kNN classification" in (tmp_path / "out" / "report.md").read_text()
+
+    # a rerun hits the embedding cache and gives the same numbers
+    caplog.set_level("INFO", logger="cospress.evaluate.embed")
+    again = run_knn_eval(
+        EvalConfig(**{**cfg.__dict__, "robustness": False, "attack": False, "out": str(tmp_path / "out2")})
+    )
+    assert "embedding cache hit" in caplog.text
+    assert again["knn"] == report["knn"] and again["ood"] == report["ood"]
+    assert again["data"]["test"]["cache_hit"] is True
+
+
+def test_student_folder_and_self_fidelity(folders, tmp_path):
+    root, train, test, _ = folders
+    from cospress.models.students import build_student
+
+    student = build_student("test_vit", 32, embed_dim=32, depth=1, num_heads=2)
+    export = tmp_path / "run" / "export"
+    export.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in student.model.state_dict().items()},
+        str(export / "student.safetensors"),
+    )
+    meta = {
+        "timm_name": "test_vit",
+        "input_size": 32,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "timm_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2},
+        "teacher": "random:test_vit@32",
+    }
+    (export / "student.json").write_text(json.dumps(meta))
+    loaded = embed.load_model(str(tmp_path / "run"))
+    assert loaded.kind == "student" and loaded.teacher_spec == "random:test_vit@32"
+    assert loaded.model.fingerprint() == student.fingerprint()  # the weights round-trip
+    report = run_knn_eval(
+        EvalConfig(
+            model=str(tmp_path / "run"),
+            train=f"folder:{train}",
+            test=f"folder:{test}",
+            protocol="cospress",
+            fidelity_teacher=str(tmp_path / "run"),  # itself: perfect fidelity
+            robustness=False,
+            attack=False,
+            workers=0,
+            cache_dir="none",
+            out=str(tmp_path / "out"),
+        )
+    )
+    assert report["main_k"] == 10 and set(report["knn"]) == {"10"}
+    assert "ood" not in report
+    assert report["fidelity"]["spearman"] == pytest.approx(1.0)
+    assert report["fidelity"]["knn10_overlap"] == pytest.approx(1.0)
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one bank"):
+        run_knn_eval(EvalConfig(model="random:test_vit@32", test="folder:x"))
+    with pytest.raises(ConfigError, match="neither teacher"):
+        embed.load_model(str(tmp_path / "missing"))
