@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 import threading
 import warnings
@@ -102,7 +103,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
 
     Raises BadImageError whose message starts with a machine-readable reason: ``empty file``,
     ``not an image``, ``truncated image``, ``too many pixels`` or ``unreadable``. The pixel count is
-    checked from the header before decoding; PIL's global limits are never changed.
+    checked from the header before decoding; PIL's global limits are never changed, so PIL's own
+    decompression-bomb check (``Image.MAX_IMAGE_PIXELS``, whose warning counts as an error here) still
+    caps a `max_pixels` set above it.
     """
     if not data:
         raise BadImageError("empty file")
@@ -119,7 +122,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         except BadImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise BadImageError(f"too many pixels ({e})") from None
+            n = re.findall(r"(\d+) pixels", str(e))  # PIL's own check fires in Image.open, before the size
+            detail = f"{n[0]} > {n[1]}" if len(n) == 2 else str(e)
+            raise BadImageError(f"too many pixels ({detail})") from None
         except UnidentifiedImageError:
             raise BadImageError("not an image") from None
         except (EOFError, SyntaxError) as e:
