@@ -5,7 +5,7 @@ neither stores a per-temperature N x N matrix for the backward pass: only the tw
 S_t, S_z [B, N, N] are kept, and the gradient is recomputed from them analytically.
 
 Notation for one set and one temperature tau (i != j everywhere; a_ij = S_t[i, j] / tau):
-    lp_ij = a_ij - lse_i(a)                       log p_{j|i}, row-wise log-softmax without the diagonal
+    lp_ij = log_softmax_{j != i}(a)_ij            log p_{j|i}, row-wise log-softmax without the diagonal
     logP_ij = logaddexp(lp_ij, lp_ji) - log 2N    (same on S_z gives lq, logQ)
     D_ij = logP_ij - logQ_ij,   KL = sum_ij exp(logP_ij) D_ij
 Gradients (derived by hand, checked against autograd in tests/test_fused_kl.py):
@@ -15,7 +15,7 @@ Gradients (derived by hand, checked against autograd in tests/test_fused_kl.py):
 `lean` is pure PyTorch and loops over the temperatures. `fused` runs three Triton kernels (row
 log-sum-exps; KL and the row sums Rt, Rz; the gradient) that each read a tile of S_t and S_z once
 and loop over all temperatures on chip. On a CPU the Triton kernels run under `TRITON_INTERPRET=1`
-(slow; for tests only).
+(slow; for tests only; it must be set before triton is first imported in the process).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _lean_terms(st: torch.Tensor, sz: torch.Tensor, tau: float, eye: torch.Tenso
     out = []
     for s in (st, sz):
         a = (s / tau).masked_fill(eye, float("-inf"))
-        lp = (a - torch.logsumexp(a, dim=-1, keepdim=True)).masked_fill(eye, 0.0)
+        lp = torch.log_softmax(a, dim=-1).masked_fill(eye, 0.0)
         out.append(lp)
     lp, lq = out
     logp_joint = torch.logaddexp(lp, lp.transpose(1, 2)) - log2n
@@ -174,8 +174,11 @@ def _kernels(interpret: bool) -> dict[str, Any]:
     import triton.language as tl
 
     @triton.jit
-    def row_lse_kernel(s_ptr, temps_ptr, lse_ptr, N, T, BI: tl.constexpr, BJ: tl.constexpr, TP: tl.constexpr):
-        # lse[b, k, i] = logsumexp_{j != i} S[b, i, j] / tau_k, all k in one pass over the row.
+    def row_lse_kernel(
+        s_ptr, temps_ptr, m_ptr, ls_ptr, N, T, BI: tl.constexpr, BJ: tl.constexpr, TP: tl.constexpr
+    ):  # fmt: skip
+        # m[b, i] = max_{j != i} S[b, i, j]; ls[b, k, i] = log sum_{j != i} exp((S[b, i, j] - m[b, i]) / tau_k),
+        # all k in one pass over the row. lp_ij = (S_ij - m_i) / tau - ls_i keeps the large terms apart.
         pid_i = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         rows = pid_i * BI + tl.arange(0, BI)
@@ -198,14 +201,17 @@ def _kernels(interpret: bool) -> dict[str, Any]:
                 inv = 1.0 / tl.load(temps_ptr + k)
                 e = tl.sum(tl.exp(diff * inv), axis=1)
                 acc = tl.where(kcols[None, :] == k, acc + e[:, None], acc)
-        inv_all = 1.0 / tl.load(temps_ptr + kcols, mask=kcols < T, other=1.0)
         out_ok = row_ok[:, None] & (kcols[None, :] < T)
-        lse = m[:, None] * inv_all[None, :] + tl.log(tl.where(out_ok, acc, 1.0))
-        tl.store(lse_ptr + b * T * N + kcols[None, :] * N + rows[:, None], lse, mask=out_ok)
+        tl.store(
+            ls_ptr + b * T * N + kcols[None, :] * N + rows[:, None],
+            tl.log(tl.where(out_ok, acc, 1.0)),
+            mask=out_ok,
+        )
+        tl.store(m_ptr + b * N + rows, m, mask=row_ok)
 
     @triton.jit
     def kl_fwd_kernel(
-        st_ptr, sz_ptr, temps_ptr, lt_ptr, lz_ptr, kl_ptr, rt_ptr, rz_ptr, N, T, log2n,
+        st_ptr, sz_ptr, temps_ptr, mt_ptr, mz_ptr, lt_ptr, lz_ptr, kl_ptr, rt_ptr, rz_ptr, N, T, log2n,
         BI: tl.constexpr, BJ: tl.constexpr, TP: tl.constexpr,
     ):  # fmt: skip
         # Per row i and temperature k: kl = sum_j P D, Rt = sum_j p D / N, Rz = sum_j G.
@@ -224,6 +230,10 @@ def _kernels(interpret: bool) -> dict[str, Any]:
             offs = b * N * N + rows[:, None] * N + cols[None, :]
             st = tl.load(st_ptr + offs, mask=ok, other=0.0)
             sz = tl.load(sz_ptr + offs, mask=ok, other=0.0)
+            dti = st - tl.load(mt_ptr + b * N + rows, mask=row_ok, other=0.0)[:, None]
+            dtj = st - tl.load(mt_ptr + b * N + cols, mask=col_ok, other=0.0)[None, :]
+            dzi = sz - tl.load(mz_ptr + b * N + rows, mask=row_ok, other=0.0)[:, None]
+            dzj = sz - tl.load(mz_ptr + b * N + cols, mask=col_ok, other=0.0)[None, :]
             for k in range(T):
                 inv = 1.0 / tl.load(temps_ptr + k)
                 lbase = b * T * N + k * N
@@ -231,13 +241,11 @@ def _kernels(interpret: bool) -> dict[str, Any]:
                 ltj = tl.load(lt_ptr + lbase + cols, mask=col_ok, other=0.0)
                 lzi = tl.load(lz_ptr + lbase + rows, mask=row_ok, other=0.0)
                 lzj = tl.load(lz_ptr + lbase + cols, mask=col_ok, other=0.0)
-                a = st * inv
-                lp = a - lti[:, None]
-                lpt = a - ltj[None, :]
+                lp = dti * inv - lti[:, None]
+                lpt = dtj * inv - ltj[None, :]
                 lpj = tl.maximum(lp, lpt) + tl.log(1.0 + tl.exp(-tl.abs(lp - lpt))) - log2n
-                c = sz * inv
-                lq = c - lzi[:, None]
-                lqt = c - lzj[None, :]
+                lq = dzi * inv - lzi[:, None]
+                lqt = dzj * inv - lzj[None, :]
                 lqj = tl.maximum(lq, lqt) + tl.log(1.0 + tl.exp(-tl.abs(lq - lqt))) - log2n
                 d = lpj - lqj
                 kl = tl.sum(tl.where(ok, tl.exp(lpj) * d, 0.0), axis=1)
@@ -255,7 +263,7 @@ def _kernels(interpret: bool) -> dict[str, Any]:
 
     @triton.jit
     def kl_bwd_kernel(
-        st_ptr, sz_ptr, temps_ptr, lt_ptr, lz_ptr, rt_ptr, rz_ptr, gout_ptr, gt_ptr, gz_ptr,
+        st_ptr, sz_ptr, temps_ptr, mt_ptr, mz_ptr, lt_ptr, lz_ptr, rt_ptr, rz_ptr, gout_ptr, gt_ptr, gz_ptr,
         N, T, log2n, scale, NEED_T: tl.constexpr, NEED_Z: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
     ):  # fmt: skip
         # One tile of dKL/dS_t and dKL/dS_z, summed over the temperatures on chip.
@@ -270,6 +278,10 @@ def _kernels(interpret: bool) -> dict[str, Any]:
         offs = b * N * N + rows[:, None] * N + cols[None, :]
         st = tl.load(st_ptr + offs, mask=ok, other=0.0)
         sz = tl.load(sz_ptr + offs, mask=ok, other=0.0)
+        dti = st - tl.load(mt_ptr + b * N + rows, mask=row_ok, other=0.0)[:, None]
+        dtj = st - tl.load(mt_ptr + b * N + cols, mask=col_ok, other=0.0)[None, :]
+        dzi = sz - tl.load(mz_ptr + b * N + rows, mask=row_ok, other=0.0)[:, None]
+        dzj = sz - tl.load(mz_ptr + b * N + cols, mask=col_ok, other=0.0)[None, :]
         gt = tl.zeros((BI, BJ), tl.float32)
         gz = tl.zeros((BI, BJ), tl.float32)
         for k in range(T):
@@ -279,13 +291,11 @@ def _kernels(interpret: bool) -> dict[str, Any]:
             ltj = tl.load(lt_ptr + lbase + cols, mask=col_ok, other=0.0)
             lzi = tl.load(lz_ptr + lbase + rows, mask=row_ok, other=0.0)
             lzj = tl.load(lz_ptr + lbase + cols, mask=col_ok, other=0.0)
-            a = st * inv
-            lp = a - lti[:, None]
-            lpt = a - ltj[None, :]
+            lp = dti * inv - lti[:, None]
+            lpt = dtj * inv - ltj[None, :]
             lpj = tl.maximum(lp, lpt) + tl.log(1.0 + tl.exp(-tl.abs(lp - lpt))) - log2n
-            c = sz * inv
-            lq = c - lzi[:, None]
-            lqt = c - lzj[None, :]
+            lq = dzi * inv - lzi[:, None]
+            lqt = dzj * inv - lzj[None, :]
             lqj = tl.maximum(lq, lqt) + tl.log(1.0 + tl.exp(-tl.abs(lq - lqt))) - log2n
             d = lpj - lqj
             if NEED_T:
@@ -305,18 +315,21 @@ def _kernels(interpret: bool) -> dict[str, Any]:
     return {"lse": row_lse_kernel, "fwd": kl_fwd_kernel, "bwd": kl_bwd_kernel}
 
 
-_BI, _BJ = 32, 64
+# Tile of S handled by one program; 8 warps keep the ~10 live [BI, BJ] float tiles in registers.
+_BI, _BJ, _WARPS = 32, 64, 8
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _launch_lse(k: dict[str, Any], s: torch.Tensor, temps: torch.Tensor, tp: int) -> torch.Tensor:
+def _launch_lse(k: dict[str, Any], s: torch.Tensor, temps: torch.Tensor, tp: int):
+    """Row maxima m [B, N] and shifted log-sum-exps ls [B, T, N] of S [B, N, N] without its diagonal."""
     b, n, _ = s.shape
-    lse = torch.empty((b, temps.numel(), n), dtype=torch.float32, device=s.device)
-    k["lse"][(_cdiv(n, _BI), b)](s, temps, lse, n, temps.numel(), BI=_BI, BJ=_BJ, TP=tp)
-    return lse
+    m = torch.empty((b, n), dtype=torch.float32, device=s.device)
+    ls = torch.empty((b, temps.numel(), n), dtype=torch.float32, device=s.device)
+    k["lse"][(_cdiv(n, _BI), b)](s, temps, m, ls, n, temps.numel(), BI=_BI, BJ=_BJ, TP=tp)
+    return m, ls
 
 
 class _FusedKL(torch.autograd.Function):
@@ -327,17 +340,19 @@ class _FusedKL(torch.autograd.Function):
         b, n, _ = st.shape
         nt = temps.numel()
         tp = max(2, 1 << (nt - 1).bit_length())
-        lt = _launch_lse(k, st, temps, tp)
-        lz = _launch_lse(k, sz, temps, tp)
+        mt, lt = _launch_lse(k, st, temps, tp)
+        mz, lz = _launch_lse(k, sz, temps, tp)
         kl, rt, rz = (torch.empty((b, nt, n), dtype=torch.float32, device=st.device) for _ in range(3))
         log2n = math.log(2 * n)
-        k["fwd"][(_cdiv(n, _BI), b)](st, sz, temps, lt, lz, kl, rt, rz, n, nt, log2n, BI=_BI, BJ=_BJ, TP=tp)
-        ctx.save_for_backward(st, sz, temps, lt, lz, rt, rz)
+        k["fwd"][(_cdiv(n, _BI), b)](
+            st, sz, temps, mt, mz, lt, lz, kl, rt, rz, n, nt, log2n, BI=_BI, BJ=_BJ, TP=tp, num_warps=_WARPS
+        )
+        ctx.save_for_backward(st, sz, temps, mt, mz, lt, lz, rt, rz)
         return kl.sum() / (b * nt)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
-        st, sz, temps, lt, lz, rt, rz = ctx.saved_tensors
+        st, sz, temps, mt, mz, lt, lz, rt, rz = ctx.saved_tensors
         need_t, need_z = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         b, n, _ = st.shape
         nt = temps.numel()
@@ -346,8 +361,9 @@ class _FusedKL(torch.autograd.Function):
         k = _kernels(_interpret())
         grid = (_cdiv(n, _BI), _cdiv(n, _BJ), b)
         k["bwd"][grid](
-            st, sz, temps, lt, lz, rt, rz, grad_out.float().contiguous(), gt, gz,
+            st, sz, temps, mt, mz, lt, lz, rt, rz, grad_out.float().contiguous(), gt, gz,
             n, nt, math.log(2 * n), 1.0 / (b * nt), NEED_T=need_t, NEED_Z=need_z, BI=_BI, BJ=_BJ,
+            num_warps=_WARPS,
         )  # fmt: skip
         return (gt if need_t else None), (gz if need_z else None), None
 
