@@ -230,6 +230,7 @@ def build_manifest(identity: dict, commits: list[dict], extra: dict | None, vers
             {
                 "shard": c["shard"],
                 "rows": c["rows"],
+                "files": c["files"],
                 "sha256": c["sha256"],
                 "keys_sha256": c["keys_sha256"],
                 "counts": c["counts"],

@@ -7,6 +7,7 @@ local copy of the shard files a remote read touched.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ import numpy as np
 import zarr
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.core.sync import sync as zarr_sync
 
 from cospress.errors import StoreError
 from cospress.store import manifest as mf
@@ -113,6 +115,7 @@ class StoreReader:
             check_range_support(self._fs, self._path(mf.shard_file_key("cls", 0, 3)), self.display)
         self._arrays = self._open_arrays()
         self._keys: list[str] | None = None
+        self._cols: tuple[np.ndarray, np.ndarray] | None = None
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.url, self.cache_dir, self.storage_options))
@@ -168,9 +171,12 @@ class StoreReader:
     # ---- whole-store columns ------------------------------------------------------------------
     def keys(self) -> list[str]:
         """The N sample keys, in row order."""
+        return list(self._keys_cached())
+
+    def _keys_cached(self) -> list[str]:
         if self._keys is None:
             self._keys = [str(k) for k in self._arrays["keys"][:]]
-        return list(self._keys)
+        return self._keys
 
     def labels(self) -> np.ndarray:
         """int64 [N] class labels (-1 when unknown)."""
@@ -217,49 +223,52 @@ class StoreReader:
                 raise StoreError(f"view index out of range: the store has {self.num_views} views per row")
         out: dict[str, Any] = {"rows": r}
         for name in ("cls", "views"):
-            data = (
-                self._arrays[name].oindex[uniq][inv]
-                if uniq.size
-                else np.zeros((0, *self.manifest["shapes"][name][1:]))
-            )
-            if sel is not None:
-                data = np.take_along_axis(data, sel[:, :, None], axis=1)
-            out[name] = np.asarray(data, dtype=self.manifest["dtypes"][name])
+            data = self._gather(name, [(int(i),) for i in uniq])[inv]  # one row = one inner chunk
+            out[name] = data if sel is None else np.take_along_axis(data, sel[:, :, None], axis=1)
         out["tokens"] = self._read_tokens(r, sel) if (tokens and self.has_tokens) else None
-        out["labels"] = (
-            np.asarray(self._arrays["labels"].oindex[uniq][inv], dtype=np.int64)
-            if uniq.size
-            else np.zeros(0, np.int64)
-        )
-        out["valid"] = (
-            np.asarray(self._arrays["valid"].oindex[uniq][inv]).astype(bool)
-            if uniq.size
-            else np.zeros(0, bool)
-        )
-        keys = self.keys()
+        labels, valid, keys = self._columns()
+        out["labels"] = labels[r]
+        out["valid"] = valid[r]
         out["keys"] = [keys[i] for i in r]
         return out
 
     def _read_tokens(self, r: np.ndarray, sel: np.ndarray | None) -> np.ndarray:
-        arr = self._arrays["tokens"]
-        if sel is None:
+        """tokens [n, v, T, Dt]: each needed (row, view) chunk is fetched once, all concurrently."""
+        if sel is None:  # whole rows: one read per row covers its V chunks
             uniq, inv = np.unique(r, return_inverse=True)
-            return (
-                np.asarray(arr.oindex[uniq][inv]) if uniq.size else np.zeros((0, *arr.shape[1:]), np.float16)
-            )
-        out = np.empty((r.size, sel.shape[1], *arr.shape[2:]), dtype=np.float16)
-        # Group rows by their set of views: each group is one orthogonal read of only those views.
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, vs in enumerate(sel):
-            groups.setdefault(tuple(sorted(set(vs.tolist()))), []).append(i)
-        for vset, idx in groups.items():
-            idx_a = np.asarray(idx)
-            uniq, inv = np.unique(r[idx_a], return_inverse=True)
-            block = np.asarray(arr.oindex[uniq, list(vset)])  # [u, len(vset), T, Dt]
-            pos = {v: j for j, v in enumerate(vset)}
-            cols = np.asarray([[pos[v] for v in sel[i]] for i in idx_a])
-            out[idx_a] = block[inv[:, None], cols]
-        return out
+            if not uniq.size:
+                return np.zeros((0, self.num_views, self.num_tokens, self.dim), np.float16)
+            return self._gather("tokens", [(int(i),) for i in uniq])[inv]
+        pairs = np.stack([np.repeat(r, sel.shape[1]), sel.reshape(-1)], axis=1)
+        if not pairs.size:
+            return np.zeros((r.size, sel.shape[1], self.num_tokens, self.dim), np.float16)
+        uniq, inv = np.unique(pairs, axis=0, return_inverse=True)
+        data = self._gather("tokens", [(int(i), int(v)) for i, v in uniq])
+        return data[inv.reshape(-1)].reshape(r.size, sel.shape[1], self.num_tokens, self.dim)
+
+    def _gather(self, name: str, selections: list[tuple[int, ...]], batch: int = 1024) -> np.ndarray:
+        """Stack ``arr[sel]`` for each selection, read concurrently (latency-bound over a network)."""
+        arr = self._arrays[name]
+        if not selections:
+            return np.zeros((0, *arr.shape[1:]), arr.dtype)
+        if name == "tokens" and _is_local(self.url):
+            # Local big chunks are bound by decompression: a plain loop beats concurrent reads here.
+            return np.stack([np.asarray(arr[sel]) for sel in selections])
+        aa = arr._async_array
+
+        async def run(part: list[tuple[int, ...]]) -> list[Any]:
+            return await asyncio.gather(*[aa.getitem(sel) for sel in part])
+
+        parts: list[Any] = []
+        for i in range(0, len(selections), batch):
+            parts.extend(zarr_sync(run(selections[i : i + batch])))
+        return np.stack([np.asarray(p) for p in parts])
+
+    def _columns(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """labels int64 [N], valid bool [N] and keys, read once and kept in memory."""
+        if self._cols is None:
+            self._cols = (self.labels(), self.valid())
+        return self._cols[0], self._cols[1], self._keys_cached()
 
     def read_shard(self, shard: int) -> dict[str, Any]:
         """Every array of one shard, as `read_rows` returns them (all views)."""
