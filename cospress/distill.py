@@ -133,7 +133,7 @@ class DistillModel(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
                 z = self.compressor(teacher)
             return s, z
-        return s, self.head(s)
+        return s, Features(cls=self.head(s.cls), tokens=self.head(s.tokens))
 
 
 def compute_losses(
@@ -158,7 +158,7 @@ def compute_losses(
 
     s, z = model(images, teacher)
     if method == "cospress" and frozen_compressor:
-        terms = losses.feature_distill_loss("cosine", s, z.detach(), use_tokens=use_tokens)
+        terms = losses.feature_distill_loss("cosine", s, z, use_tokens=use_tokens)  # target detached
         names = ("tokens", "cls")
     elif method == "cospress":
         gt = D.all_gather_no_grad(teacher.cls)
@@ -334,9 +334,9 @@ def fit_compressor(
                     "phase": "compressor",
                     "epoch": epoch,
                     "compressor_step": step,
-                    "loss/local": float(local),
-                    "loss/global": float(glob),
-                    "loss/total": float(loss),
+                    "loss/local": float(local.detach()),
+                    "loss/global": float(glob.detach()),
+                    "loss/total": float(loss.detach()),
                 }
             )
     D.broadcast_module(compressor)
@@ -523,6 +523,20 @@ class _Run:
                 self.grid_s,
             )
 
+    def student_info(self) -> dict[str, Any]:
+        """What `cospress.export` needs to rebuild the bare timm student."""
+        st = self.model.student
+        return {
+            "timm_name": self.cfg.student,
+            "timm_kwargs": parse_kwargs(self.cfg.student_kwargs),
+            "input_size": int(st.input_size),
+            "mean": list(st.mean),
+            "std": list(st.std),
+            "dim": int(st.dim),
+            "grid": list(st.grid),
+            "method": self.cfg.method,
+        }
+
     def _weights(self) -> dict[str, torch.Tensor]:
         m = self.model
         w = ckpt.clean_state_dict(m.student.model.state_dict(), "student.")
@@ -619,6 +633,9 @@ class _Run:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
             header = run_header(cfg)
+            header["teacher"] = self.reader.manifest.get("teacher")
+            header["store"] = {"url": self.reader.display, "keys_sha256": self.reader.manifest.get("keys_sha256")}
+            header["student"] = self.student_info()
             atomic_write_json(self.out / "run.json", header)
             log.info("run header: %s", json.dumps(header))
             if state is not None:
