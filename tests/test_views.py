@@ -167,6 +167,8 @@ def test_batched_replay_matches_per_image():
         single = torch.stack([replay_view(im, p, size) for im, p in zip(imgs, ps, strict=True)])
         assert batch.dtype == torch.uint8 and batch.shape == (24, 3, size, size)
         assert (batch.int() - single.int()).abs().max() <= 1
+    centre = replay_views_batch(imgs[:2], np.stack([center_view_params(1, 1)] * 2), 16)
+    assert torch.equal(centre[1], replay_view(imgs[1], center_view_params(1, 1), 16))
     same = torch.stack([im[:, :20, :20] for im in imgs])  # a [B, 3, H, W] tensor input
     sp = np.stack([sample_view_params(FULL, 2, f"k{i}", 1, 20, 20) for i in range(24)])
     batch = replay_views_batch(same, sp, 20)

@@ -15,8 +15,13 @@ Recorded values (``PARAM_NAMES``, in order):
   blur_sigma               gaussian blur sigma as a fraction of the output size (0 = none); the
                            policy's sigma range is in pixels at 224 px, so fraction = sigma / 224
 
+On the CPU, replay each view with :func:`replay_view` in DataLoader workers (cache friendly);
+:func:`replay_views_batch` is for a GPU, where the images were decoded.
+
 Replay order: crop -> resize to size x size (bilinear, antialias) -> flip -> brightness ->
-contrast -> saturation -> hue -> grayscale -> blur -> round to uint8. The work is done in float32
+contrast -> saturation -> hue -> grayscale -> blur -> round to uint8. The box in pixels is
+``floor(fraction * size_px + 0.5)``, clamped inside the image; the blur kernel has
+``2 * ceil(3 sigma) + 1`` taps with reflect padding. The work is done in float32
 in [0, 1], so :func:`replay_views_batch` (vectorised colour ops, any device) matches the
 per-image :func:`replay_view` (torchvision ops) to within 1 grey level (max abs difference).
 """
@@ -220,9 +225,13 @@ def replay_view(
     x = TF.resized_crop(x, top, left, h, w, [size, size], TF.InterpolationMode.BILINEAR, antialias=True)
     if p[_IDX["flip"]] > 0.5:
         x = TF.horizontal_flip(x)
-    x = TF.adjust_brightness(x, p[_IDX["brightness"]])
-    x = TF.adjust_contrast(x, p[_IDX["contrast"]])
-    x = TF.adjust_saturation(x, p[_IDX["saturation"]])
+    for name, op in (
+        ("brightness", TF.adjust_brightness),
+        ("contrast", TF.adjust_contrast),
+        ("saturation", TF.adjust_saturation),
+    ):
+        if p[_IDX[name]] != 1.0:  # factor 1 is the identity on [0, 1] images
+            x = op(x, p[_IDX[name]])
     if p[_IDX["hue"]] != 0.0:
         x = TF.adjust_hue(x, p[_IDX["hue"]])
     if p[_IDX["grayscale"]] > 0.5:
@@ -248,20 +257,21 @@ def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the HSV hue of RGB float [B, 3, H, W] by `shift` [B, 1, 1] turns."""
+    """Rotate the HSV hue of RGB float [B, 3, H, W] by `shift` [B, 1, 1] turns.
+
+    Value (max) and chroma (max - min) are kept; each channel is rebuilt from the rotated hue
+    sector. A grey pixel has chroma 0, so its (undefined) hue does not matter.
+    """
     r, g, b = x.unbind(1)
-    v, _ = x.max(1)
-    delta = v - x.min(1).values
-    flat = delta == 0
-    s = torch.where(v > 0, delta / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
-    d = torch.where(flat, torch.ones_like(delta), delta)
-    h = torch.where(v == r, ((g - b) / d) % 6.0, torch.where(v == g, (b - r) / d + 2.0, (r - g) / d + 4.0))
-    h = torch.where(flat, torch.zeros_like(h), h) / 6.0
-    h6 = ((h + shift) % 1.0) * 6.0
+    v = x.amax(1)
+    chroma = v - x.amin(1)
+    d = chroma.clamp_min(1e-12)
+    sector = torch.where(v == r, (g - b) / d, torch.where(v == g, (b - r) / d + 2.0, (r - g) / d + 4.0))
+    h6 = (sector + 6.0 * shift).remainder_(6.0)
     out = []
     for n in (5.0, 3.0, 1.0):
-        k = (n + h6) % 6.0
-        out.append(v - v * s * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
+        k = (h6 + n).remainder_(6.0)
+        out.append(v - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
     return torch.stack(out, 1)
 
 
@@ -272,8 +282,8 @@ def _blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     radius = max((_kernel_size(s, size) // 2 if s > 0 else 0) for s in sig)
     if radius == 0:
         return x
-    pos = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
-    weights = torch.zeros(bsz, 2 * radius + 1, device=x.device, dtype=torch.float32)
+    pos = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    weights = torch.zeros(bsz, 2 * radius + 1, dtype=torch.float32)  # built on the CPU, moved once
     for i, s in enumerate(sig):
         if s <= 0:
             weights[i, radius] = 1.0
@@ -281,7 +291,7 @@ def _blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         r = _kernel_size(s, size) // 2
         pdf = torch.exp(-0.5 * (pos / s) ** 2) * (pos.abs() <= r)
         weights[i] = pdf / pdf.sum()
-    kern = weights.repeat_interleave(c, 0)  # [B*3, K]
+    kern = weights.to(x.device).repeat_interleave(c, 0)  # [B*3, K]
     y = F.pad(x.reshape(1, bsz * c, size, size), (radius, radius, radius, radius), mode="reflect")
     y = F.conv2d(y, kern[:, None, None, :], groups=bsz * c)
     y = F.conv2d(y, kern[:, None, :, None], groups=bsz * c)
@@ -315,16 +325,30 @@ def replay_views_batch(
     x = torch.cat(crops).clamp_(0.0, 1.0)
     p = p.to(device)
 
-    def col(name: str) -> torch.Tensor:
-        return p[:, _IDX[name]].view(-1, 1, 1, 1)
+    def rows(mask: torch.Tensor) -> torch.Tensor | None:
+        """Indices (on `device`) of the images an op changes; None when it changes none."""
+        idx = torch.nonzero(mask).flatten()
+        return idx.to(device) if len(idx) else None
 
-    x = torch.where(col("flip") > 0.5, x.flip(-1), x)
-    x = _blend(x, torch.zeros_like(x), col("brightness"))
-    x = _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), col("contrast"))
-    x = _blend(x, _gray(x), col("saturation"))
-    hue = col("hue")
-    if bool((hue != 0).any()):
-        x = torch.where(hue != 0, _shift_hue(x, hue.view(-1, 1, 1)), x)
-    x = torch.where(col("grayscale") > 0.5, _gray(x).expand_as(x), x)
-    x = _blur_batch(x, p_cpu[:, _IDX["blur_sigma"]] * size)
+    def factor(idx: torch.Tensor, name: str) -> torch.Tensor:
+        return p[idx, _IDX[name]].view(-1, 1, 1, 1)
+
+    # Only the images an op changes are touched: identity ops are skipped (equal results, less memory traffic).
+    if (idx := rows(p_cpu[:, _IDX["flip"]] > 0.5)) is not None:
+        x.index_copy_(0, idx, x[idx].flip(-1))
+    if (idx := rows(p_cpu[:, _IDX["brightness"]] != 1)) is not None:
+        x.index_copy_(0, idx, _blend(x[idx], torch.zeros_like(x[idx]), factor(idx, "brightness")))
+    if (idx := rows(p_cpu[:, _IDX["contrast"]] != 1)) is not None:
+        y = x[idx]
+        x.index_copy_(0, idx, _blend(y, _gray(y).mean(dim=(1, 2, 3), keepdim=True), factor(idx, "contrast")))
+    if (idx := rows(p_cpu[:, _IDX["saturation"]] != 1)) is not None:
+        y = x[idx]
+        x.index_copy_(0, idx, _blend(y, _gray(y), factor(idx, "saturation")))
+    if (idx := rows(p_cpu[:, _IDX["hue"]] != 0)) is not None:
+        x.index_copy_(0, idx, _shift_hue(x[idx], p[idx, _IDX["hue"]].view(-1, 1, 1)))
+    if (idx := rows(p_cpu[:, _IDX["grayscale"]] > 0.5)) is not None:
+        x.index_copy_(0, idx, _gray(x[idx]).expand(-1, 3, -1, -1))
+    blur = p_cpu[:, _IDX["blur_sigma"]]
+    if (idx := rows(blur > 0)) is not None:
+        x.index_copy_(0, idx, _blur_batch(x[idx], blur[blur > 0] * size))
     return _to_uint8(x)
