@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cospress.data.sources import (
@@ -306,3 +307,25 @@ def test_fashion_mnist_installed():
     assert s.image.size == (28, 28) and s.image.mode == "RGB" and np.asarray(s.image).max() > 0
     test = open_source("fashion-mnist:test")
     assert len(test) == 10_000 and np.bincount(test.labels()).tolist() == [1000] * 10
+
+
+class _Pixels(torch.utils.data.Dataset):
+    def __init__(self, src: Source) -> None:
+        self.src = src
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.src.load(i).image).copy())
+
+
+def test_sources_work_in_dataloader_workers(tmp_path):
+    imgs = _shards(tmp_path)
+    src = open_source(f"wds:{tmp_path}/shard-{{000..001}}.tar")
+    src.read_bytes(0)  # the parent holds open shard handles before the workers start
+    rows = [i for i, k in enumerate(src.keys()) if k != "meta"]  # "meta" has no image
+    data = torch.utils.data.Subset(_Pixels(src), rows)
+    got = [b[0] for b in torch.utils.data.DataLoader(data, batch_size=1, num_workers=2)]
+    want = [np.asarray(decode_image(im)) for im in imgs]
+    assert len(got) == 5 and all(np.array_equal(g.numpy(), w) for g, w in zip(got, want, strict=True))
