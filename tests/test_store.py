@@ -342,3 +342,13 @@ def test_two_processes_write_disjoint_shards(tmp_path):
     r = StoreReader(tmp_path / "s")
     _assert_equal(r.read_rows(np.arange(n)), _data(n, 13), np.arange(n))
     assert r.verify() == []
+
+
+def test_identity_aliases_are_normalised(tmp_path):
+    ident = _identity(n=4)
+    ident["policy"] = {**ident.pop("view_policy"), "fingerprint": ident.pop("policy_fingerprint")}
+    ident["views"] = ident.pop("k")
+    w = _open(tmp_path / "s", 4, 2, identity=ident)
+    assert w.identity["k"] == V - 1 and w.identity["policy_fingerprint"] == "b" * 64
+    assert "policy" not in w.identity and w.identity["view_policy"]["flip"] == 0.5
+    _open(tmp_path / "s", 4, 2)  # the canonical spelling is the same identity

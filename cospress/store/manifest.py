@@ -164,7 +164,7 @@ def check_schema_version(version: Any, where: str) -> None:
 
 def _short(value: Any) -> str:
     text = str(value)
-    return text if len(text) <= 24 else text[:21] + "..."
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _field_values(name: str, old: Any, new: Any) -> tuple[Any, Any]:
@@ -174,7 +174,10 @@ def _field_values(name: str, old: Any, new: Any) -> tuple[Any, Any]:
             return old["fingerprint"], new["fingerprint"]
     if name == "source" and isinstance(old, dict) and isinstance(new, dict):
         if "keys_sha256" in old and "keys_sha256" in new:
-            return (old["keys_sha256"], old.get("count")), (new["keys_sha256"], new.get("count"))
+            return (
+                f"{old.get('count')} keys, sha256 {str(old['keys_sha256'])[:12]}",
+                f"{new.get('count')} keys, sha256 {str(new['keys_sha256'])[:12]}",
+            )
     return old, new
 
 
@@ -215,6 +218,25 @@ def make_identity(
         "source": dict(source),
         "param_names": [str(p) for p in param_names],
     }
+
+
+def normalize_identity(identity: dict) -> dict:
+    """The run identity with the canonical field names of `make_identity`.
+
+    Accepts the aliases ``policy`` = {..., "fingerprint"} (for ``view_policy`` + ``policy_fingerprint``)
+    and ``views`` (an int: for ``k``), so every manifest has ``k``, ``view_policy`` and
+    ``policy_fingerprint`` whatever the caller passed.
+    """
+    out = dict(identity)
+    if "view_policy" not in out and isinstance(out.get("policy"), dict):
+        policy = dict(out.pop("policy"))
+        fingerprint = policy.pop("fingerprint", None)
+        out["view_policy"] = policy
+        if fingerprint is not None:
+            out.setdefault("policy_fingerprint", fingerprint)
+    if "k" not in out and isinstance(out.get("views"), int) and not isinstance(out.get("views"), bool):
+        out["k"] = out.pop("views")
+    return out
 
 
 def build_manifest(identity: dict, commits: list[dict], extra: dict | None, version: str) -> dict:

@@ -81,7 +81,7 @@ class StoreWriter:
         full = {
             "format": mf.FORMAT_NAME,
             "schema_version": mf.SCHEMA_VERSION,
-            **identity,
+            **mf.normalize_identity(identity),
             "num_rows": int(num_rows),
             "shard_size": int(shard_size),
             "num_views": int(num_views),
