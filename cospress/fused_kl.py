@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from cospress.errors import ConfigError
 
@@ -76,8 +77,14 @@ def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
     return xn @ xn.transpose(1, 2)
 
 
+@functools.lru_cache(maxsize=16)
+def _temps_on(temps: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(temps, dtype=torch.float32, device=device)
+
+
 def _temps_tensor(temperatures: Sequence[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor([float(x) for x in temperatures], dtype=torch.float32, device=device)
+    """[T] float32 on `device`, cached so that a training loop does not copy it to the GPU every step."""
+    return _temps_on(tuple(float(x) for x in temperatures), device)
 
 
 def _prepare(t: torch.Tensor, z: torch.Tensor, temperatures: Sequence[float]):
@@ -121,6 +128,7 @@ class _LeanKL(torch.autograd.Function):
         return total / (b * len(temps))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor):
         st, sz = ctx.saved_tensors
         b, n, _ = st.shape
@@ -351,6 +359,7 @@ class _FusedKL(torch.autograd.Function):
         return kl.sum() / (b * nt)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor):
         st, sz, temps, mt, mz, lt, lz, rt, rz = ctx.saved_tensors
         need_t, need_z = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
