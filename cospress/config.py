@@ -40,6 +40,15 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         elem = args[0] if args else Any
         out = [_coerce(name, elem, v) for v in value]
         return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError:
+                raise ConfigError(f"{name}: expected a JSON object, got {value!r}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value
