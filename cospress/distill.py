@@ -634,7 +634,10 @@ class _Run:
             save_config(cfg, self.out / "config.yaml")
             header = run_header(cfg)
             header["teacher"] = self.reader.manifest.get("teacher")
-            header["store"] = {"url": self.reader.display, "keys_sha256": self.reader.manifest.get("keys_sha256")}
+            header["store"] = {
+                "url": self.reader.display,
+                "keys_sha256": self.reader.manifest.get("keys_sha256"),
+            }
             header["student"] = self.student_info()
             atomic_write_json(self.out / "run.json", header)
             log.info("run header: %s", json.dumps(header))

@@ -88,8 +88,16 @@ class ExtractConfig:
 class ViewDataset(Dataset):
     """Row -> the image's stored views, replayed at the teacher's resolution (decoded in workers)."""
 
-    def __init__(self, source: Source, policy: ViewPolicy, seed: int, views: int, center: bool,
-                 size: int, max_pixels: int) -> None:
+    def __init__(
+        self,
+        source: Source,
+        policy: ViewPolicy,
+        seed: int,
+        views: int,
+        center: bool,
+        size: int,
+        max_pixels: int,
+    ) -> None:
         self.source, self.policy, self.seed = source, policy, seed
         self.views, self.center, self.size, self.max_pixels = views, center, size, max_pixels
         self.keys = source.keys()
@@ -103,8 +111,12 @@ class ViewDataset(Dataset):
         try:
             sample = self.source.load(row, max_pixels=self.max_pixels)
         except BadImageError as e:
-            return {"row": row, "images": None, "params": np.zeros((num_views, len(PARAM_NAMES)), np.float32),
-                    "reason": str(e)}
+            return {
+                "row": row,
+                "images": None,
+                "params": np.zeros((num_views, len(PARAM_NAMES)), np.float32),
+                "reason": str(e),
+            }
         w, h = sample.image.size
         params = [sample_view_params(self.policy, self.seed, key, v, w, h) for v in range(self.views)]
         if self.center:
@@ -118,8 +130,9 @@ def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
-def shard_batches(shards: list[int], shard_rows: Callable[[int], tuple[int, int]],
-                  images_per_batch: int) -> Iterator[list[int]]:
+def shard_batches(
+    shards: list[int], shard_rows: Callable[[int], tuple[int, int]], images_per_batch: int
+) -> Iterator[list[int]]:
     """Row batches aligned to shard starts: a batch never straddles two shards."""
     for s in shards:
         start, stop = shard_rows(s)
@@ -130,8 +143,17 @@ def shard_batches(shards: list[int], shard_rows: Callable[[int], tuple[int, int]
 class _ShardBuffer:
     """Accumulates one shard's rows until every row has arrived."""
 
-    def __init__(self, start: int, stop: int, num_views: int, dim: int, num_tokens: int, tokens: bool,
-                 keys: list[str], labels: list[int]) -> None:
+    def __init__(
+        self,
+        start: int,
+        stop: int,
+        num_views: int,
+        dim: int,
+        num_tokens: int,
+        tokens: bool,
+        keys: list[str],
+        labels: list[int],
+    ) -> None:
         n = stop - start
         self.start, self.remaining = start, n
         self.cls = np.zeros((n, num_views, dim), np.float16)
@@ -160,8 +182,16 @@ class _Writer(threading.Thread):
                 continue
             t0 = time.perf_counter()
             try:
-                self.writer.write_shard(shard, cls=buf.cls, tokens=buf.tokens, views=buf.views, keys=buf.keys,
-                                        labels=buf.labels, valid=buf.valid, skipped=buf.skipped)
+                self.writer.write_shard(
+                    shard,
+                    cls=buf.cls,
+                    tokens=buf.tokens,
+                    views=buf.views,
+                    keys=buf.keys,
+                    labels=buf.labels,
+                    valid=buf.valid,
+                    skipped=buf.skipped,
+                )
             except BaseException as e:  # surfaced by the main thread
                 self.error = e
             self.seconds += time.perf_counter() - t0
@@ -221,8 +251,14 @@ def run_extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None 
             torch.distributed.destroy_process_group()
 
 
-def _extract(cfg: ExtractConfig, rank: int, world: int, device: torch.device, distributed: bool,
-             progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+def _extract(
+    cfg: ExtractConfig,
+    rank: int,
+    world: int,
+    device: torch.device,
+    distributed: bool,
+    progress: Callable[[int, int], None] | None,
+) -> dict[str, Any]:
     source = open_source(cfg.data, limit=cfg.limit)
     teacher = build_teacher(cfg.teacher, weights=cfg.weights, image_size=cfg.image_size).to(device)
     if hasattr(teacher, "to_channels_last"):
@@ -245,16 +281,32 @@ def _extract(cfg: ExtractConfig, rank: int, world: int, device: torch.device, di
         "precision": str(amp).replace("torch.", "") if amp else "float32",
     }
     out = Path(cfg.out)
-    estimate = estimate_store_bytes(len(keys), num_views, teacher.dim, teacher.num_tokens, len(PARAM_NAMES),
-                                    cfg.tokens)
+    estimate = estimate_store_bytes(
+        len(keys), num_views, teacher.dim, teacher.num_tokens, len(PARAM_NAMES), cfg.tokens
+    )
     if rank == 0:
-        log.info("store %s: %d images x %d views, teacher %s (dim %d, %d tokens) -> about %s before compression "
-                 "(float16 embeddings compress only ~1.15x)", out, len(keys), num_views, teacher.name, teacher.dim,
-                 teacher.num_tokens if cfg.tokens else 0, human_bytes(estimate))
+        log.info(
+            "store %s: %d images x %d views, teacher %s (dim %d, %d tokens) -> about %s before compression "
+            "(float16 embeddings compress only ~1.15x)",
+            out,
+            len(keys),
+            num_views,
+            teacher.name,
+            teacher.dim,
+            teacher.num_tokens if cfg.tokens else 0,
+            human_bytes(estimate),
+        )
         if not (cfg.overwrite is False and (out / "manifest.json").exists()):
             _check_free_disk(out, estimate)
-    open_kwargs = dict(num_rows=len(keys), shard_size=cfg.shard_size, num_views=num_views, dim=teacher.dim,
-                       num_tokens=teacher.num_tokens, num_params=len(PARAM_NAMES), tokens=cfg.tokens)
+    open_kwargs = dict(
+        num_rows=len(keys),
+        shard_size=cfg.shard_size,
+        num_views=num_views,
+        dim=teacher.dim,
+        num_tokens=teacher.num_tokens,
+        num_params=len(PARAM_NAMES),
+        tokens=cfg.tokens,
+    )
     if rank == 0:
         writer = StoreWriter.open(out, identity, overwrite=cfg.overwrite, create=True, **open_kwargs)
         save_config(cfg, out / "extract-config.yaml")
@@ -273,9 +325,14 @@ def _extract(cfg: ExtractConfig, rank: int, world: int, device: torch.device, di
     dataset = ViewDataset(source, policy, cfg.seed, cfg.views, cfg.center_view, size, cfg.max_pixels)
     images_per_batch = max(1, cfg.batch_size // num_views)
     batches = list(shard_batches(pending, writer.shard_rows, images_per_batch))
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers, collate_fn=_collate,
-                        pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if cfg.workers > 0 else None)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=cfg.workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if cfg.workers > 0 else None,
+    )
 
     bg = _Writer(writer)
     bg.start()
@@ -290,8 +347,9 @@ def _extract(cfg: ExtractConfig, rank: int, world: int, device: torch.device, di
             shard = items[0]["row"] // cfg.shard_size
             if shard not in buffers:
                 start, stop = writer.shard_rows(shard)
-                buffers[shard] = _ShardBuffer(start, stop, num_views, teacher.dim, teacher.num_tokens, cfg.tokens,
-                                              keys, labels)
+                buffers[shard] = _ShardBuffer(
+                    start, stop, num_views, teacher.dim, teacher.num_tokens, cfg.tokens, keys, labels
+                )
             buf = buffers[shard]
             good = [it for it in items if it["images"] is not None]
             t1 = time.perf_counter()
@@ -330,16 +388,31 @@ def _extract(cfg: ExtractConfig, rank: int, world: int, device: torch.device, di
     elapsed = time.perf_counter() - t_start
     _barrier(distributed)
     summary: dict[str, Any] = {
-        "rank": rank, "world_size": world, "images": done, "skipped": skipped, "shards_written": len(pending),
-        "shards_already_committed": len(mine) - len(pending), "seconds": elapsed,
+        "rank": rank,
+        "world_size": world,
+        "images": done,
+        "skipped": skipped,
+        "shards_written": len(pending),
+        "shards_already_committed": len(mine) - len(pending),
+        "seconds": elapsed,
         "images_per_second": done / elapsed if elapsed > 0 else 0.0,
-        "seconds_reading": t_read, "seconds_teacher": t_teacher, "seconds_writing": bg.seconds,
-        "store": str(out), "estimated_bytes": estimate,
+        "seconds_reading": t_read,
+        "seconds_teacher": t_teacher,
+        "seconds_writing": bg.seconds,
+        "store": str(out),
+        "estimated_bytes": estimate,
     }
     if rank == 0:
-        manifest = writer.finalize(extra={"config": to_dict(cfg), "cospress_version": __version__,
-                                          "timings": {k: summary[k] for k in ("seconds", "seconds_reading",
-                                                                              "seconds_teacher", "seconds_writing")}})
+        manifest = writer.finalize(
+            extra={
+                "config": to_dict(cfg),
+                "cospress_version": __version__,
+                "timings": {
+                    k: summary[k]
+                    for k in ("seconds", "seconds_reading", "seconds_teacher", "seconds_writing")
+                },
+            }
+        )
         summary["manifest"] = manifest
         summary["skipped_total"] = len(manifest.get("skipped", []))
     _barrier(distributed)

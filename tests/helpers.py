@@ -13,8 +13,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_image_folder(root: Path, classes: int = 3, per_class: int = 6, seed: int = 0,
-                      size_range: tuple[int, int] = (36, 64)) -> Path:
+def make_image_folder(
+    root: Path, classes: int = 3, per_class: int = 6, seed: int = 0, size_range: tuple[int, int] = (36, 64)
+) -> Path:
     """Class folders of random-sized PNG/JPEG images whose colour depends on the class."""
     rng = np.random.default_rng(seed)
     for c in range(classes):
@@ -51,7 +52,9 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, check: bool = True, timeout: float = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run ``python -m cospress ARGS`` in a subprocess (the real CLI, as a user would)."""
     cmd = [sys.executable, "-m", "cospress", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=cwd)

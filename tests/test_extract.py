@@ -33,9 +33,31 @@ def weights(tmp_path_factory) -> Path:
 
 
 def _args(images: Path, weights: Path, out: Path, *extra: str) -> list[str]:
-    return ["extract-teacher", "--data", f"folder:{images}", "--teacher", "test_vit", "--weights", str(weights),
-            "--image-size", "32", "--views", "3", "--shard-size", "5", "--batch-size", "6", "--workers", "0",
-            "--precision", "fp32", "--out", str(out), "--no-progress", *extra]
+    return [
+        "extract-teacher",
+        "--data",
+        f"folder:{images}",
+        "--teacher",
+        "test_vit",
+        "--weights",
+        str(weights),
+        "--image-size",
+        "32",
+        "--views",
+        "3",
+        "--shard-size",
+        "5",
+        "--batch-size",
+        "6",
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _arrays(store: Path) -> dict[str, np.ndarray]:
@@ -85,7 +107,9 @@ def test_stored_cls_equals_teacher_on_replayed_views(reference_store, images, we
         with torch.inference_mode():
             feats = teacher(x)
         np.testing.assert_allclose(g["cls"][row].astype(np.float32), feats.cls.numpy(), rtol=2e-3, atol=2e-3)
-        np.testing.assert_allclose(g["tokens"][row].astype(np.float32), feats.tokens.numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(
+            g["tokens"][row].astype(np.float32), feats.tokens.numpy(), rtol=2e-3, atol=2e-3
+        )
 
 
 def test_rerun_is_a_noop_and_mismatch_is_refused(reference_store, images, weights, tmp_path):
@@ -123,8 +147,18 @@ def test_sigkill_then_rerun_is_bitwise_identical(reference_store, images, weight
 
 def test_two_ranks_equal_one_process(reference_store, images, weights, tmp_path):
     out = tmp_path / "store"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-           "-m", "cospress", *_args(images, weights, out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29533",
+        "-m",
+        "cospress",
+        *_args(images, weights, out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same(_arrays(reference_store), _arrays(out))
@@ -145,7 +179,12 @@ def test_bad_inputs_are_skipped_and_recorded(images, weights, tmp_path):
     proc = run_cli(*_args(data, weights, out, "--max-pixels", "500000"))
     manifest = json.loads((out / "manifest.json").read_text())
     reasons = {s["key"]: s["reason"] for s in manifest["skipped"]}
-    assert set(reasons) == {"class_0/zero.png", "class_0/truncated.png", "class_0/text.jpg", "class_0/bomb.png"}
+    assert set(reasons) == {
+        "class_0/zero.png",
+        "class_0/truncated.png",
+        "class_0/text.jpg",
+        "class_0/bomb.png",
+    }
     assert reasons["class_0/zero.png"].startswith("empty")
     assert reasons["class_0/truncated.png"].startswith("truncated")
     assert reasons["class_0/text.jpg"].startswith("not an image")

@@ -53,8 +53,16 @@ def main() -> None:
     args = p.parse_args()
 
     device = pick_device("auto")
-    cfg = ExtractConfig(data=args.data, teacher=args.teacher, image_size=args.image_size, views=args.views,
-                        limit=args.limit, workers=args.workers, batch_size=args.batch_size, shard_size=512)
+    cfg = ExtractConfig(
+        data=args.data,
+        teacher=args.teacher,
+        image_size=args.image_size,
+        views=args.views,
+        limit=args.limit,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        shard_size=512,
+    )
     amp = autocast_dtype(cfg.precision, device)
     teacher = build_teacher(cfg.teacher, image_size=cfg.image_size).to(device)
     if hasattr(teacher, "to_channels_last"):
@@ -72,14 +80,24 @@ def main() -> None:
             cfg.out = os.path.join(tmp, "store")
             summary = run_extract(cfg)
         e2e.append(summary["images"] * cfg.views / summary["seconds"])
-        print(f"repeat {r}: bare forward {bare[-1]:.0f} views/s, extract end to end {e2e[-1]:.0f} views/s "
-              f"(reading {summary['seconds_reading']:.1f}s, teacher {summary['seconds_teacher']:.1f}s, "
-              f"writing {summary['seconds_writing']:.1f}s)")
+        print(
+            f"repeat {r}: bare forward {bare[-1]:.0f} views/s, extract end to end {e2e[-1]:.0f} views/s "
+            f"(reading {summary['seconds_reading']:.1f}s, teacher {summary['seconds_teacher']:.1f}s, "
+            f"writing {summary['seconds_writing']:.1f}s)"
+        )
     result = {
-        "teacher": cfg.teacher, "image_size": cfg.image_size, "views": cfg.views, "images": len(ds),
-        "batch_views": per, "workers": cfg.workers, "device": str(device), "dtype": str(amp),
-        "bare_views_per_s": statistics.median(bare), "extract_views_per_s": statistics.median(e2e),
-        "ratio": statistics.median(e2e) / statistics.median(bare), "torch_threads": torch.get_num_threads(),
+        "teacher": cfg.teacher,
+        "image_size": cfg.image_size,
+        "views": cfg.views,
+        "images": len(ds),
+        "batch_views": per,
+        "workers": cfg.workers,
+        "device": str(device),
+        "dtype": str(amp),
+        "bare_views_per_s": statistics.median(bare),
+        "extract_views_per_s": statistics.median(e2e),
+        "ratio": statistics.median(e2e) / statistics.median(bare),
+        "torch_threads": torch.get_num_threads(),
     }
     print(json.dumps(result, indent=2))
     if args.out:
