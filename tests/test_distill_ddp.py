@@ -55,7 +55,15 @@ def _worker(rank, world, init, out):
 
 
 def test_two_ranks_match_one_rank(tmp_path):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        _check_two_ranks(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_two_ranks(tmp_path):
     model = _model()
     images, t = _batch()
     terms = compute_losses(
