@@ -162,3 +162,46 @@ def test_config_errors(tmp_path):
         run_knn_eval(EvalConfig(model="random:test_vit@32", test="folder:x"))
     with pytest.raises(ConfigError, match="neither teacher"):
         embed.load_model(str(tmp_path / "missing"))
+
+
+def test_bank_from_store(folders, tmp_path):
+    from cospress.extract import ExtractConfig, run_extract
+
+    root, train, test, weights = folders
+    store = tmp_path / "store"
+    run_extract(
+        ExtractConfig(
+            data=f"folder:{train}",
+            teacher="test_vit",
+            weights=str(weights),
+            image_size=32,
+            views=2,
+            center_view=True,
+            tokens=False,
+            workers=0,
+            batch_size=32,
+            shard_size=20,
+            out=str(store),
+        )
+    )
+    bank, labels, manifest = embed.bank_from_store(str(store))
+    assert bank.shape == (48, 64) and np.allclose(np.linalg.norm(bank, axis=1), 1, atol=1e-3)
+    assert sorted(np.bincount(labels).tolist()) == [12, 12, 12, 12]
+    cfg = EvalConfig(
+        model=f"teacher:test_vit@32={weights}",
+        bank_store=str(store),
+        test=f"folder:{test}",
+        k=[5],
+        robustness=False,
+        attack=False,
+        workers=0,
+        cache_dir="none",
+        out=str(tmp_path / "out"),
+    )
+    report = run_knn_eval(cfg)
+    assert report["counts"]["bank"] == 48 and report["data"]["train"]["store"] == str(store)
+    # the same images embedded from the folder give nearly the same accuracy
+    direct = run_knn_eval(EvalConfig(**{**cfg.__dict__, "bank_store": None, "train": f"folder:{train}"}))
+    assert abs(report["top1"] - direct["top1"]) <= 25.0
+    with pytest.raises(ConfigError, match="dim"):
+        run_knn_eval(EvalConfig(**{**cfg.__dict__, "model": "random:test_efficientnet@32"}))

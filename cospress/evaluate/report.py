@@ -143,8 +143,8 @@ def _plots(out: Path, report: dict, data: PlotData) -> list[Path]:
     if knn:
         ks = [int(k) for k in knn]
         fig, ax = plt.subplots(figsize=(4.8, 3.6))
-        for metric in ("top1", "top5", "mean_per_class"):
-            ax.plot(ks, [knn[str(k)][metric] for k in ks], marker="o", label=metric)
+        for metric, style in (("top1", "-o"), ("top5", "-s"), ("mean_per_class", "--^")):
+            ax.plot(ks, [knn[str(k)][metric] for k in ks], style, label=metric, alpha=0.85)
         ax.set(xlabel="k", ylabel="accuracy %", title=f"kNN accuracy vs k (T = {report.get('temperature')})")
         if len(ks) > 1 and max(ks) / max(min(ks), 1) >= 10:
             ax.set_xscale("log")
