@@ -27,10 +27,14 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- split
 def is_val_key(key: str, fraction: float) -> bool:
-    """True when sha256(key) falls in the first ``fraction`` of the hash space (stable, order-free)."""
+    """True when sha256("val:" + key) falls in the first ``fraction`` of the hash space (stable, order-free).
+
+    The hash is salted: ``--limit`` keeps the keys with the smallest unsalted sha256, and an unsalted
+    split would put every one of them in the validation set.
+    """
     if fraction <= 0:
         return False
-    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+    h = int.from_bytes(hashlib.sha256(f"val:{key}".encode()).digest()[:8], "big")
     return h < fraction * 2.0**64
 
 
