@@ -330,3 +330,14 @@ def test_export_loads_in_bare_timm(cospress_run, tmp_path):
     m.eval()
     ref = m.forward_features(fm.preprocess(x))[:, 0]
     assert torch.allclose(fm(x).cls, ref, atol=1e-5)
+
+
+def test_val_split_is_independent_of_limit():
+    """--limit keeps the keys with the smallest sha256; the validation split must not pick them all."""
+    import hashlib
+
+    keys = [f"train-{i:05d}" for i in range(4000)]
+    limited = sorted(keys, key=lambda k: hashlib.sha256(k.encode()).hexdigest())[:400]
+    s = split_rows(limited, np.ones(len(limited), bool), 0.05)
+    assert 5 <= len(s.val) <= 40
+    assert len(s.train) + len(s.val) == 400
