@@ -157,6 +157,33 @@ def test_student_folder_and_self_fidelity(folders, tmp_path):
     assert report["fidelity"]["knn10_overlap"] == pytest.approx(1.0)
 
 
+def test_distill_run_folder(folders, tmp_path):
+    _, _, _, weights = folders
+    from cospress.models.students import build_student
+
+    student = build_student("test_vit", 32, embed_dim=32, depth=1, num_heads=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    state = {f"student.{k}": v.contiguous() for k, v in student.model.state_dict().items()}
+    state["compressor.proj.weight"] = torch.zeros(32, 64)
+    save_file(state, str(run / "best.safetensors"))
+    header = {
+        "student": {
+            "timm_name": "test_vit",
+            "timm_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2},
+            "input_size": 32,
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+        },
+        "teacher": {"name": "test_vit", "input_size": 32, "source": f"file:{weights}"},
+    }
+    (run / "run.json").write_text(json.dumps(header))
+    loaded = embed.load_model(str(run))
+    assert loaded.model.fingerprint() == student.fingerprint()
+    assert loaded.teacher_spec == f"teacher:test_vit@32={weights}"
+    assert embed.load_model(loaded.teacher_spec).model.dim == 64
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="exactly one bank"):
         run_knn_eval(EvalConfig(model="random:test_vit@32", test="folder:x"))

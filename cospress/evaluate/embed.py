@@ -37,6 +37,7 @@ CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = "~/.cache/cospress/embeddings"
 STUDENT_JSON = "student.json"
 STUDENT_WEIGHTS = ("student.safetensors", "best.safetensors", "model.safetensors")
+RUN_JSON = "run.json"
 
 
 @dataclass
@@ -51,15 +52,20 @@ class LoadedModel:
 
 
 def _teacher_spec_from_meta(meta: dict) -> str | None:
-    """The model spec of the teacher recorded in a student's json (a name, a spec or describe())."""
+    """The model spec of the teacher recorded with a student (a name, a spec, or a describe() dict).
+
+    None when there is none or it cannot be rebuilt (a random-init teacher).
+    """
     teacher = meta.get("teacher")
     if isinstance(teacher, str) and teacher:
         return teacher if teacher.startswith(("teacher:", "random:")) else f"teacher:{teacher}"
     if isinstance(teacher, dict) and teacher.get("name"):
-        size = teacher.get("input_size")
         source = str(teacher.get("source") or "")
-        prefix = "random" if source == "random" else "teacher"
-        spec = f"{prefix}:{teacher['name']}" + (f"@{int(size)}" if size else "")
+        if source == "random":
+            log.warning("the student's teacher was randomly initialised: no fidelity teacher by default")
+            return None
+        size = teacher.get("input_size")
+        spec = f"teacher:{teacher['name']}" + (f"@{int(size)}" if size else "")
         if source.startswith("file:"):
             spec += "=" + source[len("file:") :]
         return spec
@@ -67,14 +73,39 @@ def _teacher_spec_from_meta(meta: dict) -> str | None:
 
 
 def _student_folder(path: Path) -> Path:
-    """The folder holding student.json: the path itself, or RUN/export."""
+    """The folder holding student.json (the path itself or RUN/export), or a run folder (run.json)."""
     for candidate in (path, path / "export"):
         if (candidate / STUDENT_JSON).is_file():
             return candidate
+    if (path / RUN_JSON).is_file():
+        return path
     raise ConfigError(
-        f"{path} holds no {STUDENT_JSON} (nor export/{STUDENT_JSON}); pass a distill run folder, "
-        "its export/ folder, or teacher:NAME"
+        f"{path} holds no {STUDENT_JSON}, export/{STUDENT_JSON} or {RUN_JSON}; pass a distill run "
+        "folder, an exported student folder, or teacher:NAME"
     )
+
+
+def _student_meta_and_weights(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(description, bare timm state dict) of an exported student or of a run's best/last checkpoint."""
+    if (folder / STUDENT_JSON).is_file():
+        meta = json.loads((folder / STUDENT_JSON).read_text())
+        weights = next((folder / w for w in STUDENT_WEIGHTS if (folder / w).is_file()), None)
+        if weights is None:
+            raise ConfigError(f"{folder} has {STUDENT_JSON} but no {' / '.join(STUDENT_WEIGHTS)}")
+        state = load_file(str(weights))
+        if any(k.startswith("student.") for k in state):
+            state = {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
+        return meta, state
+    header = json.loads((folder / RUN_JSON).read_text())
+    weights = next(
+        (folder / f"{w}.safetensors" for w in ("best", "last") if (folder / f"{w}.safetensors").is_file()),
+        None,
+    )
+    if weights is None or not header.get("student"):
+        raise ConfigError(f"{folder} is a distill run without a saved checkpoint yet; train an epoch first")
+    state = {k[len("student.") :]: v for k, v in load_file(str(weights)).items() if k.startswith("student.")}
+    log.info("student weights from %s", weights)
+    return {**header["student"], "teacher": header.get("teacher")}, state
 
 
 def parse_teacher_spec(spec: str) -> tuple[str, int | None, str | None, bool]:
@@ -95,10 +126,10 @@ def load_model(spec: str, device: torch.device | str = "cpu") -> LoadedModel:
     """A model from a spec, in eval mode on `device` with gradients off.
 
     Specs: `teacher:NAME[@SIZE][=WEIGHTS]` (a teacher: hub / built-in weights, or a weights file),
-    `random:NAME[@SIZE]` (random init: tests and a random-features baseline), or an exported
-    student folder / distill run folder. A student folder holds student.json {"timm_name",
-    "input_size", "mean", "std", "timm_kwargs", optionally "teacher"} and student.safetensors (or
-    best.safetensors); a run folder may hold them under export/.
+    `random:NAME[@SIZE]` (random init: tests and a random-features baseline), or a folder: an
+    exported student (student.json {"timm_name", "input_size", "mean", "std", "timm_kwargs",
+    optionally "teacher"} + student.safetensors), a distill run folder with such an export/, or a
+    distill run folder itself (run.json + best.safetensors, else last.safetensors, `student.*` keys).
     """
     if spec.startswith(("teacher:", "random:")):
         name, image_size, weights, random_init = parse_teacher_spec(spec)
@@ -113,13 +144,11 @@ def load_model(spec: str, device: torch.device | str = "cpu") -> LoadedModel:
                 f"model {spec!r} is neither teacher:NAME nor an existing folder; give a distill run "
                 "folder, an export folder, or teacher:NAME"
             )
-        folder = _student_folder(path)
-        meta = json.loads((folder / STUDENT_JSON).read_text())
-        weights_file = next((folder / w for w in STUDENT_WEIGHTS if (folder / w).is_file()), None)
-        if weights_file is None:
-            raise ConfigError(f"{folder} has {STUDENT_JSON} but no {' / '.join(STUDENT_WEIGHTS)}")
+        meta, state = _student_meta_and_weights(_student_folder(path))
         if "timm_name" not in meta or "input_size" not in meta:
-            raise ConfigError(f"{folder / STUDENT_JSON} lacks timm_name or input_size; re-export the student")
+            raise ConfigError(
+                f"the student description in {path} lacks timm_name or input_size; re-export it"
+            )
         model = build_student(
             meta["timm_name"],
             int(meta["input_size"]),
@@ -128,22 +157,21 @@ def load_model(spec: str, device: torch.device | str = "cpu") -> LoadedModel:
             std=tuple(meta["std"]) if meta.get("std") else None,
             **(meta.get("timm_kwargs") or {}),
         )
-        _load_weights(model, weights_file)
+        _load_weights(model, state, path)
         loaded = LoadedModel(model, spec, "student", _teacher_spec_from_meta(meta), meta)
     model.to(device).eval().requires_grad_(False)
     log.info("model %s: %s at %d px, dim %d", spec, model.name, model.input_size, model.dim)
     return loaded
 
 
-def _load_weights(model: torch.nn.Module, path: Path) -> None:
-    state = load_file(str(path))
+def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
     target = model if any(k.startswith("model.") for k in state) else model.model
     missing, unexpected = target.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(
-            f"{path} does not match the student architecture ({len(missing)} missing, "
+            f"the student weights in {where} do not match the architecture ({len(missing)} missing, "
             f"{len(unexpected)} unexpected keys, e.g. {(list(missing) + list(unexpected))[:3]}); "
-            "check timm_name / timm_kwargs in student.json"
+            "check timm_name / timm_kwargs"
         )
 
 
