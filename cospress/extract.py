@@ -30,6 +30,7 @@ from cospress.data.views import PARAM_NAMES, ViewPolicy, center_view_params, rep
 from cospress.errors import BadImageError, ConfigError, StoreError
 from cospress.models.teachers import build_teacher
 from cospress.store import StoreWriter, estimate_store_bytes
+from cospress.store.writer import open_append, plan_append
 from cospress.utils import autocast, autocast_dtype, dist_info, human_bytes, pick_device
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class ExtractConfig:
     shard_size: int = 1024  # images per shard
     out: str = "store"
     overwrite: bool = False
+    append: bool = False  # add the source's keys the complete store at `out` lacks (new shards)
     scale_min: float = 0.08
     scale_max: float = 1.0
     flip: float = 0.5
@@ -72,6 +74,8 @@ class ExtractConfig:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
+        if self.append and self.overwrite:
+            raise ConfigError("--append adds to an existing store, --overwrite replaces it: choose one")
         if not 0 < self.scale_min <= self.scale_max <= 1:
             raise ConfigError(f"need 0 < scale-min <= scale-max <= 1, got {self.scale_min}, {self.scale_max}")
 
@@ -97,19 +101,22 @@ class ViewDataset(Dataset):
         center: bool,
         size: int,
         max_pixels: int,
+        positions: np.ndarray | None = None,
     ) -> None:
         self.source, self.policy, self.seed = source, policy, seed
         self.views, self.center, self.size, self.max_pixels = views, center, size, max_pixels
         self.keys = source.keys()
+        self.positions = positions  # store row -> source index (--append); None: the same
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.keys) if self.positions is None else len(self.positions)
 
     def __getitem__(self, row: int) -> dict[str, Any]:
-        key = self.keys[row]
+        i = row if self.positions is None else int(self.positions[row])
+        key = self.keys[i]
         num_views = self.views + int(self.center)
         try:
-            sample = self.source.load(row, max_pixels=self.max_pixels)
+            sample = self.source.load(i, max_pixels=self.max_pixels)
         except BadImageError as e:
             return {
                 "row": row,
@@ -281,6 +288,12 @@ def _extract(
         "precision": str(amp).replace("torch.", "") if amp else "float32",
     }
     out = Path(cfg.out)
+    plan = None
+    if cfg.append:
+        layout = dict(shard_size=cfg.shard_size, num_views=num_views, dim=teacher.dim)
+        layout.update(num_tokens=teacher.num_tokens, num_params=len(PARAM_NAMES), tokens=cfg.tokens)
+        plan = plan_append(out, identity, keys, labels, source_info, **layout)
+        keys, labels = plan.keys, plan.labels  # per row of the grown store
     estimate = estimate_store_bytes(
         len(keys), num_views, teacher.dim, teacher.num_tokens, len(PARAM_NAMES), cfg.tokens
     )
@@ -308,11 +321,16 @@ def _extract(
         tokens=cfg.tokens,
     )
     if rank == 0:
-        writer = StoreWriter.open(out, identity, overwrite=cfg.overwrite, create=True, **open_kwargs)
+        if plan is not None:
+            writer = open_append(plan)
+        else:
+            writer = StoreWriter.open(out, identity, overwrite=cfg.overwrite, create=True, **open_kwargs)
         save_config(cfg, out / "extract-config.yaml")
     _barrier(distributed)
     if rank != 0:
-        writer = StoreWriter.open(out, identity, overwrite=False, create=False, **open_kwargs)
+        ident = identity if plan is None else plan.identity
+        writer = StoreWriter.open(out, ident, overwrite=False, create=False, **open_kwargs)
+        writer.protected_shards = 0 if plan is None else plan.old_shards
 
     committed = writer.committed_shards()
     mine = [s for s in range(writer.num_shards) if s % world == rank]
@@ -322,7 +340,10 @@ def _extract(
     total_images = sum(writer.shard_rows(s)[1] - writer.shard_rows(s)[0] for s in pending)
 
     size = teacher.input_size
-    dataset = ViewDataset(source, policy, cfg.seed, cfg.views, cfg.center_view, size, cfg.max_pixels)
+    positions = None if plan is None else plan.positions
+    dataset = ViewDataset(
+        source, policy, cfg.seed, cfg.views, cfg.center_view, size, cfg.max_pixels, positions
+    )
     images_per_batch = max(1, cfg.batch_size // num_views)
     batches = list(shard_batches(pending, writer.shard_rows, images_per_batch))
     loader = DataLoader(
@@ -357,10 +378,10 @@ def _extract(
                 x = torch.cat([it["images"] for it in good]).to(device, non_blocking=True)
                 with torch.inference_mode(), autocast(device, amp):
                     feats = teacher(x)
-                cls = feats.cls.float().reshape(len(good), num_views, -1).cpu().numpy().astype(np.float16)
+                cls = feats.cls.to(torch.float16).reshape(len(good), num_views, -1).cpu().numpy()
                 if cfg.tokens:
-                    tok = feats.tokens.float().reshape(len(good), num_views, teacher.num_tokens, -1)
-                    tok = tok.cpu().numpy().astype(np.float16)
+                    tok = feats.tokens.to(torch.float16).reshape(len(good), num_views, teacher.num_tokens, -1)
+                    tok = tok.cpu().numpy()
             t_teacher += time.perf_counter() - t1
             g = 0
             for it in items:
