@@ -167,6 +167,9 @@ def extract_teacher(
     overwrite: bool = typer.Option(
         None, "--overwrite", help="Replace an existing store made with other settings."
     ),
+    append: bool = typer.Option(
+        None, "--append", help="Add the images of --data that the complete store lacks (new shards)."
+    ),
     config: str = typer.Option(None, "--config", help="YAML file of settings (flags win)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -201,6 +204,7 @@ def extract_teacher(
                 device=device,
                 out=out,
                 overwrite=overwrite,
+                append=append,
             ),
         )
         with progress_bar("extract", progress) as update:
@@ -483,6 +487,66 @@ def knn_eval_cmd(
     rows += [(f"fidelity {k}", v) for k, v in fid.items() if isinstance(v, (int, float))]
     rows.append(("report", os.path.join(cfg.out, "report.md")))
     _table("knn-eval", [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in rows])
+
+
+# --------------------------------------------------------------------------- merge / WebDataset
+@app.command("merge")
+def merge_cmd(
+    stores: list[str] = typer.Argument(..., help="Two or more store paths or fsspec URLs, in row order."),
+    out: str = typer.Option(..., "--out", help="Folder of the merged store."),
+    shard_size: int = typer.Option(None, "--shard-size", help="Rows per shard [default: the first input's]."),
+    cache_dir: str = typer.Option(None, "--cache-dir", help="Local cache for remote chunks."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Merge stores of one teacher and view policy over disjoint images, without recomputing."""
+    with user_errors():
+        from cospress.store.merge import merge_stores
+
+        with progress_bar("merge", progress) as update:
+            manifest = merge_stores(
+                stores, out, overwrite=overwrite, shard_size=shard_size, cache_dir=cache_dir, progress=update
+            )
+    counts = manifest["counts"]
+    _table(
+        "merge",
+        [("store", out), ("inputs", len(stores)), ("rows", counts["rows"]), ("valid", counts["valid"])],
+    )
+
+
+@app.command("export-wds")
+def export_wds_cmd(
+    store: str = typer.Argument(..., help="Store path or fsspec URL."),
+    out: str = typer.Option(..., "--out", help="Empty folder for the tar shards + cospress-wds.json."),
+    samples_per_shard: int = typer.Option(1000, "--samples-per-shard", help="Samples per tar shard."),
+    cache_dir: str = typer.Option(None, "--cache-dir", help="Local cache for remote chunks."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Export a store as WebDataset tar shards (.npy targets, .json view parameters)."""
+    with user_errors():
+        from cospress.store.wds_io import export_wds
+
+        with progress_bar("export-wds", progress) as update:
+            info = export_wds(
+                store, out, samples_per_shard=samples_per_shard, cache_dir=cache_dir, progress=update
+            )
+    _table("export-wds", [("folder", out), ("samples", info["samples"]), ("tar shards", len(info["shards"]))])
+
+
+@app.command("import-wds")
+def import_wds_cmd(
+    src: str = typer.Argument(..., help="A folder written by export-wds."),
+    out: str = typer.Option(..., "--out", help="Folder of the new store."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Rebuild a store from an export-wds folder (checksums and member paths checked)."""
+    with user_errors():
+        from cospress.store.wds_io import import_wds
+
+        with progress_bar("import-wds", progress) as update:
+            manifest = import_wds(src, out, overwrite=overwrite, progress=update)
+    _table("import-wds", [("store", out), ("rows", manifest["counts"]["rows"])])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -94,6 +94,18 @@ class StoreReader:
         self.cache_dir = cache_dir
         self.storage_options = dict(storage_options or {})
         self.display = mf.redact_url(self.url)
+        try:
+            self._open()
+        except StoreError:
+            raise
+        except Exception as e:
+            # fsspec / aiohttp errors may quote the URL with its credentials: never show them
+            raise StoreError(
+                f"cannot read the store {self.display}: {mf.redact_text(f'{type(e).__name__}: {e}')}; "
+                "check the URL, the network and the credentials (storage options)"
+            ) from None
+
+    def _open(self) -> None:
         if _is_local(self.url):
             self._fs: fsspec.AbstractFileSystem = fsspec.filesystem("file")
             self._root = str(Path(self.url).resolve())
@@ -142,8 +154,7 @@ class StoreReader:
             raise StoreError(
                 f"{self.display}/manifest.json is not valid JSON ({e}); re-upload or re-extract the store"
             ) from None
-        mf.check_schema_version(manifest.get("schema_version"), self.display)
-        return manifest
+        return mf.validate_manifest(manifest, self.display)
 
     def _zarr_store(self) -> Any:
         if _is_local(self.url):
@@ -175,16 +186,17 @@ class StoreReader:
 
     def _keys_cached(self) -> list[str]:
         if self._keys is None:
-            self._keys = [str(k) for k in self._arrays["keys"][:]]
+            # [:N]: rows past the manifest (an append in progress) are never touched
+            self._keys = [str(k) for k in self._arrays["keys"][: self.num_rows]]
         return self._keys
 
     def labels(self) -> np.ndarray:
         """int64 [N] class labels (-1 when unknown)."""
-        return np.asarray(self._arrays["labels"][:], dtype=np.int64)
+        return np.asarray(self._arrays["labels"][: self.num_rows], dtype=np.int64)
 
     def valid(self) -> np.ndarray:
         """bool [N]: False where the input was skipped (its features are zeros)."""
-        return np.asarray(self._arrays["valid"][:]).astype(bool)
+        return np.asarray(self._arrays["valid"][: self.num_rows]).astype(bool)
 
     def valid_rows(self) -> np.ndarray:
         """int64 indices of the valid rows."""
@@ -320,6 +332,11 @@ class StoreReader:
                     h.update(block)
         except FileNotFoundError:
             return None
+        except Exception as e:
+            raise StoreError(
+                f"cannot read {mf.redact_url(path)} of {self.display}: "
+                f"{mf.redact_text(f'{type(e).__name__}: {e}')}; check the network and retry"
+            ) from None
         return h.hexdigest()
 
     def verify(self, progress: Callable[[int, int], None] | None = None) -> list[dict]:

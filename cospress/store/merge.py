@@ -1,0 +1,165 @@
+"""Merge complete stores of one teacher and view policy over disjoint data, without recomputing.
+
+``merge_stores([A, B], C)`` copies A's rows, then B's, shard by shard into a new store C (read by
+row, so inputs may be remote and may have other shard sizes). Everything in the identity but the
+source must match; C's source lists both inputs and hashes C's keys. A key present in two inputs
+is refused: merged stores are over disjoint data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import cospress
+from cospress.errors import StoreError
+from cospress.store import manifest as mf
+from cospress.store.reader import StoreReader
+from cospress.store.writer import StoreWriter
+
+log = logging.getLogger(__name__)
+
+# Layout fields that must agree for rows to be copied as they are (the row count and shard size may differ).
+_SAME_LAYOUT = ("num_views", "dim", "num_tokens", "num_params", "tokens")
+
+
+def real_rows(reader: StoreReader) -> np.ndarray:
+    """int64 rows of a store that hold an input (valid or skipped), i.e. without append padding."""
+    keep = np.ones(reader.num_rows, bool)
+    for a, b in reader.manifest.get("padding", []):
+        keep[a:b] = False
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+def merge_key(manifest: dict) -> dict:
+    """What must be equal for two stores to merge: the identity without source and row layout."""
+    out = {k: v for k, v in mf.run_identity(manifest).items() if k != "source"}
+    out.update({k: manifest[k] for k in _SAME_LAYOUT})
+    return out
+
+
+def _merged_source(readers: list[StoreReader], keys: list[str]) -> dict:
+    parts: list[dict] = []
+    for r in readers:
+        src = r.manifest.get("source") or {}
+        parts.extend(src.get("parts") or [src] if src.get("kind") == "merge" else [src])
+    specs = {p.get("spec") for p in parts}
+    return {
+        "kind": "merge",
+        "spec": specs.pop() if len(specs) == 1 else None,  # one source when all parts share it
+        "count": len(keys),
+        "keys_sha256": mf.keys_sha256(keys),
+        "parts": parts,
+    }
+
+
+def _check_inputs(readers: list[StoreReader], out: Path) -> None:
+    first = readers[0]
+    for r in readers[1:]:
+        diff = mf.identity_diff(merge_key(first.manifest), merge_key(r.manifest))
+        if diff:
+            text = "; ".join(
+                d.replace("(store: ", "(first: ").replace(", this run: ", ", other: ") for d in diff
+            )
+            raise StoreError(
+                f"cannot merge {first.display} and {r.display}: they differ in {text}; only stores of the "
+                "same teacher, view policy, K, seed and tokens merge"
+            )
+    for r in readers:
+        if "://" not in r.url and Path(r.url).resolve() == out.resolve():
+            raise StoreError(f"--out {out} is one of the inputs; write the merged store to a new path")
+
+
+def _check_disjoint(readers: list[StoreReader], rows: list[np.ndarray]) -> list[str]:
+    seen: dict[str, int] = {}
+    keys: list[str] = []
+    for i, (r, rr) in enumerate(zip(readers, rows, strict=True)):
+        all_keys = r.keys()
+        for row in rr:
+            k = all_keys[int(row)]
+            if k in seen:
+                other = readers[seen[k]].display
+                raise StoreError(
+                    f"cannot merge: key {k[:80]!r} is in both {other} and {r.display}; merge stores over "
+                    "disjoint data (extract the missing images with extract-teacher --append instead)"
+                )
+            seen[k] = i
+            keys.append(k)
+    return keys
+
+
+def merge_stores(
+    inputs: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    shard_size: int | None = None,
+    cache_dir: str | None = None,
+    storage_options: dict | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Write store ``out`` = the rows of ``inputs`` in order (append padding left out); returns its manifest.
+
+    ``shard_size`` defaults to the first input's. Rerunning the same merge resumes: committed
+    shards of ``out`` are kept. ``progress(done_rows, total_rows)`` is called after each shard.
+    """
+    if len(inputs) < 2:
+        raise StoreError("merge needs at least two stores")
+    readers = [StoreReader(u, cache_dir=cache_dir, storage_options=storage_options) for u in inputs]
+    out = Path(out)
+    _check_inputs(readers, out)
+    rows = [real_rows(r) for r in readers]
+    keys = _check_disjoint(readers, rows)
+    first = readers[0].manifest
+    layout = mf.layout_of(first)
+    layout.update(num_rows=len(keys), shard_size=int(shard_size or first["shard_size"]))
+    identity = {**mf.run_identity(first), "source": _merged_source(readers, keys)}
+    writer = StoreWriter.open(out, identity, overwrite=overwrite, create=True, **layout)
+    which = np.concatenate([np.full(len(r), i, np.int64) for i, r in enumerate(rows)])
+    where = np.concatenate(rows)
+    reasons = {s["key"]: s["reason"] for r in readers for s in r.manifest.get("skipped", [])}
+    done = writer.committed_shards()
+    for shard in range(writer.num_shards):
+        start, stop = writer.shard_rows(shard)
+        if shard not in done:
+            parts = []
+            for i in np.unique(which[start:stop]):
+                sel = where[start:stop][which[start:stop] == i]
+                parts.append(readers[int(i)].read_rows(sel, tokens=layout["tokens"]))
+            data = {
+                name: np.concatenate([p[name] for p in parts]) for name in ("cls", "views", "labels", "valid")
+            }
+            data["keys"] = [k for p in parts for k in p["keys"]]
+            tokens = np.concatenate([p["tokens"] for p in parts]) if layout["tokens"] else None
+            skipped = [
+                {"key": k, "reason": reasons.get(k, "skipped in the input store")}
+                for k, ok in zip(data["keys"], data["valid"], strict=True)
+                if not ok
+            ]
+            writer.write_shard(
+                shard,
+                cls=data["cls"],
+                tokens=tokens,
+                views=data["views"],
+                keys=data["keys"],
+                labels=data["labels"],
+                valid=data["valid"].astype(np.uint8),
+                skipped=skipped,
+            )
+        if progress is not None:
+            progress(stop, len(keys))
+    extra = {
+        "merged_from": [
+            {"url": r.display, "rows": len(rr), "keys_sha256": r.manifest.get("keys_sha256")}
+            for r, rr in zip(readers, rows, strict=True)
+        ],
+        "cospress_version": cospress.__version__,
+    }
+    manifest = writer.finalize(extra=extra)
+    log.info("merged %d stores into %s (%d rows)", len(readers), out, len(keys))
+    return manifest
