@@ -1,0 +1,325 @@
+#!/usr/bin/env python
+"""Quickstart: the whole cospress job on Fashion-MNIST, through the `cospress` command line only.
+
+    .venv/bin/python pipelines/quickstart/run.py [--out runs/quickstart] [--fast] [--dry-run]
+
+1. extract-teacher: the offline efficientnet_lite0 teacher at 112 px (a 4x4 map = 16 tokens + the
+   pooled vector) over K augmented views of a Fashion-MNIST train subset, into a Zarr store;
+2. distill: a ViT-Tiny/16 student at 64 px (also 16 tokens + CLS), once with CosPress and once with
+   plain cosine feature distillation, from the same store;
+3. export both students; knn-eval the teacher and both students on a Fashion-MNIST test subset
+   (kNN k=20, T=0.07; classes 5-9 held out as near-OOD; fidelity to the teacher);
+4. print one comparison table and write it to OUT/results.md, beside the plots.
+
+Rerunning the same command reuses what is finished: the store resumes shard by shard, a distill run
+whose last epoch is validated is skipped (an interrupted one continues with --resume), and an
+evaluation whose report.json exists is read back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TEACHER = "efficientnet_lite0"
+TEACHER_ARCH = "tf_efficientnet_lite0"  # the timm architecture behind the built-in teacher
+TEACHER_SIZE = 112
+STUDENT = "vit_tiny_patch16_224"
+STUDENT_SIZE = 64
+METHODS = ("cospress", "cosine")
+OOD_CLASSES = "5,6,7,8,9"
+
+# Sized on the 2-core build machine (shared, so noisy): the store writes ~30 images/s (4 views at
+# 112 px), distill trains ~150-190 views/s with one loader process, and each evaluation embeds
+# ~100-300 images/s. `full` takes about 12 minutes there, `fast` about 2.
+SIZES = {
+    "full": {"train": 2000, "views": 4, "epochs": 3, "batch": 192, "test": 1000},
+    "fast": {"train": 384, "views": 3, "epochs": 1, "batch": 96, "test": 300},
+}
+
+
+def cospress(*args: str) -> list[str]:
+    """The command line of `cospress ARGS` in this interpreter's environment."""
+    return [sys.executable, "-m", "cospress", *args]
+
+
+def stage_commands(out: Path, size: dict, workers: int) -> dict[str, list[str]]:
+    """Every CLI call of the quickstart, by name (extract, distill-*, export-*, eval-*)."""
+    cmds = {
+        "extract": cospress(
+            "extract-teacher",
+            "--data", "fashion-mnist:train",
+            "--limit", str(size["train"]),
+            "--teacher", TEACHER,
+            "--image-size", str(TEACHER_SIZE),
+            "--views", str(size["views"]),
+            "--workers", str(workers),
+            "--out", str(out / "store"),
+        ),
+    }  # fmt: skip
+    for m in METHODS:
+        cmds[f"distill-{m}"] = cospress(
+            "distill",
+            "--store", str(out / "store"),
+            "--method", m,
+            "--student", STUDENT,
+            "--student-size", str(STUDENT_SIZE),
+            "--epochs", str(size["epochs"]),
+            "--batch-size", str(size["batch"]),
+            "--views-per-image", "3",
+            "--workers", str(workers),
+            "--out", str(out / f"distill-{m}"),
+        )  # fmt: skip
+        cmds[f"export-{m}"] = cospress(
+            "export", str(out / f"distill-{m}"), "--out", str(out / f"student-{m}")
+        )
+    models = {"teacher": f"teacher:{TEACHER}@{TEACHER_SIZE}"}
+    models.update({m: str(out / f"student-{m}") for m in METHODS})
+    for name, spec in models.items():
+        cmds[f"eval-{name}"] = cospress(
+            "knn-eval",
+            "--model", spec,
+            "--train", "fashion-mnist:train",
+            "--limit-train", str(size["train"]),
+            "--test", "fashion-mnist:test",
+            "--limit-test", str(size["test"]),
+            "--ood-classes", OOD_CLASSES,
+            "--protocol", "dino",
+            "--k", "20",
+            "--temperature", "0.07",
+            "--crop-pct", "1.0",
+            "--no-robustness",
+            "--no-attack",
+            "--fidelity-teacher", "none" if name == "teacher" else models["teacher"],
+            "--workers", str(workers),
+            "--cache-dir", str(out / "embedding-cache"),
+            "--out", str(out / f"eval-{name}"),
+        )  # fmt: skip
+    return cmds
+
+
+def distill_finished(run: Path, epochs: int) -> bool:
+    """True when the run's best checkpoint exists and its last epoch has been validated."""
+    metrics = run / "metrics.jsonl"
+    if not (run / "best.safetensors").is_file() or not metrics.is_file():
+        return False
+    for line in metrics.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("phase") == "val" and int(row.get("epoch", -1)) >= epochs - 1:
+            return True
+    return False
+
+
+def count_params_safetensors(path: Path) -> int:
+    """Number of parameters in a safetensors file (read from its header; no weights loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path), framework="numpy") as f:
+        for name in f.keys():
+            n = 1
+            for d in f.get_slice(name).get_shape():
+                n *= d
+            total += n
+    return total
+
+
+def count_params_teacher() -> int | None:
+    """Parameters of the teacher's feature extractor (timm architecture, classifier removed)."""
+    try:
+        import timm
+
+        model = timm.create_model(TEACHER_ARCH, pretrained=False, num_classes=0)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # the count is informative only
+        return None
+
+
+def run_stage(name: str, cmd: list[str], env: dict, log: list) -> None:
+    print(f"\n== {name}: {shlex.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    rc = subprocess.call(cmd, env=env)
+    seconds = time.perf_counter() - t0
+    log.append((name, seconds))
+    if rc != 0:
+        sys.exit(f"quickstart: `{name}` failed (exit {rc}); fix the error above and rerun to resume")
+
+
+def row_of(name: str, report: dict, params: int | None) -> dict:
+    test = (report.get("data") or {}).get("test") or {}
+    secs, count = test.get("embed_seconds") or 0.0, test.get("count") or 0
+    fid = report.get("fidelity") or {}
+    return {
+        "features": name,
+        "top1": report.get("top1"),
+        "auroc": report.get("auroc"),
+        "fpr95": 100 * report["fpr95"] if report.get("fpr95") is not None else None,
+        "spearman": 1.0 if name.startswith("teacher") else fid.get("spearman"),
+        "overlap": 1.0 if name.startswith("teacher") else fid.get("knn10_overlap"),
+        "params": params,
+        "ips": count / secs if secs and not test.get("cache_hit") else None,
+    }
+
+
+COLUMNS = (
+    ("features", "features", "{}"),
+    ("top1", "kNN top-1 %", "{:.2f}"),
+    ("auroc", "OOD AUROC", "{:.3f}"),
+    ("fpr95", "FPR95 %", "{:.1f}"),
+    ("spearman", "Spearman ρ", "{:.3f}"),
+    ("overlap", "10-NN overlap", "{:.3f}"),
+    ("params", "params (M)", "{:.2f}"),
+    ("ips", "images/s", "{:.0f}"),
+)
+
+
+def _cell(key: str, fmt: str, value) -> str:
+    if value is None:
+        return "—"
+    return fmt.format(value / 1e6 if key == "params" else value)
+
+
+def table_text(rows: list[dict]) -> str:
+    cells = [[h for _, h, _ in COLUMNS]] + [[_cell(k, f, r[k]) for k, _, f in COLUMNS] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def table_markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_cell(k, f, r[k]) for k, _, f in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--out", default=None, help="output folder [default: runs/quickstart, or runs/quickstart-fast]"
+    )
+    parser.add_argument("--fast", action="store_true", help="a ~2-minute smoke run (tiny subset, 1 epoch)")
+    parser.add_argument("--workers", type=int, default=1, help="loader processes per stage [default: 1]")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the sizing and the commands, run nothing"
+    )
+    args = parser.parse_args(argv)
+    kind = "fast" if args.fast else "full"
+    size = SIZES[kind]
+    out = Path(args.out or ("runs/quickstart-fast" if args.fast else "runs/quickstart"))
+    cmds = stage_commands(out, size, args.workers)
+    runs = len(METHODS)
+    print(
+        f"quickstart ({kind}): {size['train']:,} Fashion-MNIST training images, {size['views']} views each "
+        f"(teacher {TEACHER} @ {TEACHER_SIZE} px), {runs} students ({STUDENT} @ {STUDENT_SIZE} px) x "
+        f"{size['epochs']} epoch(s), batch {size['batch']}, evaluated on {size['test']:,} test images: "
+        "a small run; see pipelines/fashion_mnist for the full recipe.\n"
+        f"output: {out}",
+        flush=True,
+    )
+    if args.dry_run:
+        for name, cmd in cmds.items():
+            print(f"{name}: {shlex.join(cmd)}")
+        return 0
+
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    t_all = time.perf_counter()
+    timings: list[tuple[str, float]] = []
+    out.mkdir(parents=True, exist_ok=True)
+    run_stage("extract", cmds["extract"], env, timings)  # resumes: committed shards are skipped
+    for m in METHODS:
+        run_dir = out / f"distill-{m}"
+        if distill_finished(run_dir, size["epochs"]):
+            print(f"\n== distill-{m}: finished run in {run_dir}, reused")
+        else:
+            run_stage(f"distill-{m}", cmds[f"distill-{m}"] + ["--resume"], env, timings)
+        run_stage(f"export-{m}", cmds[f"export-{m}"], env, timings)
+    reports: dict[str, dict] = {}
+    for name in ("teacher", *METHODS):
+        report_path = out / f"eval-{name}" / "report.json"
+        if report_path.is_file() and (out / f"eval-{name}" / "config.yaml").is_file():
+            print(f"\n== eval-{name}: {report_path} exists, reused")
+        else:
+            run_stage(f"eval-{name}", cmds[f"eval-{name}"], env, timings)
+        reports[name] = json.loads(report_path.read_text())
+
+    labels = {
+        "teacher": f"teacher {TEACHER} @{TEACHER_SIZE}",
+        "cospress": "CosPress student",
+        "cosine": "cosine-FD student",
+    }
+    params = {"teacher": count_params_teacher()}
+    params.update(
+        {m: count_params_safetensors(out / f"student-{m}" / "student.safetensors") for m in METHODS}
+    )
+    rows = [row_of(labels[n], reports[n], params[n]) for n in ("teacher", *METHODS)]
+
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    plot_lines = []
+    for name in ("teacher", *METHODS):
+        for png in sorted((out / f"eval-{name}").glob("*.png")):
+            dest = plots / f"{name}-{png.name}"
+            shutil.copyfile(png, dest)
+            plot_lines.append(f"![{name} {png.stem}](plots/{dest.name})")
+
+    wall = time.perf_counter() - t_all
+    text = table_text(rows)
+    print(f"\n{text}\n")
+    k_note = (
+        f"kNN k=20, T=0.07 (bank: the {size['train']:,} training images, classes 0-4); OOD: test classes "
+        f"{OOD_CLASSES} held out, score = max cosine; fidelity on the test images vs the teacher; "
+        "images/s: test-set embedding on this machine (decode + resize + forward)."
+    )
+    stage_lines = [f"| {n} | {s:.0f} |" for n, s in timings]
+    md = "\n".join(
+        [
+            "# cospress quickstart",
+            "",
+            f"{size['train']:,} Fashion-MNIST training images x {size['views']} views, teacher `{TEACHER}` @ "
+            f"{TEACHER_SIZE} px, students `{STUDENT}` @ {STUDENT_SIZE} px, {size['epochs']} epoch(s), batch "
+            f"{size['batch']}; {size['test']:,} test images. A small run: the reference setup and its numbers "
+            "are in pipelines/fashion_mnist/README.md.",
+            "",
+            table_markdown(rows),
+            "",
+            k_note,
+            "",
+            "## Stage wall times (s)",
+            "",
+            "| stage | seconds |",
+            "|---|---|",
+            *stage_lines,
+            f"| total (this invocation) | {wall:.0f} |",
+            "",
+            "## Plots",
+            "",
+            *plot_lines,
+            "",
+        ]
+    )
+    (out / "results.md").write_text(md)
+    print(k_note)
+    print(f"wrote {out / 'results.md'} and {len(plot_lines)} plots in {plots} ({wall / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

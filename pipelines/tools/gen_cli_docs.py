@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Render docs/cli.md from the typer app, so the flag reference never drifts from `--help`.
+
+.venv/bin/python pipelines/tools/gen_cli_docs.py            # rewrite docs/cli.md
+.venv/bin/python pipelines/tools/gen_cli_docs.py --check    # exit 1 if docs/cli.md is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import typer
+
+from cospress.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "cli.md"
+
+INTRO = """# Command line reference
+
+Generated from the program by `pipelines/tools/gen_cli_docs.py` (do not edit by hand; rerun it
+after changing `cospress/cli.py`). `cospress COMMAND --help` prints the same.
+
+Every stage's flags map one to one to its config dataclass (`ExtractConfig`, `DistillConfig`,
+`EvalConfig`): `--config FILE.yaml` takes the same keys (dashes or underscores), and flags given on
+the command line win over the file, which wins over the defaults. The resolved config is written
+beside every output (`config.yaml`). A flag shown with no default takes the config field's default
+(given in brackets in its help). Errors a user can fix end the command with one `error:` line and
+exit code 2.
+
+Global options (before the command): `-v/--verbose` (debug logging), `-q/--quiet` (warnings and
+errors only), e.g. `cospress -q distill ...`.
+"""
+
+
+def _flag(param, ctx) -> str:
+    if param.param_type_name == "argument":
+        return f"`{param.name.upper()}` (argument)"
+    names = list(param.opts)
+    if param.secondary_opts:
+        names = [f"{a}/{b}" for a, b in zip(param.opts, param.secondary_opts, strict=False)]
+    kind = "" if param.is_flag else " " + param.display_type(ctx).strip("<>").upper()
+    text = ", ".join(f"`{n}{kind}`" for n in names)
+    if param.multiple:
+        text += " (repeatable)"
+    return text
+
+
+def _default(param) -> str:
+    if param.param_type_name == "argument" or param.default is None:
+        return ""
+    if getattr(param, "multiple", False) and not param.default:
+        return ""
+    value = param.default
+    if param.is_flag and param.secondary_opts:
+        return f"`{param.opts[0] if value else param.secondary_opts[0]}`"
+    return f"`{value}`"
+
+
+def render() -> str:
+    group = typer.main.get_command(app)
+    ctx = group.context_class(group, info_name="cospress")
+    lines = [INTRO]
+    names = group.list_commands(ctx)
+    lines.append("Commands: " + ", ".join(f"[`{n}`](#cospress-{n})" for n in names) + ".\n")
+    for name in names:
+        cmd = group.get_command(ctx, name)
+        cmd_ctx = cmd.context_class(cmd, info_name=name, parent=ctx)
+        args = [p.name.upper() for p in cmd.params if p.param_type_name == "argument"]
+        usage = " ".join([*args, "[OPTIONS]"])
+        lines += [f"## cospress {name}", "", (cmd.help or "").strip(), "", f"    cospress {name} {usage}", ""]
+        lines += ["| flag | help | default |", "|---|---|---|"]
+        for param in cmd.params:
+            if param.name == "help":
+                continue
+            help_text = (getattr(param, "help", None) or "").replace("|", "\\|")
+            required = " (required)" if param.required else ""
+            lines.append(f"| {_flag(param, cmd_ctx)}{required} | {help_text} | {_default(param)} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/cli.md differs")
+    parser.add_argument("--out", default=str(DOC))
+    args = parser.parse_args()
+    text = render()
+    out = Path(args.out)
+    if args.check:
+        if not out.is_file() or out.read_text() != text:
+            print(f"{out} is stale; run pipelines/tools/gen_cli_docs.py", file=sys.stderr)
+            return 1
+        return 0
+    out.write_text(text)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
