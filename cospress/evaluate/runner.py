@@ -212,7 +212,7 @@ def run_knn_eval(cfg: EvalConfig) -> dict:
     if teacher_spec and teacher_spec.lower() != "none":
         t = time.perf_counter()
         report["fidelity"], plots.similarity_pairs = _fidelity(
-            cfg, teacher_spec, model, test_src, test, emb_kw
+            cfg, teacher_spec, model, test_src, test, emb_kw, loaded.meta
         )
         timer("fidelity", t)
 
@@ -226,6 +226,7 @@ def run_knn_eval(cfg: EvalConfig) -> dict:
             _corruptions(
                 model,
                 test_src,
+                test,
                 rows,
                 index,
                 bank_labels,
@@ -315,7 +316,9 @@ def _ood(index, id_res, ood_sets: dict[str, np.ndarray], max_k: int, ood_k: int)
     return result, plots
 
 
-def _fidelity(cfg: EvalConfig, teacher_spec: str, model, test_src, test: Embeddings, emb_kw: dict):
+def _fidelity(
+    cfg: EvalConfig, teacher_spec: str, model, test_src, test: Embeddings, emb_kw: dict, loaded_meta: dict
+):
     rows = _subset(np.flatnonzero(test.valid), cfg.fidelity_max, cfg.seed + 2)
     teacher = model if teacher_spec == cfg.model else load_model(teacher_spec, emb_kw["device"]).model
     t_emb = embed_source(teacher, test_src, rows, **emb_kw)
@@ -324,6 +327,13 @@ def _fidelity(cfg: EvalConfig, teacher_spec: str, model, test_src, test: Embeddi
     metrics = fid.fidelity_metrics(s, t, k=10, seed=cfg.seed)
     metrics["teacher"] = teacher_spec
     metrics["teacher_fingerprint"] = teacher.fingerprint()
+    recorded = (loaded_meta.get("teacher") or {}) if isinstance(loaded_meta.get("teacher"), dict) else {}
+    if recorded.get("fingerprint") and recorded["fingerprint"] != metrics["teacher_fingerprint"]:
+        log.warning(
+            "fidelity teacher %s is not the teacher the student was distilled from (fingerprint %s...)",
+            teacher_spec,
+            recorded["fingerprint"][:12],
+        )
     log.info(
         "fidelity to %s: spearman %.4f, 10-NN overlap %.3f",
         teacher_spec,
@@ -333,8 +343,10 @@ def _fidelity(cfg: EvalConfig, teacher_spec: str, model, test_src, test: Embeddi
     return metrics, fid.similarity_sample(s, t, seed=cfg.seed)
 
 
-def _corruptions(model, src, rows, index, bank_labels, labels, k, temperature, num_classes, emb_kw) -> dict:
-    clean = embed_source(model, src, rows, **emb_kw)
+def _corruptions(
+    model, src, test: Embeddings, rows, index, bank_labels, labels, k, temperature, num_classes, emb_kw
+) -> dict:
+    clean = Embeddings(test.features[rows], test.valid[rows], rows)
 
     def top1(emb: Embeddings) -> float:
         res = knn.search(index, emb.features[emb.valid], k)
