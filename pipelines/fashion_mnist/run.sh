@@ -13,29 +13,28 @@ RUNS=runs/fmnist
 SEEDS=${SEEDS:-"0 1"}
 TEACHER_SPEC=teacher:efficientnet_lite0@112
 
-cospress() { "$PY" -m cospress "$@"; }
 
 # 0. the stratified image folders (1,000 / 200 per class), once
 "$PY" $HERE/make_stratified.py --out data/fashion-mnist-10k
 
 # 1. the teacher store: resumes shard by shard if interrupted
-cospress extract-teacher --config $HERE/extract.yaml --out $STORE
-cospress verify $STORE
+"$PY" -m cospress extract-teacher --config $HERE/extract.yaml --out $STORE
+"$PY" -m cospress verify $STORE
 
 # 2. students; a finished run (its last epoch validated) is exported again, an interrupted one resumed
 for method in cospress cosine; do
   for seed in $SEEDS; do
     run=$RUNS/$method-seed$seed
-    cospress distill --config $HERE/distill-$method.yaml --store $STORE --seed "$seed" --out "$run" --resume
-    cospress export "$run" --out "$run/export"
+    "$PY" -m cospress distill --config $HERE/distill-$method.yaml --store $STORE --seed "$seed" --out "$run" --resume
+    "$PY" -m cospress export "$run" --out "$run/export"
   done
 done
 
 # 3. evaluations: the teacher, then each student (fidelity measured against the teacher)
-cospress knn-eval --config $HERE/eval.yaml --model $TEACHER_SPEC --fidelity-teacher none --out $RUNS/eval-teacher
+"$PY" -m cospress knn-eval --config $HERE/eval.yaml --model $TEACHER_SPEC --fidelity-teacher none --out $RUNS/eval-teacher
 for method in cospress cosine; do
   for seed in $SEEDS; do
-    cospress knn-eval --config $HERE/eval.yaml --model "$RUNS/$method-seed$seed/export" \
+    "$PY" -m cospress knn-eval --config $HERE/eval.yaml --model "$RUNS/$method-seed$seed/export" \
       --fidelity-teacher $TEACHER_SPEC --out "$RUNS/eval-$method-seed$seed"
   done
 done

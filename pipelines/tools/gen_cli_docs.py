@@ -37,7 +37,8 @@ errors only), e.g. `cospress -q distill ...`.
 
 def _flag(param, ctx) -> str:
     if param.param_type_name == "argument":
-        return f"`{param.name.upper()}` (argument)"
+        dots = "..." if param.nargs == -1 else ""
+        return f"`{param.name.upper()}{dots}` (argument)"
     names = list(param.opts)
     if param.secondary_opts:
         names = [f"{a}/{b}" for a, b in zip(param.opts, param.secondary_opts, strict=False)]
@@ -68,7 +69,11 @@ def render() -> str:
     for name in names:
         cmd = group.get_command(ctx, name)
         cmd_ctx = cmd.context_class(cmd, info_name=name, parent=ctx)
-        args = [p.name.upper() for p in cmd.params if p.param_type_name == "argument"]
+        args = [
+            p.name.upper() + ("..." if p.nargs == -1 else "")
+            for p in cmd.params
+            if p.param_type_name == "argument"
+        ]
         usage = " ".join([*args, "[OPTIONS]"])
         lines += [f"## cospress {name}", "", (cmd.help or "").strip(), "", f"    cospress {name} {usage}", ""]
         lines += ["| flag | help | default |", "|---|---|---|"]
