@@ -247,7 +247,7 @@ def inspect_cmd(
     rows = []
     for k, v in summary.items():
         rows.append((k, json.dumps(v, default=str) if isinstance(v, (dict, list)) else v))
-    _table(f"store {store}", rows)
+    _table(f"store {summary['url']}", rows)
 
 
 @app.command("verify")
@@ -268,9 +268,11 @@ def verify_cmd(
                 f"[red]corrupted[/] shard {b.get('shard')} array {b.get('array')}: "
                 f"expected sha256 {str(b.get('expected'))[:12]}..., got {str(b.get('actual'))[:12]}..."
             )
-        console.print(f"[bold red]verify failed:[/] {len(bad)} corrupted shard file(s) in {store}")
+        console.print(f"[bold red]verify failed:[/] {len(bad)} corrupted shard file(s) in {reader.display}")
         raise typer.Exit(1)
-    console.print(f"[green]ok[/] {store}: every shard checksum matches ({time.perf_counter() - t0:.1f}s)")
+    console.print(
+        f"[green]ok[/] {reader.display}: every shard checksum matches ({time.perf_counter() - t0:.1f}s)"
+    )
 
 
 # --------------------------------------------------------------------------- distill

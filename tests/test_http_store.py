@@ -188,6 +188,9 @@ def test_credentials_never_appear_in_errors(store, served):
     host = base.removeprefix("http://")
     r = StoreReader(f"http://bob:hunter2-pw@{host}/store")
     assert r.num_rows == 16 and "hunter2" not in r.display and "hunter2" not in json.dumps(r.summary())
+    for cmd in ("verify", "inspect"):
+        proc = run_cli(cmd, f"http://bob:hunter2-pw@{host}/store")
+        assert "hunter2" not in proc.stdout + proc.stderr and f"{host}/store" in proc.stdout + proc.stderr
 
 
 def test_distill_over_http_equals_local(store, images, tmp_path):
