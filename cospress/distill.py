@@ -42,8 +42,10 @@ from cospress.distill_data import (
     RowSplit,
     StepSampler,
     _Lazy,
+    center_views,
     check_batch,
     collate_batch,
+    device_images,
     feature_batches,
     key_index,
     split_rows,
@@ -92,7 +94,9 @@ class DistillConfig:
     use_tokens: bool = True  # token terms (off automatically when the store has no tokens)
     precision: str = "auto"  # auto (bf16 on CUDA / AMX CPUs) | bf16 | fp32; losses in fp32
     device: str = "auto"
-    workers: int = 4  # DataLoader processes (decode + replay)
+    workers: int = 4  # DataLoader processes (decode + replay, or only reading bytes with decode=device)
+    decode: str = "auto"  # cpu (workers) | gpu | device (batched on the compute device) | auto (gpu on CUDA)
+    compile: bool = False  # torch.compile the student (measure it: pipelines/bench/gpu.sh)
     seed: int = 0
     val_fraction: float = 0.05  # store rows held out by sha256(key) for kNN validation
     val_bank: int = 10000  # training images embedded as the kNN bank
@@ -248,18 +252,31 @@ def embed_images(
     amp_dtype: torch.dtype | None,
     workers: int,
     batch_size: int = 256,
+    decode: str = "cpu",
 ) -> torch.Tensor:
-    """L2-normalised student CLS of the full images at source positions ``indices``: [n, Ds] fp32 (CPU)."""
+    """L2-normalised student CLS of the full images at source positions ``indices``: [n, Ds] fp32 (CPU).
+
+    decode "device": workers read bytes; images are decoded and resized on ``device``.
+    """
+    from cospress.data.device_decode import pack
+
+    on_device = decode == "device"
     loader = torch.utils.data.DataLoader(
-        CenterImages(lazy, indices, size), batch_size=batch_size, num_workers=workers, shuffle=False
+        CenterImages(lazy, indices, size, decode),
+        batch_size=batch_size,
+        num_workers=workers,
+        shuffle=False,
+        collate_fn=pack if on_device else None,
+        pin_memory=on_device and device.type == "cuda",
     )
     was_training = student.training
     student.eval()
     out = []
     try:
-        for images in loader:
+        for batch in loader:
+            images = center_views(batch, size, device) if on_device else batch.to(device)
             with autocast(device, amp_dtype):
-                cls = student(images.to(device)).cls
+                cls = student(images).cls
             out.append(torch.nn.functional.normalize(cls.float(), dim=-1).cpu())
     finally:
         student.train(was_training)
@@ -385,6 +402,10 @@ def validate(cfg: DistillConfig) -> None:
         raise ConfigError(f"val_fraction={cfg.val_fraction} must be in [0, 1)")
     if not cfg.temperatures or min(cfg.temperatures) <= 0:
         raise ConfigError("temperatures must be a non-empty list of positive numbers")
+    from cospress.data.device_decode import DECODE_CHOICES
+
+    if cfg.decode not in DECODE_CHOICES:
+        raise ConfigError(f"decode {cfg.decode!r} is unknown; use one of {', '.join(DECODE_CHOICES)}")
 
 
 def run_header(cfg: DistillConfig) -> dict[str, Any]:
@@ -446,6 +467,10 @@ class _Run:
         self.device = ctx.device
         self.out = Path(cfg.out)
         self.amp = autocast_dtype(cfg.precision, self.device)
+        from cospress.data.device_decode import resolve_decode
+
+        self.decode = resolve_decode(cfg.decode, self.device)
+        log.info("image decode: %s (%s)", self.decode, self.device)
 
     # ------------------------------------------------------------------ set-up
     def _setup_data(self) -> None:
@@ -516,6 +541,9 @@ class _Run:
         self.grid_s = tuple(student.grid)
         self.model = DistillModel(student, cfg.method, self.reader.dim, cfg.compressor).to(self.device)
         self.model.amp_dtype = self.amp
+        if cfg.compile:
+            student.compile()  # in place: parameter names (and checkpoints) stay unwrapped
+            log.info("the student is compiled with torch.compile (the first steps are slow)")
         if self.use_tokens and self.grid_s != self.grid_t:
             log.info(
                 "teacher tokens %s are resampled bilinearly to the student's grid %s",
@@ -622,7 +650,7 @@ class _Run:
             diff = sorted(
                 k
                 for k, v in state["config"].items()
-                if k not in ("resume", "workers", "out") and to_dict(cfg).get(k) != v
+                if k not in ("resume", "workers", "out", "decode", "compile") and to_dict(cfg).get(k) != v
             )
             if diff:
                 log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(diff))
@@ -694,7 +722,9 @@ class _Run:
                 world=ctx.world,
             )
             loader = torch.utils.data.DataLoader(
-                DistillBatches(self.lazy, plan, self.source_index, cfg.student_size, self.use_tokens),
+                DistillBatches(
+                    self.lazy, plan, self.source_index, cfg.student_size, self.use_tokens, self.decode
+                ),
                 batch_size=1,
                 sampler=StepSampler(pos, len(plan)),
                 collate_fn=collate_batch,
@@ -709,7 +739,7 @@ class _Run:
                 for g in self.opt.param_groups:
                     g["lr"] = lr
                 teacher = teacher_features(batch, self.device, self.grid_t, self.grid_s)
-                images = batch["images"].to(self.device, non_blocking=True)
+                images = device_images(batch, cfg.student_size, self.device)
                 terms = compute_losses(
                     dmodel,
                     images,
@@ -789,6 +819,7 @@ class _Run:
                     device=self.device,
                     amp_dtype=self.amp,
                     workers=self.cfg.workers,
+                    decode=self.decode,
                 )
             acc = knn_accuracy(
                 emb["bank"],

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cospress.errors import ConfigError, StoreError
+from cospress.errors import BadImageError, ConfigError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -192,16 +192,25 @@ class DistillBatches(Dataset):
     """Item ``step`` = this rank's part of one global batch (a whole batch per item, so a worker
     reads one batch of targets at once).
 
-    Returns {"images": uint8 [n*R, 3, S, S] (replayed views at the student size), "cls": f16 [n*R, Dt],
-    "tokens": f16 [n*R, T, Dt] or None, "rows": int64 [n], "step": int}; views are image-major
-    (image i's views at i*R .. i*R+R-1).
+    decode "cpu": returns {"images": uint8 [n*R, 3, S, S] (replayed views at the student size),
+    "cls": f16 [n*R, Dt], "tokens": f16 [n*R, T, Dt] or None, "rows": int64 [n], "step": int}; views
+    are image-major (image i's views at i*R .. i*R+R-1).
+    decode "device" (bytes mode): "images" is None and the item also holds "encoded" (an
+    :class:`~cospress.data.device_decode.EncodedBatch` of the n images) and "params" f32 [n*R, P];
+    :func:`device_images` decodes and replays them on the compute device.
     """
 
     def __init__(
-        self, lazy: _Lazy, plan: BatchPlan, source_index: np.ndarray, student_size: int, tokens: bool
+        self,
+        lazy: _Lazy,
+        plan: BatchPlan,
+        source_index: np.ndarray,
+        student_size: int,
+        tokens: bool,
+        decode: str = "cpu",
     ) -> None:
         self.lazy, self.plan, self.source_index = lazy, plan, source_index
-        self.student_size, self.tokens = int(student_size), bool(tokens)
+        self.student_size, self.tokens, self.decode = int(student_size), bool(tokens), decode
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -211,6 +220,13 @@ class DistillBatches(Dataset):
 
         rows, views = self.plan.rows_views(int(step))
         t = read_targets(self.lazy.reader, rows, views, self.tokens)
+        out = {"cls": t["cls"], "tokens": t["tokens"], "rows": torch.as_tensor(rows), "step": int(step)}
+        if self.decode == "device":
+            from cospress.data.device_decode import pack, read_encoded
+
+            source = self.lazy.source
+            items = [read_encoded(source, int(self.source_index[int(row)])) for row in rows]
+            return {**out, "images": None, "encoded": pack(items), "params": t["params"]}
         params = t["params"].numpy()
         r = views.shape[1]
         images = []
@@ -218,13 +234,29 @@ class DistillBatches(Dataset):
             image = self.lazy.source.load(int(self.source_index[int(row)])).image
             for j in range(r):
                 images.append(replay_view(image, params[i * r + j], self.student_size))
-        return {
-            "images": torch.stack(images),
-            "cls": t["cls"],
-            "tokens": t["tokens"],
-            "rows": torch.as_tensor(rows),
-            "step": int(step),
-        }
+        return {**out, "images": torch.stack(images)}
+
+
+def device_images(batch: dict[str, Any], size: int, device: torch.device) -> torch.Tensor:
+    """The student inputs of a batch: uint8 [n*R, 3, S, S] on ``device``, decoded there in bytes mode.
+
+    Raises BadImageError naming the first image that cannot be decoded (as the CPU path does).
+    """
+    if batch.get("images") is not None:
+        return batch["images"].to(device, non_blocking=True)
+    from cospress.data.device_decode import decode_replay
+
+    enc = batch["encoded"]
+    n = len(enc)
+    params = batch["params"].reshape(n, -1, batch["params"].shape[-1])
+    images, errors = decode_replay(enc, list(params), size, device)
+    bad = [(i, e) for i, e in enumerate(errors) if e]
+    if bad:
+        i, reason = bad[0]
+        raise BadImageError(
+            f"{reason} (store row {int(batch['rows'][i])}); remove it and re-extract the store"
+        )
+    return images
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -241,19 +273,41 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 class CenterImages(Dataset):
-    """Item i = the full image of source position ``indices[i]`` resized to ``size``: uint8 [3, size, size]."""
+    """Item i = the full image of source position ``indices[i]`` resized to ``size``: uint8 [3, size, size].
 
-    def __init__(self, lazy: _Lazy, indices: np.ndarray, size: int) -> None:
+    decode "device": item i is the sample's :class:`~cospress.data.device_decode.Encoded` instead
+    (collate with ``device_decode.pack``, then :func:`center_views`).
+    """
+
+    def __init__(self, lazy: _Lazy, indices: np.ndarray, size: int, decode: str = "cpu") -> None:
         self.lazy, self.indices, self.size = lazy, np.asarray(indices, dtype=np.int64), int(size)
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> Any:
         from cospress.data.views import center_view_params, replay_view
 
+        if self.decode == "device":
+            from cospress.data.device_decode import read_encoded
+
+            return read_encoded(self.lazy.source, int(self.indices[i]))
         image = self.lazy.source.load(int(self.indices[i])).image
         return replay_view(image, center_view_params(*image.size), self.size)
+
+
+def center_views(encoded: Any, size: int, device: torch.device) -> torch.Tensor:
+    """Decode an EncodedBatch on ``device`` and resize every full image: uint8 [n, 3, size, size]."""
+    from cospress.data.device_decode import decode_replay
+    from cospress.data.views import center_view_params
+
+    p = center_view_params(1, 1)[None]  # fractions: the same full box for every image size
+    images, errors = decode_replay(encoded, [p] * len(encoded), size, device)
+    bad = [e for e in errors if e]
+    if bad:
+        raise BadImageError(f"{bad[0]}; a validation image cannot be decoded")
+    return images
 
 
 def collate_batch(items: list[dict[str, Any]]) -> dict[str, Any]:

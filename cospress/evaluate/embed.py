@@ -3,6 +3,11 @@
 Embedding = eval transform (resize the shorter side to input_size / crop_pct, centre crop to
 input_size, uint8) -> model -> CLS -> L2 normalisation. Results are cached on disk under a key of
 the model fingerprint, the source's keys hash, the rows, the transform and any corruption.
+
+With ``decode="device"`` (or auto / gpu on CUDA) workers only read bytes; JPEGs are decoded in
+batches on the compute device (:mod:`cospress.data.device_decode`) and resized there by
+:func:`eval_transform_tensor`, which follows PIL's two-pass bicubic (within 2 grey levels).
+Corrupted inputs (robustness) always take the CPU path: the corruptions work on PIL images.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
+from cospress.data.device_decode import EncodedBatch, decode_batch, pack, read_encoded, resolve_decode
 from cospress.errors import BadImageError, ConfigError
 from cospress.evaluate.knn import l2_normalize
 from cospress.evaluate.robustness import corrupt
@@ -205,10 +212,37 @@ def eval_transform(image: Image.Image, size: int, crop_pct: float = 0.875) -> to
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
+def _eval_geometry(w: int, h: int, size: int, crop_pct: float) -> tuple[int, int, int, int]:
+    """(resized width, resized height, crop left, crop top) of :func:`eval_transform`."""
+    short = max(size, round(size / crop_pct))
+    scale = short / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    return nw, nh, (nw - size) // 2, (nh - size) // 2
+
+
+def eval_transform_tensor(image: torch.Tensor, size: int, crop_pct: float = 0.875) -> torch.Tensor:
+    """:func:`eval_transform` of a uint8 [3, H, W] tensor on any device: uint8 [3, size, size].
+
+    Like PIL: antialiased bicubic, horizontal pass first, rounded to uint8 between the passes, a
+    pass skipped when its size does not change; within 2 grey levels of the PIL result.
+    """
+    _, h, w = image.shape
+    nw, nh, left, top = _eval_geometry(w, h, size, crop_pct)
+    x = image[None].float()
+    if nw != w:
+        x = F.interpolate(x, size=(h, nw), mode="bicubic", align_corners=False, antialias=True)
+        x = x.round_().clamp_(0, 255)
+    if nh != h:
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    x = x[0, :, top : top + size, left : left + size]
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
 class EvalImages(Dataset):
     """Rows `indices` of a source as eval-transformed uint8 [3, S, S], optionally corrupted first.
 
-    An item is (position, image, error): error is "" or why the input could not be decoded.
+    An item is (position, image, error): error is "" or why the input could not be decoded. With
+    ``decode="device"`` an item is (position, Encoded) instead (collate with :func:`collate_encoded`).
     """
 
     def __init__(
@@ -220,7 +254,9 @@ class EvalImages(Dataset):
         corruption: str | None = None,
         severity: int = 0,
         seed: int = 0,
+        decode: str = "cpu",
     ) -> None:
+        self.decode = decode
         self.source = source
         self.indices = list(indices)
         self.size = size
@@ -232,7 +268,9 @@ class EvalImages(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, pos: int) -> tuple[int, torch.Tensor, str]:
+    def __getitem__(self, pos: int) -> tuple[Any, ...]:
+        if self.decode == "device":
+            return pos, read_encoded(self.source, self.indices[pos])
         try:
             sample = self.source.load(self.indices[pos])
         except BadImageError as e:
@@ -241,6 +279,11 @@ class EvalImages(Dataset):
         if self.corruption and self.severity:
             image = corrupt(image, self.corruption, self.severity, seed=self.seed, key=sample.key)
         return pos, eval_transform(image, self.size, self.crop_pct), ""
+
+
+def collate_encoded(items: list[tuple[int, Any]]) -> tuple[torch.Tensor, EncodedBatch]:
+    """(positions int64 [B], packed samples) of a batch of device-mode EvalImages items."""
+    return torch.as_tensor([p for p, _ in items], dtype=torch.int64), pack([e for _, e in items])
 
 
 @dataclass
@@ -255,8 +298,13 @@ class Embeddings:
     seconds: float = 0.0
 
 
-def _cache_key(model: Any, source: Any, rows: np.ndarray, crop_pct: float, extra: dict) -> str:
+def _cache_key(
+    model: Any, source: Any, rows: np.ndarray, crop_pct: float, extra: dict, decode: str = "cpu"
+) -> str:
     desc = source.describe()
+    transform = {"size": model.input_size, "crop_pct": crop_pct, "resize": "bicubic-short"}
+    if decode != "cpu":  # device-decoded pixels differ slightly: never mixed with CPU-path caches
+        transform["decode"] = decode
     return sha256_json(
         {
             "version": CACHE_VERSION,
@@ -264,7 +312,7 @@ def _cache_key(model: Any, source: Any, rows: np.ndarray, crop_pct: float, extra
             "source_keys": desc.get("keys_sha256"),
             "source_count": len(source),
             "rows": sha256_json(rows.tolist()),
-            "transform": {"size": model.input_size, "crop_pct": crop_pct, "resize": "bicubic-short"},
+            "transform": transform,
             **extra,
         }
     )
@@ -290,17 +338,22 @@ def embed_source(
     corruption: str | None = None,
     severity: int = 0,
     seed: int = 0,
+    decode: str = "cpu",
 ) -> Embeddings:
     """L2-normalised CLS embeddings of `rows` of a source (all rows by default), cached on disk.
 
     Inputs that fail to decode are skipped (valid False, reason in `errors`). cache_dir None = no cache.
+    decode: cpu (workers decode with PIL), device / gpu (batched on `device`), auto (gpu on CUDA).
     """
     device = torch.device(device)
+    decode = resolve_decode(decode, device)
+    if corruption and severity:
+        decode = "cpu"  # corruptions are PIL operations
     rows = np.arange(len(source)) if rows is None else np.asarray(rows, dtype=np.int64)
     extra = {"corruption": corruption, "severity": severity, "seed": seed} if corruption and severity else {}
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir).expanduser() / _cache_key(model, source, rows, crop_pct, extra)
+        cache = Path(cache_dir).expanduser() / _cache_key(model, source, rows, crop_pct, extra, decode)
         if (cache.with_suffix(".json")).is_file() and cache.with_suffix(".npy").is_file():
             meta = json.loads(cache.with_suffix(".json").read_text())
             feats = np.load(cache.with_suffix(".npy"))
@@ -310,8 +363,9 @@ def embed_source(
             return Embeddings(feats, valid, rows, errors, cache_hit=True)
     start = time.perf_counter()
     feats, errors = _run(
-        model, source, rows, batch_size, workers, device, precision, crop_pct, corruption, severity, seed
-    )
+        model, source, rows, batch_size, workers, device, precision, crop_pct, corruption, severity, seed,
+        decode,
+    )  # fmt: skip
     seconds = time.perf_counter() - start
     valid = np.array([int(r) not in errors for r in rows], dtype=bool)
     log.info(
@@ -327,8 +381,24 @@ def embed_source(
     return Embeddings(feats, valid, rows, errors, seconds=seconds)
 
 
-def _run(model, source, rows, batch_size, workers, device, precision, crop_pct, corruption, severity, seed):
-    dataset = EvalImages(source, rows.tolist(), model.input_size, crop_pct, corruption, severity, seed)
+def _device_batch(
+    encoded: EncodedBatch, size: int, crop_pct: float, device: torch.device
+) -> tuple[torch.Tensor, list[str]]:
+    """Decode + eval-transform a packed batch on `device`: (uint8 [B, 3, S, S], errors [B])."""
+    images, errors = decode_batch(encoded, device)
+    blank = torch.zeros(3, size, size, dtype=torch.uint8, device=device)
+    out = [blank if img is None else eval_transform_tensor(img, size, crop_pct) for img in images]
+    return torch.stack(out), errors
+
+
+def _run(
+    model, source, rows, batch_size, workers, device, precision, crop_pct, corruption, severity, seed,
+    decode="cpu",
+):  # fmt: skip
+    on_device = decode == "device"
+    dataset = EvalImages(
+        source, rows.tolist(), model.input_size, crop_pct, corruption, severity, seed, decode
+    )
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -336,13 +406,18 @@ def _run(model, source, rows, batch_size, workers, device, precision, crop_pct, 
         shuffle=False,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        collate_fn=collate_encoded if on_device else None,
     )
     dtype = autocast_dtype(precision, device)
     feats = np.zeros((len(rows), model.dim), dtype=np.float32)
     errors: dict[int, str] = {}
     with torch.inference_mode(), autocast(device, dtype):
-        for pos, images, errs in loader:
-            out = model(images.to(device, non_blocking=True)).cls.float()
+        for pos, *batch in loader:
+            if on_device:
+                images, errs = _device_batch(batch[0], model.input_size, crop_pct, device)
+            else:
+                images, errs = batch[0].to(device, non_blocking=True), batch[1]
+            out = model(images).cls.float()
             feats[pos.numpy()] = out.cpu().numpy()
             for p, e in zip(pos.tolist(), errs, strict=True):
                 if e:

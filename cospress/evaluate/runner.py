@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cospress.config import save_config, to_dict
+from cospress.data.device_decode import DECODE_CHOICES, resolve_decode
 from cospress.data.sources import open_source
 from cospress.errors import ConfigError
 from cospress.evaluate import fidelity as fid
@@ -70,6 +71,7 @@ class EvalConfig:
     crop_pct: float = 0.875  # 1.0 for tiny images (e.g. 28 px Fashion-MNIST)
     device: str = "auto"
     precision: str = "auto"  # auto, bf16 or fp32
+    decode: str = "auto"  # cpu (PIL in workers), gpu, device (the compute device), auto (gpu on CUDA)
 
 
 def _validate(cfg: EvalConfig) -> None:
@@ -89,6 +91,8 @@ def _validate(cfg: EvalConfig) -> None:
         raise ConfigError("--k takes positive integers, e.g. --k 10,20")
     if cfg.ood_k < 1:
         raise ConfigError("--ood-k must be at least 1")
+    if cfg.decode not in DECODE_CHOICES:
+        raise ConfigError(f"unknown --decode {cfg.decode!r}; use {', '.join(DECODE_CHOICES)}")
 
 
 def _subset(rows: np.ndarray, cap: int, seed: int) -> np.ndarray:
@@ -123,6 +127,7 @@ def run_knn_eval(cfg: EvalConfig) -> dict:
         crop_pct=cfg.crop_pct,
         cache_dir=cache_dir,
         seed=cfg.seed,
+        decode=resolve_decode(cfg.decode, device),
     )
 
     t = time.perf_counter()
