@@ -10,7 +10,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import io  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -112,7 +111,11 @@ def test_decode_batch_matches_source_load(mixed):
         w, h = items[i].width, items[i].height
         assert (w, h) == src.load(i).image.size, key
     reasons = {k: errors[i].split(":")[0] for i, k in enumerate(src.keys()) if errors[i]}
-    assert reasons == {"truncated.jpg": "truncated image", "junk.jpg": "not an image", "empty.png": "empty file"}
+    assert reasons == {
+        "truncated.jpg": "truncated image",
+        "junk.jpg": "not an image",
+        "empty.png": "empty file",
+    }
 
 
 def test_unpacked_items_and_dataloader_workers(mixed):
@@ -241,31 +244,42 @@ def test_distill_batches_device_vs_cpu(tmp_path):
     assert n_jpeg > 0  # the device decoder really ran
 
 
-def test_run_distill_device_decode_and_compile(tmp_path):
-    """End to end on the CPU: decode=device trains like decode=cpu; --compile keeps unwrapped weights."""
-    from cospress import checkpoint as ckpt
+BASE = dict(
+    student="test_vit", student_size=32, epochs=1, batch_size=12, workers=0, val_fraction=0.2,
+    device="cpu", precision="fp32", seed=0,
+)  # fmt: skip
+
+
+def test_run_distill_device_decode(tmp_path):
+    """End to end on the CPU: decode=device trains like decode=cpu; decode=gpu refuses a CPU run."""
     from cospress.distill import DistillConfig, run_distill
 
     url, _ = _store(tmp_path)
-    base = dict(
-        store=url, student="test_vit", student_size=32, epochs=1, batch_size=12, workers=0,
-        val_fraction=0.2, device="cpu", precision="fp32", seed=0,
-    )  # fmt: skip
-    a = run_distill(DistillConfig(out=str(tmp_path / "cpu"), decode="cpu", **base))
-    b = run_distill(DistillConfig(out=str(tmp_path / "dev"), decode="device", **base))
+    a = run_distill(DistillConfig(store=url, out=str(tmp_path / "cpu"), decode="cpu", **BASE))
+    b = run_distill(DistillConfig(store=url, out=str(tmp_path / "dev"), decode="device", **BASE))
     assert a["steps"] == b["steps"] > 0
     la, lb = a["last"]["loss/total"], b["last"]["loss/total"]
     assert abs(la - lb) < 1e-2 * max(abs(la), 1.0)
     assert b["best_knn_accuracy"] is not None
     with pytest.raises(ConfigError, match="CUDA"):
-        run_distill(DistillConfig(out=str(tmp_path / "gpu"), decode="gpu", **base))
-    t0 = time.perf_counter()
-    try:
-        c = run_distill(DistillConfig(out=str(tmp_path / "compiled"), compile=True, **base))
-    except Exception as e:  # no working C++ toolchain for inductor on this machine
-        pytest.skip(f"torch.compile is unavailable here: {type(e).__name__}: {str(e)[:200]}")
-    if time.perf_counter() - t0 > 120:
-        pytest.skip("torch.compile took over 2 minutes here")
+        run_distill(DistillConfig(store=url, out=str(tmp_path / "gpu"), decode="gpu", **BASE))
+
+
+@pytest.mark.skipif(
+    os.environ.get("COSPRESS_TEST_COMPILE") != "1",
+    reason="torch.compile's cold start takes ~2 min on a 2-core CPU (15 s warm); "
+    "set COSPRESS_TEST_COMPILE=1 to run it",
+)
+def test_run_distill_compile(tmp_path):
+    """--compile trains like eager and keeps checkpoint names unwrapped (no _orig_mod)."""
+    from cospress import checkpoint as ckpt
+    from cospress.distill import DistillConfig, run_distill
+
+    url, _ = _store(tmp_path)
+    a = run_distill(DistillConfig(store=url, out=str(tmp_path / "eager"), **BASE))
+    c = run_distill(DistillConfig(store=url, out=str(tmp_path / "compiled"), compile=True, **BASE))
+    la = a["last"]["loss/total"]
     assert abs(c["last"]["loss/total"] - la) < 1e-3 * max(abs(la), 1.0)
     weights, _ = ckpt.load_checkpoint(tmp_path / "compiled", "last")
     assert not any("_orig_mod" in k for k in weights)
+    assert set(weights) == set(ckpt.load_checkpoint(tmp_path / "eager", "last")[0])
