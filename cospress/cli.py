@@ -327,6 +327,10 @@ def distill_cmd(
     workers: int = typer.Option(None, "--workers", help="DataLoader processes [default: 4]."),
     precision: str = typer.Option(None, "--precision", help="auto (bf16 on CUDA / AMX CPUs), bf16 or fp32."),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda ..."),
+    decode: str = typer.Option(
+        None, "--decode", help="Image decode: auto (gpu on CUDA), cpu (workers), gpu, or device."
+    ),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the student."),
     out: str = typer.Option(None, "--out", help="Run folder [default: runs/distill]."),
     resume: bool = typer.Option(None, "--resume", help="Continue from OUT/last."),
     config: str = typer.Option(None, "--config", help="YAML file of settings (flags win)."),
@@ -368,6 +372,8 @@ def distill_cmd(
                 workers=workers,
                 precision=precision,
                 device=device,
+                decode=decode,
+                compile=compile,
                 out=out,
                 resume=resume,
             ),
@@ -444,6 +450,9 @@ def knn_eval_cmd(
     seed: int = typer.Option(None, "--seed", help="Seed of subsets and corruptions."),
     precision: str = typer.Option(None, "--precision", help="auto, bf16 or fp32."),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda ..."),
+    decode: str = typer.Option(
+        None, "--decode", help="Image decode: auto (gpu on CUDA), cpu (workers), gpu, or device."
+    ),
     out: str = typer.Option(None, "--out", help="Report folder [default: eval]."),
     config: str = typer.Option(None, "--config", help="YAML file of settings (flags win)."),
 ) -> None:
@@ -480,6 +489,7 @@ def knn_eval_cmd(
                 seed=seed,
                 precision=precision,
                 device=device,
+                decode=decode,
                 out=out,
             ),
         )
