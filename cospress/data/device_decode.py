@@ -317,8 +317,33 @@ def decode_replay(
     return replay_views_batch(refs, torch.cat(rows), size), errors
 
 
+def decode_view_items(items: list[dict], size: int, device: torch.device | str) -> None:
+    """Stage 1 helper: decode + replay a DataLoader batch of per-image dicts in place, on ``device``.
+
+    Each item holds "encoded" (an :class:`Encoded`, or None when the worker already failed and set
+    "reason") and "params" [V, P]. Afterwards "images" is uint8 [V, 3, size, size] on ``device``, or
+    None with "reason" set for an image that cannot be decoded; "encoded" is removed.
+    """
+    todo = [it for it in items if it.get("encoded") is not None]
+    if todo:
+        views, errors = decode_replay(
+            [it["encoded"] for it in todo], [it["params"] for it in todo], size, device
+        )
+        start = 0
+        for it, err in zip(todo, errors, strict=True):
+            if err:
+                it["images"], it["reason"] = None, err
+            else:
+                n = len(it["params"])
+                it["images"] = views[start : start + n]
+                start += n
+    for it in items:
+        it.pop("encoded", None)
+
+
 __all__ = [
     "DECODE_CHOICES",
+    "decode_view_items",
     "Encoded",
     "EncodedBatch",
     "apply_orientation",

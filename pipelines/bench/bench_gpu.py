@@ -351,9 +351,11 @@ def main(argv: list[str] | None = None) -> dict:
     if (store / "manifest.json").is_file():
         section("distill_cpu", bench_distill, cfg, device, store, work / "run_cpu", "cpu", False)
         section("distill_gpu", bench_distill, cfg, device, store, work / "run_gpu", gpu_decode, False)
-        section(
-            "distill_gpu_compiled", bench_distill, cfg, device, store, work / "run_comp", gpu_decode, True
-        )
+        if cfg["compile"]:
+            run = work / "run_comp"
+            section("distill_gpu_compiled", bench_distill, cfg, device, store, run, gpu_decode, True)
+        else:
+            skipped["distill_gpu_compiled"] = no_compile
     else:
         skipped["distill"] = "no store was extracted"
     res["skipped"] = skipped
@@ -399,10 +401,11 @@ def summarize(res: dict) -> list[dict]:
             {"measurement": name, "value": value, "unit": unit, "ratio": ratio, "target": target, "met": met}
         )
 
+    gpu = res["config"]["decode_gpu"]  # "gpu" on CUDA; "device" (= the CPU) in --cpu-smoke
     add("bare teacher forward", teacher, "img/s", teacher)
-    for n in ("extract_default", "extract_cpu", "extract_gpu"):
+    for n, label in (("extract_default", "default"), ("extract_cpu", "cpu"), ("extract_gpu", gpu)):
         add(
-            f"extract end to end ({n.split('_')[1]} decode)",
+            f"extract end to end ({label} decode)",
             _get(res, n, "views_per_s"),
             "views/s",
             teacher,
@@ -421,8 +424,8 @@ def summarize(res: dict) -> list[dict]:
         )
     for n, label in (
         ("distill_cpu", "cpu decode"),
-        ("distill_gpu", "gpu decode"),
-        ("distill_gpu_compiled", "gpu decode + compile"),
+        ("distill_gpu", f"{gpu} decode"),
+        ("distill_gpu_compiled", f"{gpu} decode + compile"),
     ):
         add(
             f"distill end to end ({label})",
