@@ -283,3 +283,31 @@ def test_run_distill_compile(tmp_path):
     weights, _ = ckpt.load_checkpoint(tmp_path / "compiled", "last")
     assert not any("_orig_mod" in k for k in weights)
     assert set(weights) == set(ckpt.load_checkpoint(tmp_path / "eager", "last")[0])
+
+
+def test_decode_view_items_for_stage_one(mixed):
+    """The stage 1 helper fills "images" per item, or a reason for the ones that cannot be decoded."""
+    spec, _ = mixed
+    src = open_source(spec)
+    items = []
+    for i in range(len(src)):
+        enc = dd.read_encoded(src, i)
+        p = np.stack(
+            [
+                sample_view_params(ViewPolicy(), 0, src.keys()[i], v, max(enc.width, 1), max(enc.height, 1))
+                for v in range(2)
+            ]
+        )
+        items.append({"row": i, "images": None, "encoded": None if enc.error else enc, "params": p,
+                      "reason": enc.error or None})  # fmt: skip
+    dd.decode_view_items(items, 16, "cpu")
+    assert all("encoded" not in it for it in items)
+    for i, it in enumerate(items):
+        try:
+            image = src.load(i).image
+        except BadImageError as e:
+            assert it["images"] is None and it["reason"] == str(e)
+            continue
+        ref = torch.stack([replay_view(image, p, 16) for p in it["params"]])
+        assert it["images"].shape == (2, 3, 16, 16)
+        assert int((it["images"].int() - ref.int()).abs().max()) <= REPLAY_TOL
