@@ -163,6 +163,9 @@ def extract_teacher(
     ),
     precision: str = typer.Option(None, "--precision", help="auto (bf16 on CUDA / AMX CPUs), bf16 or fp32."),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    decode: str = typer.Option(
+        None, "--decode", help="cpu (worker processes), gpu (nvjpeg + replay on the GPU), device or auto."
+    ),
     out: str = typer.Option(None, "--out", help="Store directory [default: ./store]."),
     overwrite: bool = typer.Option(
         None, "--overwrite", help="Replace an existing store made with other settings."
@@ -202,6 +205,7 @@ def extract_teacher(
                 max_pixels=max_pixels,
                 precision=precision,
                 device=device,
+                decode=decode,
                 out=out,
                 overwrite=overwrite,
                 append=append,

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cospress import __version__
 from cospress.config import save_config, to_dict
+from cospress.data.device_decode import decode_view_items, read_encoded, resolve_decode
 from cospress.data.sources import Source, open_source
 from cospress.data.views import PARAM_NAMES, ViewPolicy, center_view_params, replay_view, sample_view_params
 from cospress.errors import BadImageError, ConfigError, StoreError
@@ -64,6 +65,7 @@ class ExtractConfig:
     max_pixels: int = 89_478_485
     precision: str = "auto"  # auto | bf16 | fp32
     device: str = "auto"
+    decode: str = "auto"  # cpu (workers) | gpu | device (batched on the compute device) | auto (gpu on CUDA)
 
     def __post_init__(self) -> None:
         if self.views < 1:
@@ -102,7 +104,9 @@ class ViewDataset(Dataset):
         size: int,
         max_pixels: int,
         positions: np.ndarray | None = None,
+        decode: str = "cpu",
     ) -> None:
+        self.decode = decode
         self.source, self.policy, self.seed = source, policy, seed
         self.views, self.center, self.size, self.max_pixels = views, center, size, max_pixels
         self.keys = source.keys()
@@ -111,24 +115,38 @@ class ViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.keys) if self.positions is None else len(self.positions)
 
+    def _params(self, key: str, width: int, height: int) -> np.ndarray:
+        """float32 [V, P]: the K seeded views (+ the centre view) of one image."""
+        params = [
+            sample_view_params(self.policy, self.seed, key, v, width, height) for v in range(self.views)
+        ]
+        if self.center:
+            params.append(center_view_params(width, height))
+        return np.stack(params).astype(np.float32)
+
+    def _skipped(self, row: int, reason: str) -> dict[str, Any]:
+        num_views = self.views + int(self.center)
+        return {
+            "row": row,
+            "images": None,
+            "params": np.zeros((num_views, len(PARAM_NAMES)), np.float32),
+            "reason": reason,
+        }
+
     def __getitem__(self, row: int) -> dict[str, Any]:
         i = row if self.positions is None else int(self.positions[row])
         key = self.keys[i]
-        num_views = self.views + int(self.center)
+        if self.decode == "device":  # bytes mode: decode + replay happen in the main process
+            enc = read_encoded(self.source, i, self.max_pixels)
+            if enc.error:
+                return self._skipped(row, enc.error)
+            params = self._params(key, enc.width, enc.height)
+            return {"row": row, "images": None, "encoded": enc, "params": params, "reason": None}
         try:
             sample = self.source.load(i, max_pixels=self.max_pixels)
         except BadImageError as e:
-            return {
-                "row": row,
-                "images": None,
-                "params": np.zeros((num_views, len(PARAM_NAMES)), np.float32),
-                "reason": str(e),
-            }
-        w, h = sample.image.size
-        params = [sample_view_params(self.policy, self.seed, key, v, w, h) for v in range(self.views)]
-        if self.center:
-            params.append(center_view_params(w, h))
-        params = np.stack(params).astype(np.float32)
+            return self._skipped(row, str(e))
+        params = self._params(key, *sample.image.size)
         images = torch.stack([replay_view(sample.image, p, self.size) for p in params])
         return {"row": row, "images": images, "params": params, "reason": None}
 
@@ -341,8 +359,9 @@ def _extract(
 
     size = teacher.input_size
     positions = None if plan is None else plan.positions
+    decode = resolve_decode(cfg.decode, device)
     dataset = ViewDataset(
-        source, policy, cfg.seed, cfg.views, cfg.center_view, size, cfg.max_pixels, positions
+        source, policy, cfg.seed, cfg.views, cfg.center_view, size, cfg.max_pixels, positions, decode
     )
     images_per_batch = max(1, cfg.batch_size // num_views)
     batches = list(shard_batches(pending, writer.shard_rows, images_per_batch))
@@ -372,6 +391,8 @@ def _extract(
                     start, stop, num_views, teacher.dim, teacher.num_tokens, cfg.tokens, keys, labels
                 )
             buf = buffers[shard]
+            if decode == "device":
+                decode_view_items(items, size, device)
             good = [it for it in items if it["images"] is not None]
             t1 = time.perf_counter()
             if good:
