@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -26,9 +28,9 @@ after changing `cospress/cli.py`). `cospress COMMAND --help` prints the same.
 Every stage's flags map one to one to its config dataclass (`ExtractConfig`, `DistillConfig`,
 `EvalConfig`): `--config FILE.yaml` takes the same keys (dashes or underscores), and flags given on
 the command line win over the file, which wins over the defaults. The resolved config is written
-beside every output (`config.yaml`). A flag shown with no default takes the config field's default
-(given in brackets in its help). Errors a user can fix end the command with one `error:` line and
-exit code 2.
+beside every output (`config.yaml`; `extract-config.yaml` in a store). A flag shown with no default
+takes the config field's default (given in brackets in its help). Errors a user can fix end the
+command with one `error:` line and exit code 2.
 
 Global options (before the command): `-v/--verbose` (debug logging), `-q/--quiet` (warnings and
 errors only), e.g. `cospress -q distill ...`.
@@ -60,6 +62,26 @@ def _default(param) -> str:
     return f"`{value}`"
 
 
+def _config_classes() -> dict[str, type]:
+    from cospress.distill import DistillConfig
+    from cospress.evaluate.runner import EvalConfig
+    from cospress.extract import ExtractConfig
+
+    return {"extract-teacher": ExtractConfig, "distill": DistillConfig, "knn-eval": EvalConfig}
+
+
+def _yaml_only(cmd, config_cls: type) -> list[str]:
+    """`key: default` of the config fields that have no flag (settable in the --config file only)."""
+    flagged = {p.name for p in cmd.params}
+    keys = []
+    for f in dataclasses.fields(config_cls):
+        if f.name in flagged:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        keys.append(f"`{f.name}: {json.dumps(default)}`")
+    return keys
+
+
 def render() -> str:
     group = typer.main.get_command(app)
     ctx = group.context_class(group, info_name="cospress")
@@ -84,6 +106,14 @@ def render() -> str:
             required = " (required)" if param.required else ""
             lines.append(f"| {_flag(param, cmd_ctx)}{required} | {help_text} | {_default(param)} |")
         lines.append("")
+        config_cls = _config_classes().get(name)
+        if config_cls is not None:
+            keys = _yaml_only(cmd, config_cls)
+            lines += [
+                f"Config keys of `{config_cls.__name__}` without a flag (set them in the `--config` "
+                "file; shown with their defaults): " + ", ".join(keys) + ".",
+                "",
+            ]
     return "\n".join(lines).rstrip() + "\n"
 
 
