@@ -56,7 +56,18 @@ def _main(
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
         force=True,
     )
-    for noisy in ("numcodecs", "zarr", "fsspec", "urllib3", "PIL", "matplotlib", "timm", "aiohttp"):
+    for noisy in (
+        "numcodecs",
+        "zarr",
+        "fsspec",
+        "urllib3",
+        "PIL",
+        "matplotlib",
+        "timm",
+        "aiohttp",
+        "faiss",
+        "faiss.loader",
+    ):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
@@ -144,7 +155,9 @@ def extract_teacher(
         None, "--center-view/--no-center-view", help="Also store the full-image view."
     ),
     seed: int = typer.Option(None, "--seed", help="Seed of the view parameters [default: 0]."),
-    workers: int = typer.Option(None, "--workers", help="Decoding processes [default: 2]."),
+    workers: int = typer.Option(
+        None, "--workers", help="Decoding processes [default: cores - 1, at most 8]."
+    ),
     batch_size: int = typer.Option(None, "--batch-size", help="Views per teacher forward [default: 256]."),
     shard_size: int = typer.Option(None, "--shard-size", help="Images per shard [default: 1024]."),
     scale_min: float = typer.Option(
@@ -328,7 +341,9 @@ def distill_cmd(
     ),
     save_every: int = typer.Option(None, "--save-every", help="Also save `last` every N steps."),
     seed: int = typer.Option(None, "--seed", help="Seed of init, view choice and shuffling [default: 0]."),
-    workers: int = typer.Option(None, "--workers", help="DataLoader processes [default: 4]."),
+    workers: int = typer.Option(
+        None, "--workers", help="DataLoader processes [default: cores - 1, at most 8]."
+    ),
     precision: str = typer.Option(None, "--precision", help="auto (bf16 on CUDA / AMX CPUs), bf16 or fp32."),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda ..."),
     decode: str = typer.Option(
@@ -430,7 +445,9 @@ def knn_eval_cmd(
         None, "--bank-store", help="Use a store's cached teacher CLS as the bank."
     ),
     batch_size: int = typer.Option(None, "--batch-size", help="Images per forward [default: 256]."),
-    workers: int = typer.Option(None, "--workers", help="DataLoader processes [default: 4]."),
+    workers: int = typer.Option(
+        None, "--workers", help="DataLoader processes [default: cores - 1, at most 8]."
+    ),
     limit_train: int = typer.Option(None, "--limit-train", help="Deterministic subset of the bank."),
     limit_test: int = typer.Option(
         None, "--limit-test", help="Deterministic subset of the queries (and each --ood)."

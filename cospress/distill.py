@@ -52,7 +52,7 @@ from cospress.distill_data import (
 )
 from cospress.errors import ConfigError
 from cospress.models.features import Features
-from cospress.utils import atomic_write_json, autocast, autocast_dtype, seed_everything
+from cospress.utils import atomic_write_json, autocast, autocast_dtype, default_workers, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,9 @@ class DistillConfig:
     use_tokens: bool = True  # token terms (off automatically when the store has no tokens)
     precision: str = "auto"  # auto (bf16 on CUDA / AMX CPUs) | bf16 | fp32; losses in fp32
     device: str = "auto"
-    workers: int = 4  # DataLoader processes (decode + replay, or only reading bytes with decode=device)
+    workers: int = field(
+        default_factory=default_workers
+    )  # cores - 1 (at most 8) DataLoader processes (decode + replay, or only reading bytes with decode=device)
     decode: str = "auto"  # cpu (workers) | gpu | device (batched on the compute device) | auto (gpu on CUDA)
     compile: bool = False  # torch.compile the student (measure it: pipelines/bench/gpu.sh)
     seed: int = 0

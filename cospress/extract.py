@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from cospress.errors import BadImageError, ConfigError, StoreError
 from cospress.models.teachers import build_teacher
 from cospress.store import StoreWriter, estimate_store_bytes
 from cospress.store.writer import open_append, plan_append
-from cospress.utils import autocast, autocast_dtype, dist_info, human_bytes, pick_device
+from cospress.utils import autocast, autocast_dtype, default_workers, dist_info, human_bytes, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class ExtractConfig:
     limit: int | None = None
     tokens: bool = True
     seed: int = 0
-    workers: int = 2
+    workers: int = field(default_factory=default_workers)  # decoding processes: cores - 1, at most 8
     batch_size: int = 256  # views per teacher forward
     shard_size: int = 1024  # images per shard
     out: str = "store"

@@ -130,3 +130,8 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def default_workers() -> int:
+    """DataLoader processes: one core is left to the model; 1 on a 2-core machine, at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))

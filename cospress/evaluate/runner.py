@@ -31,7 +31,7 @@ from cospress.evaluate.embed import (
     pixel_features_fn,
 )
 from cospress.evaluate.report import PlotData, write_report
-from cospress.utils import pick_device, seed_everything
+from cospress.utils import default_workers, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class EvalConfig:
     bank_store: str | None = None  # use a store's teacher CLS as the bank instead of --train
     batch_size: int = 256
     out: str = "eval"
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)
     limit_train: int | None = None
     limit_test: int | None = None  # also caps each --ood source
     cache_dir: str | None = DEFAULT_CACHE_DIR  # "" or "none": no embedding cache

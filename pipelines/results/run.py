@@ -25,7 +25,7 @@ METHODS = {
     "cosine": ["--method", "cosine"],
     "mse": ["--method", "mse"],
 }
-EVAL_YAML = "attack_max: 64\nrobustness_max: 300\n"
+EVAL_YAML = "attack_max: 48\nrobustness_max: 250\n"
 
 
 def cli(*args: str) -> None:
@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--train", type=int, default=3000)
     p.add_argument("--test", type=int, default=1000)
     p.add_argument("--views", type=int, default=6)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--write-doc", default=None, help="also write the markdown table to this file")
     a = p.parse_args()
     out = Path(a.out)
