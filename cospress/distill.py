@@ -51,7 +51,7 @@ from cospress.distill_data import (
     split_rows,
 )
 from cospress.errors import ConfigError
-from cospress.models.features import Features
+from cospress.models.features import Features, resample_tokens
 from cospress.utils import atomic_write_json, autocast, autocast_dtype, default_workers, seed_everything
 
 log = logging.getLogger(__name__)
@@ -191,15 +191,7 @@ def _resample(tokens: torch.Tensor, grid_from: tuple[int, int], grid_to: tuple[i
     """[B, h*w, D] -> [B, h'*w', D], bilinear on the token grid (identity when the grids match)."""
     if tuple(grid_from) == tuple(grid_to) or tokens.shape[1] == 0:
         return tokens
-    try:
-        from cospress.models.features import resample_tokens
-
-        return resample_tokens(tokens, tuple(grid_from), tuple(grid_to))
-    except ImportError:
-        b, _, d = tokens.shape
-        x = tokens.transpose(1, 2).reshape(b, d, *grid_from)
-        x = torch.nn.functional.interpolate(x, size=tuple(grid_to), mode="bilinear", align_corners=False)
-        return x.flatten(2).transpose(1, 2)
+    return resample_tokens(tokens, tuple(grid_from), tuple(grid_to))
 
 
 def teacher_features(batch: dict[str, Any], device: torch.device, grid_t: tuple, grid_s: tuple) -> Features:
