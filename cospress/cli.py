@@ -166,6 +166,7 @@ def extract_teacher(
     scale_max: float = typer.Option(
         None, "--scale-max", help="RandomResizedCrop maximum area [default: 1.0]."
     ),
+    flip: float = typer.Option(None, "--flip", help="Probability of a horizontal flip [default: 0.5]."),
     color_jitter: float = typer.Option(
         None, "--color-jitter", help="Probability of colour jitter [default: 0]."
     ),
@@ -212,6 +213,7 @@ def extract_teacher(
                 shard_size=shard_size,
                 scale_min=scale_min,
                 scale_max=scale_max,
+                flip=flip,
                 color_jitter=color_jitter,
                 grayscale=grayscale,
                 blur=blur,
@@ -340,6 +342,23 @@ def distill_cmd(
         None, "--val-fraction", help="Store rows held out for kNN validation [default: 0.05]."
     ),
     save_every: int = typer.Option(None, "--save-every", help="Also save `last` every N steps."),
+    betas: str = typer.Option(None, "--betas", help="AdamW betas, e.g. 0.9,0.999."),
+    grad_clip: float = typer.Option(None, "--grad-clip", help="Max gradient norm; 0 = off [default: 0]."),
+    w_local: float = typer.Option(
+        None, "--w-local", help="Weight of the local (per-image) similarity term [1]."
+    ),
+    w_global: float = typer.Option(
+        None, "--w-global", help="Weight of the global (batch CLS) similarity term [1]."
+    ),
+    w_tokens: float = typer.Option(None, "--w-tokens", help="Weight of the token cosine term [1]."),
+    w_cls: float = typer.Option(None, "--w-cls", help="Weight of the CLS cosine term [1]."),
+    val_bank: int = typer.Option(
+        None, "--val-bank", help="Training images embedded as the validation kNN bank."
+    ),
+    val_k: int = typer.Option(None, "--val-k", help="k of the validation kNN [default: 20]."),
+    val_temperature: float = typer.Option(
+        None, "--val-temperature", help="Validation kNN temperature [0.07]."
+    ),
     seed: int = typer.Option(None, "--seed", help="Seed of init, view choice and shuffling [default: 0]."),
     workers: int = typer.Option(
         None, "--workers", help="DataLoader processes [default: cores - 1, at most 8]."
@@ -387,6 +406,15 @@ def distill_cmd(
                 expect_teacher=expect_teacher,
                 val_fraction=val_fraction,
                 save_every=save_every,
+                betas=betas,
+                grad_clip=grad_clip,
+                w_local=w_local,
+                w_global=w_global,
+                w_tokens=w_tokens,
+                w_cls=w_cls,
+                val_bank=val_bank,
+                val_k=val_k,
+                val_temperature=val_temperature,
                 seed=seed,
                 workers=workers,
                 precision=precision,
@@ -456,6 +484,12 @@ def knn_eval_cmd(
         None, "--cache-dir", help="Embedding cache [default: ~/.cache/cospress/embeddings]."
     ),
     index: str = typer.Option(None, "--index", help="flat (exact) or ivf."),
+    nlist: int = typer.Option(None, "--nlist", help="IVF cells for --index ivf [default: ~4 sqrt(N)]."),
+    nprobe: int = typer.Option(None, "--nprobe", help="IVF cells searched per query [default: 16]."),
+    fidelity_max: int = typer.Option(
+        None, "--fidelity-max", help="Test images used for fidelity [default: 2000]."
+    ),
+    attack_max: int = typer.Option(None, "--attack-max", help="Images attacked with PGD [default: 256]."),
     ood_k: int = typer.Option(None, "--ood-k", help="k of the k-th-neighbour OOD score [default: 50]."),
     fidelity_teacher: str = typer.Option(
         None, "--fidelity-teacher", help="Teacher for fidelity [default: the student's]; none to skip."
@@ -502,6 +536,10 @@ def knn_eval_cmd(
                 cache_dir=cache_dir,
                 index=index,
                 ood_k=ood_k,
+                nlist=nlist,
+                nprobe=nprobe,
+                fidelity_max=fidelity_max,
+                attack_max=attack_max,
                 fidelity_teacher=fidelity_teacher,
                 robustness=robustness,
                 attack=attack,
