@@ -82,3 +82,56 @@ def _check_two_ranks(tmp_path):
     assert any(k.startswith("compressor.") for k in ref) and any(k.startswith("student.") for k in ref)
     for k in ref:
         assert torch.allclose(got["grads"][k], ref[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_torchrun_two_ranks_through_the_cli(tmp_path):
+    """`torchrun --nproc-per-node 2 -m cospress distill ...` trains on CPU (gloo) and writes one run."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import cli_env
+    from tests.test_distill import TINY_STUDENT, make_store
+
+    url, _ = make_store(tmp_path, n=24, shard_size=8)
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29544",
+        "-m",
+        "cospress",
+        "distill",
+        "--store",
+        url,
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "12",
+        "--views-per-image",
+        "3",
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--val-fraction",
+        "0.25",
+        "--student",
+        TINY_STUDENT["student"],
+        "--student-size",
+        str(TINY_STUDENT["student_size"]),
+        "--no-progress",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("phase") == "train"]
+    steps = [r["step"] for r in train]
+    assert steps and steps == list(range(steps[0], steps[0] + len(steps)))  # rank 0 alone writes metrics
+    assert (out / "last.safetensors").exists()
