@@ -242,6 +242,7 @@ def test_device_decode_matches_worker_decode(reference_store, images, weights, t
         assert np.array_equal(a[name], b[name]), name
     # views may differ by a grey level between decoders: features agree closely, not bitwise
     cos = (a["cls"].astype(np.float32) * b["cls"].astype(np.float32)).sum(-1) / (
-        np.linalg.norm(a["cls"].astype(np.float32), axis=-1) * np.linalg.norm(b["cls"].astype(np.float32), axis=-1)
+        np.linalg.norm(a["cls"].astype(np.float32), axis=-1)
+        * np.linalg.norm(b["cls"].astype(np.float32), axis=-1)
     )
     assert cos.min() > 0.99
