@@ -36,10 +36,33 @@ def cli(*args: str) -> None:
 
 def evaluate(model: str, out: Path, a: argparse.Namespace, cfg: Path) -> dict:
     if not (out / "report.json").exists():
-        cli("knn-eval", "--model", model, "--train", "fashion-mnist:train", "--limit-train", str(a.train),
-            "--test", "fashion-mnist:test", "--limit-test", str(a.test), "--ood-classes", "5,6,7,8,9",
-            "--k", "10,20", "--temperature", "0.07", "--crop-pct", "1.0", "--workers", "1", "--config", str(cfg),
-            "--out", str(out))
+        cli(
+            "knn-eval",
+            "--model",
+            model,
+            "--train",
+            "fashion-mnist:train",
+            "--limit-train",
+            str(a.train),
+            "--test",
+            "fashion-mnist:test",
+            "--limit-test",
+            str(a.test),
+            "--ood-classes",
+            "5,6,7,8,9",
+            "--k",
+            "10,20",
+            "--temperature",
+            "0.07",
+            "--crop-pct",
+            "1.0",
+            "--workers",
+            "1",
+            "--config",
+            str(cfg),
+            "--out",
+            str(out),
+        )
     return json.loads((out / "report.json").read_text())
 
 
@@ -47,8 +70,11 @@ def row(report: dict) -> dict:
     fid = report.get("fidelity") or {}
     rob = report.get("robustness") or {}
     return {
-        "top1": report["top1"], "auroc": report["auroc"], "fpr95": report["fpr95"],
-        "spearman": fid.get("spearman"), "overlap10": fid.get("knn10_overlap"),
+        "top1": report["top1"],
+        "auroc": report["auroc"],
+        "fpr95": report["fpr95"],
+        "spearman": fid.get("spearman"),
+        "overlap10": fid.get("knn10_overlap"),
         "corruption_top1": rob.get("mean_corruption_top1"),
         "attack_top1": {name: v["top1"] for name, v in (rob.get("attack") or {}).items()},
     }
@@ -72,24 +98,66 @@ def main() -> None:
     t0 = time.time()
     store = out / "store"
     if not (store / "manifest.json").exists():
-        cli("extract-teacher", "--data", "fashion-mnist:train", "--limit", str(a.train), "--teacher",
-            "efficientnet_lite0", "--image-size", "112", "--views", str(a.views), "--center-view",
-            "--shard-size", "500", "--workers", "1", "--out", str(store), "--no-progress")
-    results: dict[str, list[dict]] = {"teacher": [row(evaluate("teacher:efficientnet_lite0@112",
-                                                              out / "eval-teacher", a, cfg))]}
+        cli(
+            "extract-teacher",
+            "--data",
+            "fashion-mnist:train",
+            "--limit",
+            str(a.train),
+            "--teacher",
+            "efficientnet_lite0",
+            "--image-size",
+            "112",
+            "--views",
+            str(a.views),
+            "--center-view",
+            "--shard-size",
+            "500",
+            "--workers",
+            "1",
+            "--out",
+            str(store),
+            "--no-progress",
+        )
+    results: dict[str, list[dict]] = {
+        "teacher": [row(evaluate("teacher:efficientnet_lite0@112", out / "eval-teacher", a, cfg))]
+    }
     for method in a.methods.split(","):
         for seed in a.seeds.split(","):
             run = out / f"{method}-s{seed}"
             if not (run / "export" / "student.json").exists():
                 if not (run / "best.safetensors").exists():
                     extra = ["--resume"] if (run / "last.state.pt").exists() else []
-                    cli("distill", "--store", str(store), "--student", "vit_tiny_patch16_224", "--student-size",
-                        "64", "--epochs", str(a.epochs), "--batch-size", "192", "--views-per-image", "3",
-                        "--warmup-epochs", "0.5", "--workers", "1", "--seed", seed, "--out", str(run),
-                        "--no-progress", *METHODS[method], *extra)
+                    cli(
+                        "distill",
+                        "--store",
+                        str(store),
+                        "--student",
+                        "vit_tiny_patch16_224",
+                        "--student-size",
+                        "64",
+                        "--epochs",
+                        str(a.epochs),
+                        "--batch-size",
+                        "192",
+                        "--views-per-image",
+                        "3",
+                        "--warmup-epochs",
+                        "0.5",
+                        "--workers",
+                        "1",
+                        "--seed",
+                        seed,
+                        "--out",
+                        str(run),
+                        "--no-progress",
+                        *METHODS[method],
+                        *extra,
+                    )
                 cli("export", str(run), "--out", str(run / "export"))
-            results.setdefault(method, []).append(row(evaluate(str(run / "export"), out / f"eval-{method}-s{seed}",
-                                                               a, cfg)))
+            results.setdefault(method, []).append(
+                row(evaluate(str(run / "export"), out / f"eval-{method}-s{seed}", a, cfg))
+            )
     (out / "results.json").write_text(json.dumps(results, indent=2))
     text = table(results, a, time.time() - t0)
     (out / "results.md").write_text(text)
@@ -109,19 +177,36 @@ def _fmt(values: list[float | None], scale: float = 1.0, digits: int = 2) -> str
 
 def table(results: dict[str, list[dict]], a: argparse.Namespace, seconds: float) -> str:
     eps = sorted({k for rows in results.values() for r in rows for k in r["attack_top1"]})
-    head = ["features", "seeds", "kNN top-1 %", "OOD AUROC", "FPR95 %", "Spearman ρ", "10-NN overlap",
-            "corruptions top-1 %"] + [f"PGD ε={e} top-1 %" for e in eps]
+    head = [
+        "features",
+        "seeds",
+        "kNN top-1 %",
+        "OOD AUROC",
+        "FPR95 %",
+        "Spearman ρ",
+        "10-NN overlap",
+        "corruptions top-1 %",
+    ] + [f"PGD ε={e} top-1 %" for e in eps]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rows in results.items():
-        cells = [name, str(len(rows)), _fmt([r["top1"] for r in rows]), _fmt([r["auroc"] for r in rows], digits=3),
-                 _fmt([r["fpr95"] for r in rows], 100, 1), _fmt([r["spearman"] for r in rows], digits=3),
-                 _fmt([r["overlap10"] for r in rows], digits=3), _fmt([r["corruption_top1"] for r in rows])]
+        cells = [
+            name,
+            str(len(rows)),
+            _fmt([r["top1"] for r in rows]),
+            _fmt([r["auroc"] for r in rows], digits=3),
+            _fmt([r["fpr95"] for r in rows], 100, 1),
+            _fmt([r["spearman"] for r in rows], digits=3),
+            _fmt([r["overlap10"] for r in rows], digits=3),
+            _fmt([r["corruption_top1"] for r in rows]),
+        ]
         cells += [_fmt([r["attack_top1"].get(e) for r in rows]) for e in eps]
         lines.append("| " + " | ".join(cells) + " |")
-    setup = (f"Fashion-MNIST: {a.train} train images (hash subset), {a.test} test images; teacher efficientnet_lite0 "
-             f"@112 px, {a.views} cached views; student ViT-Ti/16 @64 px, {a.epochs} epochs, batch 192 (3 views per "
-             f"image), AdamW 5e-4; kNN k=20, T=0.07 on classes 0-4 (5-9 held out as OOD, score max cosine). "
-             f"Wall time {seconds / 60:.0f} min on 2 CPU cores.")
+    setup = (
+        f"Fashion-MNIST: {a.train} train images (hash subset), {a.test} test images; teacher efficientnet_lite0 "
+        f"@112 px, {a.views} cached views; student ViT-Ti/16 @64 px, {a.epochs} epochs, batch 192 (3 views per "
+        f"image), AdamW 5e-4; kNN k=20, T=0.07 on classes 0-4 (5-9 held out as OOD, score max cosine). "
+        f"Wall time {seconds / 60:.0f} min on 2 CPU cores."
+    )
     return setup + "\n\n" + "\n".join(lines) + "\n"
 
 
