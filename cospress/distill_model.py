@@ -1,0 +1,217 @@
+"""Stage 2 model pieces: the trained modules, the loss terms, the optimizer groups + LR schedule, the compressor-only fit.
+
+``DistillModel`` wraps the student and either the compressor h (cospress) or a linear head (baselines);
+``compute_losses`` returns one step's named loss terms; ``teacher_features`` turns a batch's cached
+targets into fp32 ``Features`` on the student's token grid; ``param_groups`` / ``lr_at`` are the AdamW
+groups and the warm-up + cosine schedule; ``fit_compressor`` fits h from the store features alone.
+Re-exported by ``cospress.distill``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cospress import distributed as D
+from cospress.distill_data import feature_batches
+from cospress.models.features import Features, resample_tokens
+from cospress.utils import autocast
+
+__all__ = [
+    "DistillModel",
+    "compute_losses",
+    "fit_compressor",
+    "lr_at",
+    "param_groups",
+    "teacher_features",
+]
+
+
+# ============================================================================ model + losses
+class DistillModel(nn.Module):
+    """The trained modules: ``student`` and either ``compressor`` (cospress) or ``head`` (baselines).
+
+    ``forward(images uint8 [B, 3, S, S], teacher Features(cls [B, Dt], tokens [B, T, Dt]) fp32)``
+    returns (student Features [B, *, Ds] fp32, h(teacher) Features [B, *, Ds] or head(student)
+    Features [B, *, Dt]), the student under autocast ``amp_dtype``.
+    """
+
+    def __init__(self, student: nn.Module, method: str, dt: int, compressor_kind: str = "linear") -> None:
+        super().__init__()
+        from cospress.models.compressor import Compressor
+
+        self.student = student
+        self.method = method
+        self.amp_dtype: torch.dtype | None = None
+        ds = int(student.dim)
+        if method == "cospress":
+            self.compressor = Compressor(dt, ds, compressor_kind)
+        else:
+            self.head = nn.Linear(ds, dt)
+
+    def forward(self, images: torch.Tensor, teacher: Features) -> tuple[Features, Features]:
+        with autocast(images.device, self.amp_dtype):
+            s = self.student(images)
+        s = s.float()
+        if self.method == "cospress":
+            frozen = not any(p.requires_grad for p in self.compressor.parameters())
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                z = self.compressor(teacher)
+            return s, z
+        return s, Features(cls=self.head(s.cls), tokens=self.head(s.tokens))
+
+
+def compute_losses(
+    model: nn.Module,
+    images: torch.Tensor,
+    teacher: Features,
+    *,
+    method: str,
+    temperatures: list[float] | tuple[float, ...],
+    weights: dict[str, float],
+    use_tokens: bool,
+    frozen_compressor: bool = False,
+) -> dict[str, torch.Tensor]:
+    """One step's named loss terms (fp32) for this rank's part of a global batch; "total" is weighted.
+
+    images [b, 3, S, S] uint8; teacher Features(cls [b, Dt], tokens [b, T, Dt]) on the student's grid.
+    For cospress the global term uses the CLS of all ranks (all-gathered with gradients), so after
+    DDP's gradient mean every rank holds the single-process gradient of the global batch.
+    With a frozen (pre-fitted) compressor only the cosine terms are computed.
+    """
+    from cospress import losses
+
+    s, z = model(images, teacher)
+    if method == "cospress" and frozen_compressor:
+        terms = losses.feature_distill_loss("cosine", s, z, use_tokens=use_tokens)  # target detached
+        names = ("tokens", "cls")
+    elif method == "cospress":
+        gt = D.all_gather_no_grad(teacher.cls)
+        gz = D.all_gather_with_grad(z.cls)
+        terms = losses.cospress_loss(
+            teacher,
+            z,
+            s,
+            temperatures,
+            global_teacher_cls=gt,
+            global_compressed_cls=gz,
+            use_tokens=use_tokens,
+        )
+        names = ("local", "global", "tokens", "cls")
+    else:
+        terms = losses.feature_distill_loss(method, z, teacher, use_tokens=use_tokens)
+        names = ("tokens", "cls")
+    out = {k: terms[k].float() for k in names}
+    out["total"] = sum(weights[k] * out[k] for k in names)
+    return out
+
+
+def _resample(tokens: torch.Tensor, grid_from: tuple[int, int], grid_to: tuple[int, int]) -> torch.Tensor:
+    """[B, h*w, D] -> [B, h'*w', D], bilinear on the token grid (identity when the grids match)."""
+    if tuple(grid_from) == tuple(grid_to) or tokens.shape[1] == 0:
+        return tokens
+    return resample_tokens(tokens, tuple(grid_from), tuple(grid_to))
+
+
+def teacher_features(batch: dict[str, Any], device: torch.device, grid_t: tuple, grid_s: tuple) -> Features:
+    """Cached targets of a batch as fp32 Features on ``device``, tokens on the student's grid."""
+    cls = batch["cls"].to(device, non_blocking=True).float()
+    tok = batch.get("tokens")
+    if tok is None:
+        tokens = cls.new_zeros((cls.shape[0], 0, cls.shape[1]))
+    else:
+        tokens = _resample(tok.to(device, non_blocking=True).float(), grid_t, grid_s)
+    return Features(cls=cls, tokens=tokens)
+
+
+# ============================================================================ optimizer + schedule
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "dist_token", "register_tokens", "pos_embed_cls")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices, none on 1-d params (norms, biases) and pos/cls tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.rsplit(".", 1)[-1] in _NO_DECAY_NAMES:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from ``lr`` to ``min_lr`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    span = max(total - warmup, 1)
+    t = min(max(step - warmup, 0) / span, 1.0)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+# ============================================================================ compressor-first
+def fit_compressor(
+    compressor: nn.Module,
+    reader: Any,
+    rows: np.ndarray,
+    cfg: Any,
+    device: torch.device,
+    use_tokens: bool,
+    log_metric: Callable[[dict], None],
+) -> None:
+    """Fit h from the store features alone (local + global similarity KL), ``compressor_epochs`` epochs.
+
+    ``cfg`` is a ``cospress.distill.DistillConfig`` (not imported here: this module sits below it).
+    Every rank runs the same deterministic fit; rank 0's weights are then broadcast.
+    """
+    from cospress.losses import similarity_kl
+
+    opt = torch.optim.AdamW(param_groups(compressor, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    steps = (len(rows) // (cfg.batch_size // cfg.views_per_image)) * cfg.compressor_epochs
+    step = 0
+    for epoch in range(cfg.compressor_epochs):
+        for batch in feature_batches(
+            reader,
+            rows,
+            seed=cfg.seed,
+            epoch=epoch,
+            batch_size=cfg.batch_size,
+            r=cfg.views_per_image,
+            tokens=use_tokens,
+        ):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, steps, 0, cfg.lr, cfg.min_lr)
+            cls = batch["cls"].to(device).float()
+            zc = compressor(cls)
+            glob = similarity_kl(cls[None], zc[None], cfg.temperatures)
+            local = torch.zeros((), device=device)
+            if use_tokens:
+                t = torch.cat([cls[:, None], batch["tokens"].to(device).float()], dim=1)
+                local = similarity_kl(t, compressor(t), cfg.temperatures)
+            loss = cfg.w_global * glob + cfg.w_local * local
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            log_metric(
+                {
+                    "phase": "compressor",
+                    "epoch": epoch,
+                    "compressor_step": step,
+                    "loss/local": float(local.detach()),
+                    "loss/global": float(glob.detach()),
+                    "loss/total": float(loss.detach()),
+                }
+            )
+    D.broadcast_module(compressor)
+    for p in compressor.parameters():
+        p.requires_grad_(False)
