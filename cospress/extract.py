@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from cospress import __version__
 from cospress.config import save_config, to_dict
 from cospress.data.device_decode import decode_view_items, read_encoded, resolve_decode
-from cospress.data.sources import Source, open_source
+from cospress.data.sources import DEFAULT_MAX_PIXELS, Source, open_source
 from cospress.data.views import PARAM_NAMES, ViewPolicy, center_view_params, replay_view, sample_view_params
 from cospress.errors import BadImageError, ConfigError, StoreError
 from cospress.models.teachers import build_teacher
@@ -62,7 +62,7 @@ class ExtractConfig:
     color_jitter: float = 0.0
     grayscale: float = 0.0
     blur: float = 0.0
-    max_pixels: int = 89_478_485
+    max_pixels: int = DEFAULT_MAX_PIXELS
     precision: str = "auto"  # auto | bf16 | fp32
     device: str = "auto"
     decode: str = "auto"  # cpu (workers) | gpu | device (batched on the compute device) | auto (gpu on CUDA)
