@@ -123,6 +123,7 @@ class DistillConfig:
     )  # cores - 1 (at most 8) DataLoader processes (decode + replay, or only reading bytes with decode=device)
     decode: str = "auto"  # cpu (workers) | gpu | device (batched on the compute device) | auto (gpu on CUDA)
     compile: bool = False  # torch.compile the student (measure it: pipelines/bench/gpu.sh)
+    attention: str = "auto"  # student attention kernel: auto (fused on CUDA, math on CPU) | fused | math
     seed: int = 0
     val_fraction: float = 0.05  # store rows held out by sha256(key) for kNN validation
     val_bank: int = 10000  # training images embedded as the kNN bank
@@ -174,6 +175,12 @@ def validate(cfg: DistillConfig) -> None:
     if not cfg.temperatures or min(cfg.temperatures) <= 0:
         raise ConfigError("temperatures must be a non-empty list of positive numbers")
     from cospress.data.device_decode import DECODE_CHOICES
+    from cospress.models.timm_features import ATTENTION_CHOICES
+
+    if cfg.attention not in ATTENTION_CHOICES:
+        raise ConfigError(
+            f"attention {cfg.attention!r} is unknown; use one of {', '.join(ATTENTION_CHOICES)}"
+        )
 
     if cfg.decode not in DECODE_CHOICES:
         raise ConfigError(f"decode {cfg.decode!r} is unknown; use one of {', '.join(DECODE_CHOICES)}")
@@ -303,6 +310,7 @@ class _Run:
 
     def _setup_model(self) -> None:
         from cospress.models.students import build_student
+        from cospress.models.timm_features import set_attention
 
         cfg = self.cfg
         seed_everything(cfg.seed)  # the same init on every rank
@@ -312,6 +320,9 @@ class _Run:
         self.grid_s = tuple(student.grid)
         self.model = DistillModel(student, cfg.method, self.reader.dim, cfg.compressor).to(self.device)
         self.model.amp_dtype = self.amp
+        kernel = set_attention(student, cfg.attention, self.device)
+        if kernel != "n/a":
+            log.info("student attention: %s (--attention %s)", kernel, cfg.attention)
         if cfg.compile:
             student.compile()  # in place: parameter names (and checkpoints) stay unwrapped
             log.info("the student is compiled with torch.compile (the first steps are slow)")
@@ -421,7 +432,8 @@ class _Run:
             diff = sorted(
                 k
                 for k, v in state["config"].items()
-                if k not in ("resume", "workers", "out", "decode", "compile") and to_dict(cfg).get(k) != v
+                if k not in ("resume", "workers", "out", "decode", "compile", "attention")
+                and to_dict(cfg).get(k) != v
             )
             if diff:
                 log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(diff))

@@ -50,6 +50,8 @@ def _worker(rank, world, init, out):
         loss = {k: float(D.all_reduce_mean(v)) for k, v in terms.items()}
         if rank == 0:
             torch.save({"loss": loss, "grads": _grads(model)}, out)
+        # leave together: a rank destroying the gloo group while its peer still works can abort (SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

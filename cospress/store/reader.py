@@ -126,6 +126,7 @@ class StoreReader:
         if self.url.startswith(("http://", "https://")):
             check_range_support(self._fs, self._path(mf.shard_file_key("cls", 0, 3)), self.display)
         self._arrays = self._open_arrays()
+        self._direct: dict[str, Any] = {}
         self._keys: list[str] | None = None
         self._cols: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -258,14 +259,27 @@ class StoreReader:
         data = self._gather("tokens", [(int(i), int(v)) for i, v in uniq])
         return data[inv.reshape(-1)].reshape(r.size, sel.shape[1], self.num_tokens, self.dim)
 
+    def _direct_reader(self, name: str) -> Any:
+        """A :class:`~cospress.store.shardio.ShardFileReader` for a local array whose codecs it
+        handles, else None (zarr reads it). ~10x faster than zarr per inner chunk."""
+        if name not in self._direct:
+            from cospress.store.shardio import ShardFileReader, ShardLayout
+
+            layout = None
+            if _is_local(self.url):
+                layout = ShardLayout.from_metadata(self._arrays[name].metadata.to_dict())
+            self._direct[name] = ShardFileReader(Path(self._root) / name, layout) if layout else None
+        return self._direct[name]
+
     def _gather(self, name: str, selections: list[tuple[int, ...]], batch: int = 1024) -> np.ndarray:
-        """Stack ``arr[sel]`` for each selection, read concurrently (latency-bound over a network)."""
+        """Stack ``arr[sel]`` for each selection: straight from local shard files, else through zarr,
+        read concurrently (latency-bound over a network)."""
         arr = self._arrays[name]
         if not selections:
             return np.zeros((0, *arr.shape[1:]), arr.dtype)
-        if name == "tokens" and _is_local(self.url):
-            # Local big chunks are bound by decompression: a plain loop beats concurrent reads here.
-            return np.stack([np.asarray(arr[sel]) for sel in selections])
+        direct = self._direct_reader(name)
+        if direct is not None:
+            return np.stack([direct.read(sel) for sel in selections])
         aa = arr._async_array
 
         async def run(part: list[tuple[int, ...]]) -> list[Any]:
@@ -288,11 +302,18 @@ class StoreReader:
             raise StoreError(f"shard {shard} is out of range: the store has {self.num_shards} shards")
         start, stop = self.manifest["shards"][shard]["rows"]
         a = self._arrays
+
+        def rows(name: str) -> np.ndarray:
+            direct = self._direct_reader(name)
+            if direct is not None and start == shard * self.shard_size:
+                return direct.read_shard(shard, stop - start)
+            return np.asarray(a[name][start:stop])
+
         return {
             "rows": np.arange(start, stop, dtype=np.int64),
-            "cls": np.asarray(a["cls"][start:stop]),
-            "tokens": np.asarray(a["tokens"][start:stop]) if self.has_tokens else None,
-            "views": np.asarray(a["views"][start:stop]),
+            "cls": rows("cls"),
+            "tokens": rows("tokens") if self.has_tokens else None,
+            "views": rows("views"),
             "labels": np.asarray(a["labels"][start:stop], dtype=np.int64),
             "valid": np.asarray(a["valid"][start:stop]).astype(bool),
             "keys": [str(k) for k in a["keys"][start:stop]],
