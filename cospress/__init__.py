@@ -1,3 +1,11 @@
 """cospress: distill vision foundation models with CosPress from a cached teacher feature store."""
 
+import os as _os
+
+# Idle OpenMP threads sleep instead of spinning, so the DataLoader workers and the store writer get
+# the cores between the model's parallel regions. Measured on 2 cores: extraction end to end +17%,
+# cached distillation +9%, the bare step within noise. Works only when cospress is imported before
+# torch (the CLI always is); an OMP_WAIT_POLICY already set in the environment wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"

@@ -57,7 +57,7 @@ from cospress.distill_model import (
 )
 from cospress.distill_val import embed_images, knn_accuracy
 from cospress.errors import ConfigError
-from cospress.utils import atomic_write_json, autocast_dtype, default_workers, seed_everything
+from cospress.utils import atomic_write_json, autocast_dtype, default_workers, seed_everything, tune_malloc
 
 __all__ = [
     "DEFAULT_TEMPERATURES",
@@ -227,6 +227,7 @@ def run_distill(cfg: DistillConfig, progress: Callable[[int, int], None] | None 
     ``progress(done_views, total_views)`` is called after every step on rank 0. Under torchrun every
     rank calls this; torch.distributed is initialised (and torn down) here unless already initialised.
     """
+    tune_malloc()
     validate(cfg)
     was_init = torch.distributed.is_available() and torch.distributed.is_initialized()
     ctx = D.init_distributed(cfg.device)

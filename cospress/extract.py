@@ -32,7 +32,15 @@ from cospress.errors import BadImageError, ConfigError, StoreError
 from cospress.models.teachers import build_teacher
 from cospress.store import StoreWriter, estimate_store_bytes
 from cospress.store.writer import open_append, plan_append
-from cospress.utils import autocast, autocast_dtype, default_workers, dist_info, human_bytes, pick_device
+from cospress.utils import (
+    autocast,
+    autocast_dtype,
+    default_workers,
+    dist_info,
+    human_bytes,
+    pick_device,
+    tune_malloc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +271,7 @@ def run_extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None 
 
     ``progress(done_images, total_images)`` is called after every teacher batch of this rank.
     """
+    tune_malloc()
     rank, world, local_rank = dist_info()
     device = pick_device(cfg.device)
     if device.type == "cuda" and world > 1:

@@ -18,6 +18,43 @@ import torch
 log = logging.getLogger(__name__)
 
 
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning big blocks to the OS at once.
+
+    By default glibc serves every allocation over ~128 KB-32 MB with a fresh ``mmap`` and unmaps it
+    on free, so each large activation tensor of a CPU forward pass is page-faulted (zeroed by the
+    kernel) again: measured here, a batch of 256 views through efficientnet_lite0 at 112 px spent
+    45% of its time in the kernel, and raising the mmap and trim thresholds made it 2x faster
+    (5.1 s -> 2.5 s for 2,048 views). The cost: the process keeps its peak heap until it exits.
+
+    Called by every stage entry point; a no-op off glibc, on a second call, or when the
+    environment sets COSPRESS_MALLOC_TUNING=0. Returns whether the thresholds were set.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or os.environ.get("COSPRESS_MALLOC_TUNING", "1") == "0":
+        return _MALLOC_TUNED
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        ok = (
+            libc.mallopt(m_mmap_threshold, 1 << 30) == 1
+            and libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1
+        )
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return False
+    _MALLOC_TUNED = bool(ok)
+    if ok:
+        log.debug(
+            "glibc malloc: mmap threshold 1 GiB, trim threshold 2 GiB (COSPRESS_MALLOC_TUNING=0 turns this off)"
+        )
+    return _MALLOC_TUNED
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

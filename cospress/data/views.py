@@ -221,8 +221,11 @@ def replay_view(
     if len(p) != NUM_PARAMS:
         raise ValueError(f"expected {NUM_PARAMS} view params ({', '.join(PARAM_NAMES)}), got {len(p)}")
     top, left, h, w = _box_pixels(params, img.shape[-1], img.shape[-2])
-    x = img.to(torch.float32).div_(255.0)
-    x = TF.resized_crop(x, top, left, h, w, [size, size], TF.InterpolationMode.BILINEAR, antialias=True)
+    # crop, then antialiased bilinear resize: what TF.resized_crop does for a float tensor and a box
+    # inside the image, called directly (its dispatch cost as much as the resize for small images)
+    x = img[:, top : top + h, left : left + w].to(torch.float32).div_(255.0)
+    if (h, w) != (size, size):
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
     if p[_IDX["flip"]] > 0.5:
         x = TF.horizontal_flip(x)
     for name, op in (

@@ -31,7 +31,7 @@ from cospress.evaluate.embed import (
     pixel_features_fn,
 )
 from cospress.evaluate.report import PlotData, write_report
-from cospress.utils import default_workers, pick_device, seed_everything
+from cospress.utils import default_workers, pick_device, seed_everything, tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class _Timer(dict):
 
 def run_knn_eval(cfg: EvalConfig) -> dict:
     """Evaluate a model by kNN; write the report into cfg.out and return it as a dict."""
+    tune_malloc()
     _validate(cfg)
     timer = _Timer()
     t_all = time.perf_counter()

@@ -5,11 +5,12 @@
     batch with no data loading. Target >= 0.8 with 1 worker at 64 px.
 (b) cached distill divided by online distill: a training loop that runs the teacher every step. Its
     DataLoader (same workers, same rows and view indices as the cached run) draws each view like
-    extraction does and replays it twice, at the teacher's 112 px and the student's 64 px; the main
+    extraction does and replays it twice, at the teacher's size and the student's 64 px; the main
     process runs the teacher forward (inference, bf16 autocast, channels_last) and then the same
     training step. Target >= 2x.
-Same teacher (efficientnet_lite0 at 112 px), student (vit_tiny_patch16_224 at 64 px), batch, precision
-and student attention kernel.
+Same teacher (default efficientnet_lite0 at 112 px), student (vit_tiny_patch16_224 at 64 px), batch,
+precision and student attention kernel. ``--teacher vit_small_patch14_dinov2 --teacher-size 224
+--random-teacher`` times what GPU users run (random weights: same cost, no download).
 
     python pipelines/bench/bench_distill.py --images 384 --steps 8 --out bench-distill.json
 """
@@ -26,6 +27,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import cospress  # noqa: E402, F401  first: it sets the OpenMP wait policy before torch loads, as the CLI does
+
+# isort: split
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -40,21 +45,37 @@ from cospress.distill_data import (  # noqa: E402
 )
 from cospress.models.features import Features, resample_tokens  # noqa: E402
 from cospress.models.timm_features import set_attention  # noqa: E402
-from cospress.utils import autocast, autocast_dtype  # noqa: E402
+from cospress.utils import autocast, autocast_dtype, tune_malloc  # noqa: E402
 
-TEACHER, TEACHER_SIZE = "efficientnet_lite0", 112
+TEACHER = {"name": "efficientnet_lite0", "size": 112, "weights": None}  # set from the flags in main()
 LOSS_WEIGHTS = dict.fromkeys(("local", "global", "tokens", "cls"), 1.0)
 
 
-def make_store(path: Path, images: int, views: int, teacher_size: int, workers: int) -> str:
+def make_store(path: Path, images: int, views: int, workers: int) -> str:
     from cospress.extract import ExtractConfig, run_extract
 
     if not (path / "manifest.json").exists():
         cfg = ExtractConfig(
-            data="fashion-mnist:train", teacher=TEACHER, image_size=teacher_size, views=views,
+            data="fashion-mnist:train", teacher=TEACHER["name"], weights=TEACHER["weights"],
+            image_size=TEACHER["size"], views=views,
             limit=images, workers=workers, batch_size=128, shard_size=128, out=str(path),
         )  # fmt: skip
         run_extract(cfg)
+    return str(path)
+
+
+def random_teacher_weights(work: Path, name: str, size: int) -> str:
+    """A random-init state dict of the teacher, saved for --weights (its speed is the real model's)."""
+    from safetensors.torch import save_file
+
+    from cospress.models.teachers import build_teacher
+
+    path = work / f"random-{name}-{size}.safetensors"
+    work.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        torch.manual_seed(0)
+        model = build_teacher(name, image_size=size, pretrained=False).model
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return str(path)
 
 
@@ -125,7 +146,7 @@ class OnlineBatches(DistillBatches):
             for v in vs:
                 p = sample_view_params(self.policy, self.seed, sample.key, int(v), w, h)
                 student.append(replay_view(sample.image, p, self.student_size))
-                teacher.append(replay_view(sample.image, p, TEACHER_SIZE))
+                teacher.append(replay_view(sample.image, p, TEACHER["size"]))
         return {"images": torch.stack(student), "teacher_images": torch.stack(teacher), "step": int(step)}
 
 
@@ -138,7 +159,7 @@ def online_rate(cfg: DistillConfig, store: str, steps: int) -> tuple[float, floa
     reader = StoreReader(store)
     man = reader.manifest
     trainer = Trainer(cfg, reader.dim)
-    teacher = build_teacher(TEACHER, image_size=TEACHER_SIZE).eval()
+    teacher = build_teacher(TEACHER["name"], weights=TEACHER["weights"], image_size=TEACHER["size"]).eval()
     if hasattr(teacher, "to_channels_last"):
         teacher.to_channels_last()
     spec = man["source"]["spec"]
@@ -185,13 +206,20 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=192)
     ap.add_argument("--steps", type=int, default=8, help="timed steps of each measurement")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--teacher", default="efficientnet_lite0")
+    ap.add_argument("--teacher-size", type=int, default=112)
+    ap.add_argument("--random-teacher", action="store_true", help="random-init teacher weights (timing only)")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--work", default=None, help="folder for the store and run [default: a temp folder]")
     ap.add_argument("--out", default="bench-distill.json")
     args = ap.parse_args()
+    tune_malloc()  # as every cospress stage does: both sides of the ratio run with it
     torch.manual_seed(0)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-distill-"))
-    store = make_store(work / "store", args.images, args.views, 112, args.workers)
+    TEACHER.update(name=args.teacher, size=args.teacher_size)
+    if args.random_teacher:
+        TEACHER["weights"] = random_teacher_weights(work, args.teacher, args.teacher_size)
+    store = make_store(work / "store", args.images, args.views, args.workers)
     run = work / f"run-{int(time.time())}"
     cfg = DistillConfig(
         store=store, out=str(run), student="vit_tiny_patch16_224", student_size=64, batch_size=args.batch_size,
@@ -212,7 +240,8 @@ def main() -> None:
         "batch_size": args.batch_size,
         "workers": args.workers,
         "student": "vit_tiny_patch16_224@64",
-        "teacher": "efficientnet_lite0@112",
+        "teacher": f"{args.teacher}@{args.teacher_size}"
+        + (" (random weights)" if args.random_teacher else ""),
         "cached_images_per_s": cached,
         "bare_step_images_per_s": bare,
         "online_images_per_s": online,
@@ -223,7 +252,7 @@ def main() -> None:
         "steps_timed": len(step_s),
         "distill_summary_images_per_s": summary["images_per_second"],
         "attention": cfg.attention,
-        "note": "online = a training loop that runs the teacher on every batch (views replayed at 112 and 64 px in the workers)",
+        "note": "online = a training loop that runs the teacher on every batch (views replayed at the teacher's and the student's size in the workers)",
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"cached {cached:.1f} img/s, bare step {bare:.1f} img/s, online {online:.1f} img/s")

@@ -17,14 +17,18 @@ import statistics
 import tempfile
 import time
 
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import cospress  # noqa: E402, F401  first: it sets the OpenMP wait policy before torch loads, as the CLI does
+
+# isort: split
+
+import torch  # noqa: E402
 
 from cospress.data.sources import open_source  # noqa: E402
 from cospress.extract import ExtractConfig, ViewDataset, run_extract  # noqa: E402
 from cospress.models.teachers import build_teacher  # noqa: E402
-from cospress.utils import autocast, autocast_dtype, pick_device  # noqa: E402
+from cospress.utils import autocast, autocast_dtype, pick_device, tune_malloc  # noqa: E402
 
 
 def bare_forward(teacher, batches: list[torch.Tensor], device, amp) -> float:
@@ -51,6 +55,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
+    tune_malloc()  # as every cospress stage does: both sides of the ratio run with it
 
     device = pick_device("auto")
     cfg = ExtractConfig(
