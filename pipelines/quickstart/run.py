@@ -36,10 +36,10 @@ STUDENT_SIZE = 64
 METHODS = ("cospress", "cosine")
 OOD_CLASSES = "5,6,7,8,9"
 
-# Sized on the 2-core build machine: the store writes ~25 images/s (4 views at 112 px), a distill
-# step of 192 views takes ~1 s on idle cores (bf16 with AMX, one loader process), and each evaluation
-# embeds 50-130 images/s. `full` took 7.9 minutes on idle cores (3,000 images; 2,000 took 25 minutes with the
-# machine shared by other jobs at a load of 6-7), `fast` about 3.
+# Sized on the 2-core build machine: the store writes ~150 images/s (4 views at 112 px), a distill
+# step of 192 views takes ~0.4 s on idle cores (bf16 with AMX, one loader process), and each evaluation
+# embeds 350-1,600 images/s. `full` took 3.4 minutes on idle cores (3,000 images; 7.9 minutes before the
+# CPU speed-ups of docs/performance.md), `fast` about 1.
 SIZES = {
     "full": {"train": 3000, "views": 4, "epochs": 3, "warmup": 0.5, "batch": 192, "test": 1000},
     "fast": {"train": 256, "views": 3, "epochs": 1, "warmup": 0.3, "batch": 96, "test": 200},
