@@ -285,24 +285,9 @@ def run_extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None 
             torch.distributed.destroy_process_group()
 
 
-def _extract(
-    cfg: ExtractConfig,
-    rank: int,
-    world: int,
-    device: torch.device,
-    distributed: bool,
-    progress: Callable[[int, int], None] | None,
-) -> dict[str, Any]:
-    source = open_source(cfg.data, limit=cfg.limit)
-    teacher = build_teacher(cfg.teacher, weights=cfg.weights, image_size=cfg.image_size).to(device)
-    if hasattr(teacher, "to_channels_last"):
-        teacher.to_channels_last()
-    amp = autocast_dtype(cfg.precision, device)
-    policy = cfg.policy()
-    num_views = cfg.views + int(cfg.center_view)
-    keys, labels = source.keys(), source.labels()
-    source_info = source.describe()
-    identity = {
+def _identity(cfg: ExtractConfig, teacher: Any, policy: ViewPolicy, source_info: dict, amp: Any) -> dict:
+    """What makes two extractions the same run (a rerun into the store must match it)."""
+    return {
         "teacher": teacher.describe(),
         "policy": {**policy.to_dict(), "fingerprint": policy.fingerprint()},
         "views": cfg.views,
@@ -314,6 +299,18 @@ def _extract(
         "param_names": list(PARAM_NAMES),
         "precision": str(amp).replace("torch.", "") if amp else "float32",
     }
+
+
+def _open_store(
+    cfg: ExtractConfig, teacher: Any, source: Any, amp: Any, rank: int, distributed: bool
+) -> tuple[StoreWriter, list[str], list[int], Any, int]:
+    """Create (rank 0) or open (other ranks) the store; returns (writer, keys and labels per store
+    row, the append plan or None, the estimated size in bytes)."""
+    policy = cfg.policy()
+    num_views = cfg.views + int(cfg.center_view)
+    keys, labels = source.keys(), source.labels()
+    source_info = source.describe()
+    identity = _identity(cfg, teacher, policy, source_info, amp)
     out = Path(cfg.out)
     plan = None
     if cfg.append:
@@ -358,41 +355,47 @@ def _extract(
         ident = identity if plan is None else plan.identity
         writer = StoreWriter.open(out, ident, overwrite=False, create=False, **open_kwargs)
         writer.protected_shards = 0 if plan is None else plan.old_shards
+    return writer, keys, labels, plan, estimate
 
-    committed = writer.committed_shards()
-    mine = [s for s in range(writer.num_shards) if s % world == rank]
-    pending = [s for s in mine if s not in committed]
-    if committed and rank == 0:
-        log.info("resuming: %d of %d shards already committed", len(committed), writer.num_shards)
-    total_images = sum(writer.shard_rows(s)[1] - writer.shard_rows(s)[0] for s in pending)
 
+@dataclass
+class _Pass:
+    """What one rank's pass over its pending shards did."""
+
+    done: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    reading: float = 0.0
+    teacher: float = 0.0
+    writing: float = 0.0
+
+
+def _run_teacher(
+    cfg: ExtractConfig,
+    loader: DataLoader,
+    teacher: Any,
+    writer: StoreWriter,
+    keys: list[str],
+    labels: list[int],
+    device: torch.device,
+    amp: Any,
+    decode: str,
+    total_images: int,
+    progress: Callable[[int, int], None] | None,
+) -> _Pass:
+    """Run the teacher over the loader's batches, fill shard buffers and hand every finished shard
+    to a background writer thread (so the teacher keeps running while it is compressed and written)."""
+    num_views = cfg.views + int(cfg.center_view)
     size = teacher.input_size
-    positions = None if plan is None else plan.positions
-    decode = resolve_decode(cfg.decode, device)
-    dataset = ViewDataset(
-        source, policy, cfg.seed, cfg.views, cfg.center_view, size, cfg.max_pixels, positions, decode
-    )
-    images_per_batch = max(1, cfg.batch_size // num_views)
-    batches = list(shard_batches(pending, writer.shard_rows, images_per_batch))
-    loader = DataLoader(
-        dataset,
-        batch_sampler=batches,
-        num_workers=cfg.workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if cfg.workers > 0 else None,
-    )
-
     bg = _Writer(writer)
     bg.start()
     buffers: dict[int, _ShardBuffer] = {}
-    done = skipped = 0
-    t_read = t_teacher = 0.0
+    res = _Pass()
     t_start = time.perf_counter()
     t0 = time.perf_counter()
     try:
         for items in loader:
-            t_read += time.perf_counter() - t0
+            res.reading += time.perf_counter() - t0
             shard = items[0]["row"] // cfg.shard_size
             if shard not in buffers:
                 start, stop = writer.shard_rows(shard)
@@ -412,14 +415,14 @@ def _extract(
                 if cfg.tokens:
                     tok = feats.tokens.to(torch.float16).reshape(len(good), num_views, teacher.num_tokens, -1)
                     tok = tok.cpu().numpy()
-            t_teacher += time.perf_counter() - t1
+            res.teacher += time.perf_counter() - t1
             g = 0
             for it in items:
                 i = it["row"] - buf.start
                 buf.views[i] = it["params"]
                 if it["images"] is None:
                     buf.skipped.append({"key": keys[it["row"]], "reason": it["reason"]})
-                    skipped += 1
+                    res.skipped += 1
                     log.warning("skipped %s: %s", keys[it["row"]], it["reason"])
                 else:
                     buf.cls[i] = cls[g]
@@ -428,29 +431,73 @@ def _extract(
                     buf.valid[i] = 1
                     g += 1
             buf.remaining -= len(items)
-            done += len(items)
+            res.done += len(items)
             if buf.remaining == 0:
                 bg.put(shard, buffers.pop(shard))
             if progress is not None:
-                progress(done, total_images)
+                progress(res.done, total_images)
             t0 = time.perf_counter()
     finally:
         bg.close()
-    elapsed = time.perf_counter() - t_start
+    res.seconds = time.perf_counter() - t_start
+    res.writing = bg.seconds
+    return res
+
+
+def _extract(
+    cfg: ExtractConfig,
+    rank: int,
+    world: int,
+    device: torch.device,
+    distributed: bool,
+    progress: Callable[[int, int], None] | None,
+) -> dict[str, Any]:
+    source = open_source(cfg.data, limit=cfg.limit)
+    teacher = build_teacher(cfg.teacher, weights=cfg.weights, image_size=cfg.image_size).to(device)
+    if hasattr(teacher, "to_channels_last"):
+        teacher.to_channels_last()
+    amp = autocast_dtype(cfg.precision, device)
+    writer, keys, labels, plan, estimate = _open_store(cfg, teacher, source, amp, rank, distributed)
+
+    committed = writer.committed_shards()
+    mine = [s for s in range(writer.num_shards) if s % world == rank]
+    pending = [s for s in mine if s not in committed]
+    if committed and rank == 0:
+        log.info("resuming: %d of %d shards already committed", len(committed), writer.num_shards)
+    total_images = sum(writer.shard_rows(s)[1] - writer.shard_rows(s)[0] for s in pending)
+
+    positions = None if plan is None else plan.positions
+    decode = resolve_decode(cfg.decode, device)
+    dataset = ViewDataset(
+        source, cfg.policy(), cfg.seed, cfg.views, cfg.center_view, teacher.input_size, cfg.max_pixels,
+        positions, decode,
+    )  # fmt: skip
+    images_per_batch = max(1, cfg.batch_size // (cfg.views + int(cfg.center_view)))
+    loader = DataLoader(
+        dataset,
+        batch_sampler=list(shard_batches(pending, writer.shard_rows, images_per_batch)),
+        num_workers=cfg.workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if cfg.workers > 0 else None,
+    )
+    res = _run_teacher(
+        cfg, loader, teacher, writer, keys, labels, device, amp, decode, total_images, progress
+    )
     _barrier(distributed)
     summary: dict[str, Any] = {
         "rank": rank,
         "world_size": world,
-        "images": done,
-        "skipped": skipped,
+        "images": res.done,
+        "skipped": res.skipped,
         "shards_written": len(pending),
         "shards_already_committed": len(mine) - len(pending),
-        "seconds": elapsed,
-        "images_per_second": done / elapsed if elapsed > 0 else 0.0,
-        "seconds_reading": t_read,
-        "seconds_teacher": t_teacher,
-        "seconds_writing": bg.seconds,
-        "store": str(out),
+        "seconds": res.seconds,
+        "images_per_second": res.done / res.seconds if res.seconds > 0 else 0.0,
+        "seconds_reading": res.reading,
+        "seconds_teacher": res.teacher,
+        "seconds_writing": res.writing,
+        "store": str(Path(cfg.out)),
         "estimated_bytes": estimate,
     }
     if rank == 0:
