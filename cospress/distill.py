@@ -462,8 +462,10 @@ class _Run:
             if self._metrics is not None:
                 self._metrics.close()
 
-    def _train(self, step: int, epoch: int, pos: int, state: dict | None) -> dict[str, Any]:
-        cfg, ctx, model = self.cfg, self.ctx, self.model
+    def _setup_optimizer(self, state: dict | None) -> bool:
+        """Fit and freeze the compressor first when asked; build AdamW (restored on resume).
+        Returns whether the compressor is frozen."""
+        cfg, model = self.cfg, self.model
         frozen = False
         if cfg.compressor_first:
             if state is None:
@@ -486,63 +488,79 @@ class _Run:
             ckpt.set_rng_state(state["rng"])
         elif cfg.compressor_first:
             self._save("last", 0, 0, 0)  # the fitted compressor survives a kill
+        return frozen
+
+    def _epoch_loader(self, epoch: int, pos: int) -> tuple[BatchPlan, torch.utils.data.DataLoader]:
+        """This rank's batch plan for ``epoch`` and a loader starting at batch ``pos``."""
+        cfg, ctx = self.cfg, self.ctx
+        plan = BatchPlan(
+            self.split.train,
+            seed=cfg.seed,
+            epoch=epoch,
+            batch_size=cfg.batch_size,
+            views_per_image=cfg.views_per_image,
+            num_views=self.reader.num_views,
+            rank=ctx.rank,
+            world=ctx.world,
+        )
+        loader = torch.utils.data.DataLoader(
+            DistillBatches(
+                self.lazy, plan, self.source_index, cfg.student_size, self.use_tokens, self.decode
+            ),
+            batch_size=1,
+            sampler=StepSampler(pos, len(plan)),
+            collate_fn=collate_batch,
+            num_workers=cfg.workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
+        )
+        return plan, loader
+
+    def _step(self, dmodel: nn.Module, batch: dict[str, Any], lr: float, frozen: bool) -> dict[str, float]:
+        """One optimizer step on a batch; returns the loss terms averaged over ranks."""
+        cfg = self.cfg
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        teacher = teacher_features(batch, self.device, self.grid_t, self.grid_s)
+        images = device_images(batch, cfg.student_size, self.device)
+        terms = compute_losses(
+            dmodel,
+            images,
+            teacher,
+            method=cfg.method,
+            temperatures=cfg.temperatures,
+            weights={"local": cfg.w_local, "global": cfg.w_global, "tokens": cfg.w_tokens, "cls": cfg.w_cls},
+            use_tokens=self.use_tokens,
+            frozen_compressor=frozen,
+        )
+        self.opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        names = sorted(terms)
+        vals = D.all_reduce_mean(torch.stack([terms[k].detach().float() for k in names])).tolist()
+        return dict(zip(names, vals, strict=True))
+
+    def _train(self, step: int, epoch: int, pos: int, state: dict | None) -> dict[str, Any]:
+        cfg, ctx, model = self.cfg, self.ctx, self.model
+        frozen = self._setup_optimizer(state)
         dmodel: nn.Module = model
         if ctx.enabled:
             dmodel = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        weights = {"local": cfg.w_local, "global": cfg.w_global, "tokens": cfg.w_tokens, "cls": cfg.w_cls}
         total_views = self.total_steps * cfg.batch_size
         t_start, views_done, last_row = time.perf_counter(), 0, {}
         while epoch < cfg.epochs:
-            plan = BatchPlan(
-                self.split.train,
-                seed=cfg.seed,
-                epoch=epoch,
-                batch_size=cfg.batch_size,
-                views_per_image=cfg.views_per_image,
-                num_views=self.reader.num_views,
-                rank=ctx.rank,
-                world=ctx.world,
-            )
-            loader = torch.utils.data.DataLoader(
-                DistillBatches(
-                    self.lazy, plan, self.source_index, cfg.student_size, self.use_tokens, self.decode
-                ),
-                batch_size=1,
-                sampler=StepSampler(pos, len(plan)),
-                collate_fn=collate_batch,
-                num_workers=cfg.workers,
-                pin_memory=self.device.type == "cuda",
-                generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
-            )
+            plan, loader = self._epoch_loader(epoch, pos)
             t0 = time.perf_counter()
             for batch in loader:
                 t_data = time.perf_counter() - t0
                 lr = lr_at(step, self.total_steps, self.warmup, cfg.lr, cfg.min_lr)
-                for g in self.opt.param_groups:
-                    g["lr"] = lr
-                teacher = teacher_features(batch, self.device, self.grid_t, self.grid_s)
-                images = device_images(batch, cfg.student_size, self.device)
-                terms = compute_losses(
-                    dmodel,
-                    images,
-                    teacher,
-                    method=cfg.method,
-                    temperatures=cfg.temperatures,
-                    weights=weights,
-                    use_tokens=self.use_tokens,
-                    frozen_compressor=frozen,
-                )
-                self.opt.zero_grad(set_to_none=True)
-                terms["total"].backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                self.opt.step()
+                losses = self._step(dmodel, batch, lr, frozen)
                 step += 1
                 pos = int(batch["step"]) + 1
-                names = sorted(terms)
-                vals = D.all_reduce_mean(torch.stack([terms[k].detach().float() for k in names])).tolist()
                 dt = time.perf_counter() - t0
                 views_done += cfg.batch_size
                 last_row = {
@@ -550,7 +568,7 @@ class _Run:
                     "step": step,
                     "epoch": epoch,
                     "lr": lr,
-                    **{f"loss/{k}": v for k, v in zip(names, vals, strict=True)},
+                    **{f"loss/{k}": v for k, v in losses.items()},
                     "images_per_s": cfg.batch_size / max(dt, 1e-9),
                     "time_data_s": t_data,
                     "time_step_s": dt,
