@@ -140,30 +140,9 @@ def run_knn_eval(cfg: EvalConfig) -> dict:
 
     # ---- bank
     t = time.perf_counter()
-    if cfg.bank_store:
-        bank, bank_labels, manifest = bank_from_store(cfg.bank_store)
-        _check_store_bank(manifest, model, bank)
-        data["train"] = {
-            "store": cfg.bank_store,
-            "source": manifest.get("source"),
-            "teacher": manifest.get("teacher"),
-        }
-    else:
-        train_src = open_source(cfg.train, limit=cfg.limit_train)
-        emb = embed_source(model, train_src, **emb_kw)
-        bank = emb.features[emb.valid]
-        bank_labels = np.asarray(train_src.labels(), dtype=np.int64)[emb.valid]
-        data["train"] = _data_entry(train_src, emb)
+    bank, bank_labels = _embed_bank(cfg, model, emb_kw, data)
     timer("embed_train", t)
     held = np.asarray(sorted(set(cfg.ood_classes)), dtype=np.int64)
-    keep = (bank_labels >= 0) & ~np.isin(bank_labels, held)
-    if (bank_labels < 0).any():
-        log.warning("bank: %d unlabelled rows left out", int((bank_labels < 0).sum()))
-    bank, bank_labels = bank[keep], bank_labels[keep]
-    if len(bank) == 0:
-        raise ConfigError(
-            "the bank has no labelled rows of in-distribution classes; check --train / --ood-classes"
-        )
 
     # ---- queries
     t = time.perf_counter()
@@ -223,35 +202,10 @@ def run_knn_eval(cfg: EvalConfig) -> dict:
         timer("fidelity", t)
 
     # ---- robustness
-    id_rows = np.flatnonzero(id_mask)
-    rob: dict[str, Any] = {}
-    if cfg.robustness:
-        t = time.perf_counter()
-        rows = _subset(id_rows, cfg.robustness_max, cfg.seed)
-        rob.update(
-            _corruptions(
-                model,
-                test_src,
-                test,
-                rows,
-                index,
-                bank_labels,
-                test_labels,
-                main_k,
-                temperature,
-                num_classes,
-                emb_kw,
-            )
-        )
-        timer("robustness", t)
-    if cfg.attack:
-        t = time.perf_counter()
-        rows = _subset(id_rows, min(cfg.attack_max, cfg.robustness_max), cfg.seed + 1)
-        rob["attack"] = _attack(
-            model, test_src, rows, index, bank_labels, test_labels, main_k, temperature, num_classes, cfg
-        )
-        rob["attack_images"] = int(len(rows))
-        timer("attack", t)
+    rob = _robustness(
+        cfg, model, test_src, test, np.flatnonzero(id_mask), index, bank_labels, test_labels,
+        main_k, temperature, num_classes, emb_kw, timer,
+    )  # fmt: skip
     if rob:
         report["robustness"] = rob
 
@@ -280,6 +234,82 @@ def run_knn_eval(cfg: EvalConfig) -> dict:
         f", AUROC {report['auroc']:.4f}" if "auroc" in report else "",
     )
     return report
+
+
+def _embed_bank(cfg: EvalConfig, model: Any, emb_kw: dict, data: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The kNN bank (features, labels): from a store's cached teacher features or by embedding
+    ``cfg.train``; unlabelled rows and the held-out OOD classes are left out."""
+    if cfg.bank_store:
+        bank, bank_labels, manifest = bank_from_store(cfg.bank_store)
+        _check_store_bank(manifest, model, bank)
+        data["train"] = {
+            "store": cfg.bank_store,
+            "source": manifest.get("source"),
+            "teacher": manifest.get("teacher"),
+        }
+    else:
+        train_src = open_source(cfg.train, limit=cfg.limit_train)
+        emb = embed_source(model, train_src, **emb_kw)
+        bank = emb.features[emb.valid]
+        bank_labels = np.asarray(train_src.labels(), dtype=np.int64)[emb.valid]
+        data["train"] = _data_entry(train_src, emb)
+    held = np.asarray(sorted(set(cfg.ood_classes)), dtype=np.int64)
+    keep = (bank_labels >= 0) & ~np.isin(bank_labels, held)
+    if (bank_labels < 0).any():
+        log.warning("bank: %d unlabelled rows left out", int((bank_labels < 0).sum()))
+    bank, bank_labels = bank[keep], bank_labels[keep]
+    if len(bank) == 0:
+        raise ConfigError(
+            "the bank has no labelled rows of in-distribution classes; check --train / --ood-classes"
+        )
+    return bank, bank_labels
+
+
+def _robustness(
+    cfg: EvalConfig,
+    model: Any,
+    test_src: Any,
+    test: Embeddings,
+    id_rows: np.ndarray,
+    index: Any,
+    bank_labels: np.ndarray,
+    test_labels: np.ndarray,
+    main_k: int,
+    temperature: float,
+    num_classes: int,
+    emb_kw: dict,
+    timer: _Timer,
+) -> dict[str, Any]:
+    """kNN accuracy under corruptions and under the feature attack, on subsets of the test images."""
+    rob: dict[str, Any] = {}
+    if cfg.robustness:
+        t = time.perf_counter()
+        rows = _subset(id_rows, cfg.robustness_max, cfg.seed)
+        rob.update(
+            _corruptions(
+                model,
+                test_src,
+                test,
+                rows,
+                index,
+                bank_labels,
+                test_labels,
+                main_k,
+                temperature,
+                num_classes,
+                emb_kw,
+            )  # fmt: skip
+        )
+        timer("robustness", t)
+    if cfg.attack:
+        t = time.perf_counter()
+        rows = _subset(id_rows, min(cfg.attack_max, cfg.robustness_max), cfg.seed + 1)
+        rob["attack"] = _attack(
+            model, test_src, rows, index, bank_labels, test_labels, main_k, temperature, num_classes, cfg
+        )
+        rob["attack_images"] = int(len(rows))
+        timer("attack", t)
+    return rob
 
 
 def _data_entry(src: Any, emb: Embeddings) -> dict:
