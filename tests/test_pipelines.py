@@ -210,3 +210,17 @@ def test_cli_reference_is_current():
         cwd=ROOT,
     )
     assert res.returncode == 0, res.stderr + " (run: .venv/bin/python pipelines/tools/gen_cli_docs.py)"
+
+
+@pytest.mark.parametrize("script", ["bench_extract.py", "bench_distill.py"])
+def test_benchmark_scripts_import_and_parse_their_flags(script):
+    """The stage benchmarks import their sibling helper and list the flags the docs use."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "bench" / script), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    ).stdout
+    for flag in ("--workers", "--teacher", "--random-teacher"):
+        assert flag in out, flag

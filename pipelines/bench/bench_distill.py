@@ -33,6 +33,7 @@ import cospress  # noqa: E402, F401  first: it sets the OpenMP wait policy befor
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_common import random_teacher_weights  # noqa: E402
 
 from cospress.distill import DistillConfig, DistillModel, compute_losses, param_groups, run_distill  # noqa: E402
 from cospress.distill_data import (  # noqa: E402
@@ -61,21 +62,6 @@ def make_store(path: Path, images: int, views: int, workers: int) -> str:
             limit=images, workers=workers, batch_size=128, shard_size=128, out=str(path),
         )  # fmt: skip
         run_extract(cfg)
-    return str(path)
-
-
-def random_teacher_weights(work: Path, name: str, size: int) -> str:
-    """A random-init state dict of the teacher, saved for --weights (its speed is the real model's)."""
-    from safetensors.torch import save_file
-
-    from cospress.models.teachers import build_teacher
-
-    path = work / f"random-{name}-{size}.safetensors"
-    work.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        torch.manual_seed(0)
-        model = build_teacher(name, image_size=size, pretrained=False).model
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return str(path)
 
 

@@ -16,6 +16,7 @@ import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,6 +25,7 @@ import cospress  # noqa: E402, F401  first: it sets the OpenMP wait policy befor
 # isort: split
 
 import torch  # noqa: E402
+from bench_common import random_teacher_weights  # noqa: E402
 
 from cospress.data.sources import open_source  # noqa: E402
 from cospress.extract import ExtractConfig, ViewDataset, run_extract  # noqa: E402
@@ -47,6 +49,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="fashion-mnist:train")
     p.add_argument("--teacher", default="efficientnet_lite0")
+    p.add_argument(
+        "--random-teacher", action="store_true", help="random-init teacher weights (timing only, no download)"
+    )
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--limit", type=int, default=2048)
@@ -58,7 +63,13 @@ def main() -> None:
     tune_malloc()  # as every cospress stage does: both sides of the ratio run with it
 
     device = pick_device("auto")
+    weights = None
+    if args.random_teacher:
+        weights = random_teacher_weights(
+            Path(tempfile.mkdtemp(prefix="bench-teacher-")), args.teacher, args.image_size
+        )
     cfg = ExtractConfig(
+        weights=weights,
         data=args.data,
         teacher=args.teacher,
         image_size=args.image_size,
@@ -69,7 +80,7 @@ def main() -> None:
         shard_size=512,
     )
     amp = autocast_dtype(cfg.precision, device)
-    teacher = build_teacher(cfg.teacher, image_size=cfg.image_size).to(device)
+    teacher = build_teacher(cfg.teacher, weights=cfg.weights, image_size=cfg.image_size).to(device)
     if hasattr(teacher, "to_channels_last"):
         teacher.to_channels_last()
     source = open_source(cfg.data, limit=cfg.limit)
@@ -91,7 +102,7 @@ def main() -> None:
             f"writing {summary['seconds_writing']:.1f}s)"
         )
     result = {
-        "teacher": cfg.teacher,
+        "teacher": cfg.teacher + (" (random weights)" if args.random_teacher else ""),
         "image_size": cfg.image_size,
         "views": cfg.views,
         "images": len(ds),
