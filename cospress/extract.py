@@ -89,6 +89,11 @@ class ExtractConfig:
         if not 0 < self.scale_min <= self.scale_max <= 1:
             raise ConfigError(f"need 0 < scale-min <= scale-max <= 1, got {self.scale_min}, {self.scale_max}")
 
+    @property
+    def stored_views(self) -> int:
+        """Views stored per image: the K random views, plus the centre view when asked for."""
+        return self.views + int(self.center_view)
+
     def policy(self) -> ViewPolicy:
         return ViewPolicy(
             scale=(self.scale_min, self.scale_max),
@@ -307,7 +312,7 @@ def _open_store(
     """Create (rank 0) or open (other ranks) the store; returns (writer, keys and labels per store
     row, the append plan or None, the estimated size in bytes)."""
     policy = cfg.policy()
-    num_views = cfg.views + int(cfg.center_view)
+    num_views = cfg.stored_views
     keys, labels = source.keys(), source.labels()
     source_info = source.describe()
     identity = _identity(cfg, teacher, policy, source_info, amp)
@@ -385,7 +390,7 @@ def _run_teacher(
 ) -> _Pass:
     """Run the teacher over the loader's batches, fill shard buffers and hand every finished shard
     to a background writer thread (so the teacher keeps running while it is compressed and written)."""
-    num_views = cfg.views + int(cfg.center_view)
+    num_views = cfg.stored_views
     size = teacher.input_size
     bg = _Writer(writer)
     bg.start()
@@ -472,7 +477,7 @@ def _extract(
         source, cfg.policy(), cfg.seed, cfg.views, cfg.center_view, teacher.input_size, cfg.max_pixels,
         positions, decode,
     )  # fmt: skip
-    images_per_batch = max(1, cfg.batch_size // (cfg.views + int(cfg.center_view)))
+    images_per_batch = max(1, cfg.batch_size // cfg.stored_views)
     loader = DataLoader(
         dataset,
         batch_sampler=list(shard_batches(pending, writer.shard_rows, images_per_batch)),

@@ -140,9 +140,9 @@ def run_knn_eval(cfg: EvalConfig) -> dict:
 
     # ---- bank
     t = time.perf_counter()
-    bank, bank_labels = _embed_bank(cfg, model, emb_kw, data)
-    timer("embed_train", t)
     held = np.asarray(sorted(set(cfg.ood_classes)), dtype=np.int64)
+    bank, bank_labels = _embed_bank(cfg, model, emb_kw, held, data)
+    timer("embed_train", t)
 
     # ---- queries
     t = time.perf_counter()
@@ -236,9 +236,11 @@ def run_knn_eval(cfg: EvalConfig) -> dict:
     return report
 
 
-def _embed_bank(cfg: EvalConfig, model: Any, emb_kw: dict, data: dict) -> tuple[np.ndarray, np.ndarray]:
+def _embed_bank(
+    cfg: EvalConfig, model: Any, emb_kw: dict, held: np.ndarray, data: dict
+) -> tuple[np.ndarray, np.ndarray]:
     """The kNN bank (features, labels): from a store's cached teacher features or by embedding
-    ``cfg.train``; unlabelled rows and the held-out OOD classes are left out."""
+    ``cfg.train``; unlabelled rows and the held-out OOD classes ``held`` are left out."""
     if cfg.bank_store:
         bank, bank_labels, manifest = bank_from_store(cfg.bank_store)
         _check_store_bank(manifest, model, bank)
@@ -253,7 +255,6 @@ def _embed_bank(cfg: EvalConfig, model: Any, emb_kw: dict, data: dict) -> tuple[
         bank = emb.features[emb.valid]
         bank_labels = np.asarray(train_src.labels(), dtype=np.int64)[emb.valid]
         data["train"] = _data_entry(train_src, emb)
-    held = np.asarray(sorted(set(cfg.ood_classes)), dtype=np.int64)
     keep = (bank_labels >= 0) & ~np.isin(bank_labels, held)
     if (bank_labels < 0).any():
         log.warning("bank: %d unlabelled rows left out", int((bank_labels < 0).sum()))
@@ -298,7 +299,7 @@ def _robustness(
                 temperature,
                 num_classes,
                 emb_kw,
-            )  # fmt: skip
+            )
         )
         timer("robustness", t)
     if cfg.attack:

@@ -20,6 +20,7 @@ anything else and callers fall back to zarr.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections import OrderedDict
@@ -40,7 +41,8 @@ _EMPTY = np.uint64(2**64 - 1)  # offset and nbytes of a chunk that is not stored
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 
 
-def _chunk_order(grid: tuple[int, ...]) -> list[tuple[int, ...]]:
+@functools.lru_cache(maxsize=32)
+def _chunk_order(grid: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     """The order zarr-python writes inner chunks in (Morton order), else C order.
 
     The order does not matter to readers (the index says where each chunk is); following zarr's
@@ -49,9 +51,9 @@ def _chunk_order(grid: tuple[int, ...]) -> list[tuple[int, ...]]:
     try:
         from zarr.core.indexing import morton_order_iter
 
-        return [tuple(int(v) for v in c) for c in morton_order_iter(grid)]
+        return tuple(tuple(int(v) for v in c) for c in morton_order_iter(grid))
     except Exception:  # a zarr version without it: C order is as valid
-        return list(product(*(range(g) for g in grid)))
+        return tuple(product(*(range(g) for g in grid)))
 
 
 @dataclass(frozen=True)

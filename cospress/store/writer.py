@@ -23,6 +23,7 @@ from zarr.codecs import BloscCodec
 import cospress
 from cospress.errors import StoreError
 from cospress.store import manifest as mf
+from cospress.store.shardio import ShardLayout, encode_shard
 from cospress.utils import atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class StoreWriter:
         self.num_shards = (self.num_rows + self.shard_size - 1) // self.shard_size
         # Shards below this index belong to a published manifest (append): never rewritten.
         self.protected_shards = 0
+        # Arrays whose shard files `shardio` encodes (None: written through zarr)
+        self.layouts = {n: ShardLayout.from_metadata(a.metadata.to_dict()) for n, a in arrays.items()}
 
     @classmethod
     def open(
@@ -285,12 +288,10 @@ class StoreWriter:
         Arrays whose codecs `shardio` handles are encoded here and the file is replaced atomically
         (zarr would spend ~1 ms per inner chunk: ~1 s for a tokens shard); others go through zarr.
         """
-        from cospress.store.shardio import ShardLayout, encode_shard
-
         path = self.path / key
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed run
             stale.unlink(missing_ok=True)
-        layout = ShardLayout.from_metadata(self.arrays[name].metadata.to_dict())
+        layout = self.layouts[name]
         if layout is None:
             self.arrays[name][start:stop] = value  # one assignment per shard: its file is written once
             return sha256_file(path)
