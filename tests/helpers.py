@@ -44,6 +44,22 @@ def make_tiny_teacher_weights(path: Path, name: str = "test_vit", seed: int = 0,
     return path
 
 
+def torchrun_cli(port: int, *args: str) -> list[str]:
+    """The command line of `torchrun --nproc-per-node 2 -m cospress ARGS` (gloo ranks on this machine)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(port),
+        "-m",
+        "cospress",
+        *args,
+    ]
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["HF_HUB_OFFLINE"] = "1"

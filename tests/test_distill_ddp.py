@@ -90,23 +90,14 @@ def test_torchrun_two_ranks_through_the_cli(tmp_path):
     """`torchrun --nproc-per-node 2 -m cospress distill ...` trains on CPU (gloo) and writes one run."""
     import json
     import subprocess
-    import sys
 
-    from tests.helpers import cli_env
+    from tests.helpers import cli_env, torchrun_cli
     from tests.test_distill import TINY_STUDENT, make_store
 
     url, _ = make_store(tmp_path, n=24, shard_size=8)
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29544",
-        "-m",
-        "cospress",
+    cmd = torchrun_cli(
+        29544,
         "distill",
         "--store",
         url,
@@ -129,7 +120,7 @@ def test_torchrun_two_ranks_through_the_cli(tmp_path):
         "--student-size",
         str(TINY_STUDENT["student_size"]),
         "--no-progress",
-    ]
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -17,7 +17,7 @@ import torch
 import zarr
 from PIL import Image
 
-from tests.helpers import cli_env, make_image_folder, make_tiny_teacher_weights, run_cli
+from tests.helpers import cli_env, make_image_folder, make_tiny_teacher_weights, run_cli, torchrun_cli
 
 ARRAYS = ("cls", "tokens", "views", "labels", "valid", "keys")
 
@@ -157,18 +157,7 @@ def test_sigkill_then_rerun_is_bitwise_identical(reference_store, images, weight
 
 def test_two_ranks_equal_one_process(reference_store, images, weights, tmp_path):
     out = tmp_path / "store"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29533",
-        "-m",
-        "cospress",
-        *_args(images, weights, out),
-    ]
+    cmd = torchrun_cli(29533, *_args(images, weights, out))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same(_arrays(reference_store), _arrays(out))
