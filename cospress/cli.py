@@ -1,18 +1,22 @@
 """The ``cospress`` command line: parse flags -> config -> call a runner; progress bars and tables.
 
-Every command's flags map one to one to its config dataclass; a flag the user does not give is left
-to the YAML file (``--config``) and then to the defaults.
+A stage command's flags are generated from its config dataclass (``stage_command``): each field is
+one flag, with the field's help and default. A flag the user does not give is left to the YAML file
+(``--config``) and then to the defaults.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import typer
@@ -30,7 +34,11 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from cospress.config import load_config
+from cospress.distill.config import DistillConfig
 from cospress.errors import CospressError
+from cospress.evaluate.config import EvalConfig
+from cospress.extract.config import ExtractConfig
 
 app = typer.Typer(
     name="cospress",
@@ -120,10 +128,6 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def _overrides(**kwargs: Any) -> dict[str, Any]:
-    return {k: v for k, v in kwargs.items() if v is not None}
-
-
 def _table(title: str, rows: list[tuple[str, Any]]) -> None:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -133,119 +137,117 @@ def _table(title: str, rows: list[tuple[str, Any]]) -> None:
     Console().print(table)
 
 
-# --------------------------------------------------------------------------- extract-teacher
-@app.command("extract-teacher")
-def extract_teacher(
-    data: str = typer.Option(
-        None, "--data", help="Image source: folder:PATH, wds:PATTERN, fashion-mnist:train|test."
-    ),
-    teacher: str = typer.Option(
-        None, "--teacher", help="timm model name (hub weights), or efficientnet_lite0 (offline)."
-    ),
-    weights: str = typer.Option(
-        None, "--weights", help="Local weights file (safetensors or a torch state dict)."
-    ),
-    views: int = typer.Option(None, "--views", help="K augmented views per image [default: 8]."),
-    image_size: int = typer.Option(
-        None, "--image-size", help="Teacher input resolution [default: the teacher's]."
-    ),
-    limit: int = typer.Option(None, "--limit", help="Use a deterministic subset of N images."),
-    tokens: bool = typer.Option(None, "--tokens/--no-tokens", help="Store patch tokens [default: yes]."),
-    center_view: bool = typer.Option(
-        None, "--center-view/--no-center-view", help="Also store the full-image view."
-    ),
-    seed: int = typer.Option(None, "--seed", help="Seed of the view parameters [default: 0]."),
-    workers: int = typer.Option(
-        None, "--workers", help="Decoding processes [default: cores - 1, at most 8]."
-    ),
-    batch_size: int = typer.Option(None, "--batch-size", help="Views per teacher forward [default: 256]."),
-    shard_size: int = typer.Option(None, "--shard-size", help="Images per shard [default: 1024]."),
-    scale_min: float = typer.Option(
-        None, "--scale-min", help="RandomResizedCrop minimum area [default: 0.08]."
-    ),
-    scale_max: float = typer.Option(
-        None, "--scale-max", help="RandomResizedCrop maximum area [default: 1.0]."
-    ),
-    flip: float = typer.Option(None, "--flip", help="Probability of a horizontal flip [default: 0.5]."),
-    color_jitter: float = typer.Option(
-        None, "--color-jitter", help="Probability of colour jitter [default: 0]."
-    ),
-    grayscale: float = typer.Option(None, "--grayscale", help="Probability of grayscale [default: 0]."),
-    blur: float = typer.Option(None, "--blur", help="Probability of gaussian blur [default: 0]."),
-    max_pixels: int = typer.Option(
-        None, "--max-pixels", help="Skip images with more pixels (decompression bombs)."
-    ),
-    precision: str = typer.Option(None, "--precision", help="auto (bf16 on CUDA / AMX CPUs), bf16 or fp32."),
-    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
-    decode: str = typer.Option(
-        None, "--decode", help="cpu (worker processes), gpu (nvjpeg + replay on the GPU), device or auto."
-    ),
-    out: str = typer.Option(None, "--out", help="Store directory [default: ./store]."),
-    overwrite: bool = typer.Option(
-        None, "--overwrite", help="Replace an existing store made with other settings."
-    ),
-    append: bool = typer.Option(
-        None, "--append", help="Add the images of --data that the complete store lacks (new shards)."
-    ),
-    config: str = typer.Option(None, "--config", help="YAML file of settings (flags win)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-) -> None:
-    """Stage 1: run the teacher once over K recorded views of every image into a Zarr store."""
-    with user_errors():
-        from cospress.config import load_config
-        from cospress.extract import ExtractConfig, run_extract
+# --------------------------------------------------------------------------- flags from the configs
+CLI_ONLY = ("config", "progress")  # flags of a stage command that are not config fields
 
-        cfg = load_config(
-            ExtractConfig,
-            config,
-            _overrides(
-                data=data,
-                teacher=teacher,
-                weights=weights,
-                views=views,
-                image_size=image_size,
-                limit=limit,
-                tokens=tokens,
-                center_view=center_view,
-                seed=seed,
-                workers=workers,
-                batch_size=batch_size,
-                shard_size=shard_size,
-                scale_min=scale_min,
-                scale_max=scale_max,
-                flip=flip,
-                color_jitter=color_jitter,
-                grayscale=grayscale,
-                blur=blur,
-                max_pixels=max_pixels,
-                precision=precision,
-                device=device,
-                decode=decode,
-                out=out,
-                overwrite=overwrite,
-                append=append,
-            ),
+
+def flag_names(f: dataclasses.Field) -> list[str]:
+    """The flag of a config field: ``--field-name``, ``--x/--no-x`` for booleans, or its declared one."""
+    if f.metadata.get("flag"):
+        return [f.metadata["flag"]]
+    dashed = "--" + f.name.replace("_", "-")
+    return [f"{dashed}/--no-{dashed[2:]}"] if f.type in (bool, "bool") else [dashed]
+
+
+def _flag_type(f: dataclasses.Field, hint: Any) -> Any:
+    """The type typer parses; lists, tuples and dicts arrive as text that the config coerces."""
+    if f.metadata.get("repeatable"):
+        return list[str]
+    inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return inner[0] if inner[0] in (bool, int, float, str) else str
+
+
+def _shown_default(f: dataclasses.Field, flag: str) -> str | bool:
+    if f.metadata.get("shown") is not None:
+        return f.metadata["shown"]
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    if isinstance(default, bool):
+        on, _, off = flag.partition("/")
+        return (on if default else off) or False
+    if default is None or default == "":
+        return False
+    if isinstance(default, (list, tuple)):
+        return ",".join(str(v) for v in default)
+    return str(default)
+
+
+def config_parameters(cls: type) -> list[inspect.Parameter]:
+    """One typer option per field of a stage config, defaulting to None (= not given on the line)."""
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        names = flag_names(f)
+        option = typer.Option(None, *names, help=f.metadata["help"], show_default=_shown_default(f, names[0]))
+        kind = inspect.Parameter.KEYWORD_ONLY
+        params.append(
+            inspect.Parameter(f.name, kind, default=option, annotation=_flag_type(f, hints[f.name]))
         )
-        with progress_bar("extract", progress) as update:
-            summary = run_extract(cfg, progress=update)
-    if summary["rank"] == 0:
-        rows = [
-            ("store", summary["store"]),
-            ("images (this rank)", summary["images"]),
-            ("skipped inputs (total)", summary.get("skipped_total", summary["skipped"])),
-            (
-                "shards written / already there",
-                f"{summary['shards_written']} / {summary['shards_already_committed']}",
-            ),
-            ("images/s", f"{summary['images_per_second']:.1f}"),
-            (
-                "time reading / teacher / writing",
-                "{:.1f}s / {:.1f}s / {:.1f}s".format(
-                    summary["seconds_reading"], summary["seconds_teacher"], summary["seconds_writing"]
-                ),
-            ),
+    return params
+
+
+def stage_command(name: str, cls: type, *, progress: bool = True) -> Callable[[Callable], Callable]:
+    """Register ``body(cfg, show_progress)`` as a command whose flags are the fields of ``cls``,
+    plus ``--config FILE.yaml`` (defaults < file < flags) and ``--progress/--no-progress``."""
+
+    def register(body: Callable[[Any, bool], None]) -> Callable:
+        def command(**flags: Any) -> None:
+            config_file = flags.pop("config")
+            show = flags.pop("progress", True)
+            given = {k: (None if isinstance(v, (list, tuple)) and not v else v) for k, v in flags.items()}
+            with user_errors():
+                body(load_config(cls, config_file, given), show)
+
+        extra = [
+            inspect.Parameter(
+                "config",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(None, "--config", help="YAML file of settings (flags win)."),
+                annotation=str,
+            )
         ]
-        _table("extract-teacher", rows)
+        if progress:
+            extra.append(
+                inspect.Parameter(
+                    "progress",
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+                    annotation=bool,
+                )
+            )
+        command.__signature__ = inspect.Signature(config_parameters(cls) + extra)  # type: ignore[attr-defined]
+        command.__doc__ = body.__doc__
+        command.__name__ = body.__name__
+        app.command(name)(command)
+        return body
+
+    return register
+
+
+# --------------------------------------------------------------------------- extract-teacher
+@stage_command("extract-teacher", ExtractConfig)
+def extract_teacher(cfg: ExtractConfig, show_progress: bool) -> None:
+    """Stage 1: run the teacher once over K recorded views of every image into a Zarr store."""
+    from cospress.extract import run_extract
+
+    with progress_bar("extract", show_progress) as update:
+        summary = run_extract(cfg, progress=update)
+    if summary["rank"] != 0:
+        return
+    seconds = "{:.1f}s / {:.1f}s / {:.1f}s".format(
+        summary["seconds_reading"], summary["seconds_teacher"], summary["seconds_writing"]
+    )
+    rows = [
+        ("store", summary["store"]),
+        ("images (this rank)", summary["images"]),
+        ("skipped inputs (total)", summary.get("skipped_total", summary["skipped"])),
+        (
+            "shards written / already there",
+            f"{summary['shards_written']} / {summary['shards_already_committed']}",
+        ),
+        ("images/s", f"{summary['images_per_second']:.1f}"),
+        ("time reading / teacher / writing", seconds),
+    ]
+    _table("extract-teacher", rows)
 
 
 # --------------------------------------------------------------------------- inspect / verify
@@ -295,144 +297,13 @@ def verify_cmd(
 
 
 # --------------------------------------------------------------------------- distill
-@app.command("distill")
-def distill_cmd(
-    store: str = typer.Option(None, "--store", help="Store path or fsspec URL (from extract-teacher)."),
-    student: str = typer.Option(
-        None, "--student", help="timm model name of the student [default: vit_tiny_patch16_224]."
-    ),
-    student_size: int = typer.Option(None, "--student-size", help="Student input resolution [default: 64]."),
-    student_kwargs: str = typer.Option(
-        None, "--student-kwargs", help="Extra timm kwargs as JSON, e.g. '{\"depth\": 6}'."
-    ),
-    pretrained: bool = typer.Option(
-        None, "--pretrained/--random-init", help="Start the student from hub weights."
-    ),
-    method: str = typer.Option(None, "--method", help="cospress (the paper), cosine, mse or smooth-l1."),
-    compressor: str = typer.Option(None, "--compressor", help="Compressor h: linear (paper) or mlp."),
-    compressor_first: bool = typer.Option(
-        None, "--compressor-first", help="Fit h from the store alone, freeze it, then train the student."
-    ),
-    compressor_epochs: int = typer.Option(
-        None, "--compressor-epochs", help="Epochs of the compressor-only fit."
-    ),
-    views_per_image: int = typer.Option(
-        None, "--views-per-image", help="R views of each image in a batch [default: 3]."
-    ),
-    epochs: int = typer.Option(None, "--epochs", help="Training epochs [default: 5]."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Views per global batch [default: 192]."),
-    lr: float = typer.Option(None, "--lr", help="AdamW learning rate [default: 5e-4]."),
-    min_lr: float = typer.Option(
-        None, "--min-lr", help="Final learning rate of the cosine schedule [default: 1e-5]."
-    ),
-    weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay [default: 0.05]."),
-    warmup_epochs: float = typer.Option(None, "--warmup-epochs", help="Linear warm-up epochs [default: 1]."),
-    temperatures: str = typer.Option(
-        None, "--temperatures", help="Similarity temperatures, e.g. 0.01,0.02,...,0.1."
-    ),
-    use_tokens: bool = typer.Option(
-        None, "--tokens/--no-tokens", help="Use the token terms (when the store has tokens)."
-    ),
-    data: str = typer.Option(None, "--data", help="Image source [default: the one recorded in the store]."),
-    cache_dir: str = typer.Option(None, "--cache-dir", help="Local cache for a remote store."),
-    expect_teacher: str = typer.Option(
-        None, "--expect-teacher", help="Refuse a store made by another teacher (fingerprint or name)."
-    ),
-    val_fraction: float = typer.Option(
-        None, "--val-fraction", help="Store rows held out for kNN validation [default: 0.05]."
-    ),
-    save_every: int = typer.Option(None, "--save-every", help="Also save `last` every N steps."),
-    betas: str = typer.Option(None, "--betas", help="AdamW betas, e.g. 0.9,0.999."),
-    grad_clip: float = typer.Option(None, "--grad-clip", help="Max gradient norm; 0 = off [default: 0]."),
-    w_local: float = typer.Option(
-        None, "--w-local", help="Weight of the local (per-image) similarity term [1]."
-    ),
-    w_global: float = typer.Option(
-        None, "--w-global", help="Weight of the global (batch CLS) similarity term [1]."
-    ),
-    w_tokens: float = typer.Option(None, "--w-tokens", help="Weight of the token cosine term [1]."),
-    w_cls: float = typer.Option(None, "--w-cls", help="Weight of the CLS cosine term [1]."),
-    val_bank: int = typer.Option(
-        None, "--val-bank", help="Training images embedded as the validation kNN bank."
-    ),
-    val_k: int = typer.Option(None, "--val-k", help="k of the validation kNN [default: 20]."),
-    val_temperature: float = typer.Option(
-        None, "--val-temperature", help="Validation kNN temperature [0.07]."
-    ),
-    seed: int = typer.Option(None, "--seed", help="Seed of init, view choice and shuffling [default: 0]."),
-    workers: int = typer.Option(
-        None, "--workers", help="DataLoader processes [default: cores - 1, at most 8]."
-    ),
-    precision: str = typer.Option(None, "--precision", help="auto (bf16 on CUDA / AMX CPUs), bf16 or fp32."),
-    device: str = typer.Option(None, "--device", help="auto, cpu, cuda ..."),
-    decode: str = typer.Option(
-        None, "--decode", help="Image decode: auto (gpu on CUDA), cpu (workers), gpu, or device."
-    ),
-    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the student."),
-    attention: str = typer.Option(
-        None,
-        "--attention",
-        help="Student attention kernel: auto (fused on CUDA, math on CPU, where it trains ~2x faster), fused or math.",
-    ),
-    out: str = typer.Option(None, "--out", help="Run folder [default: runs/distill]."),
-    resume: bool = typer.Option(None, "--resume", help="Continue from OUT/last."),
-    config: str = typer.Option(None, "--config", help="YAML file of settings (flags win)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-) -> None:
+@stage_command("distill", DistillConfig)
+def distill_cmd(cfg: DistillConfig, show_progress: bool) -> None:
     """Stage 2: train the CosPress compressor and the student from a store (no teacher needed)."""
-    with user_errors():
-        from cospress.config import load_config
-        from cospress.distill import DistillConfig, run_distill
+    from cospress.distill import run_distill
 
-        cfg = load_config(
-            DistillConfig,
-            config,
-            _overrides(
-                store=store,
-                student=student,
-                student_size=student_size,
-                student_kwargs=student_kwargs,
-                pretrained=pretrained,
-                method=method,
-                compressor=compressor,
-                compressor_first=compressor_first,
-                compressor_epochs=compressor_epochs,
-                views_per_image=views_per_image,
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                min_lr=min_lr,
-                weight_decay=weight_decay,
-                warmup_epochs=warmup_epochs,
-                temperatures=temperatures,
-                use_tokens=use_tokens,
-                data=data,
-                cache_dir=cache_dir,
-                expect_teacher=expect_teacher,
-                val_fraction=val_fraction,
-                save_every=save_every,
-                betas=betas,
-                grad_clip=grad_clip,
-                w_local=w_local,
-                w_global=w_global,
-                w_tokens=w_tokens,
-                w_cls=w_cls,
-                val_bank=val_bank,
-                val_k=val_k,
-                val_temperature=val_temperature,
-                seed=seed,
-                workers=workers,
-                precision=precision,
-                device=device,
-                decode=decode,
-                compile=compile,
-                attention=attention,
-                out=out,
-                resume=resume,
-            ),
-        )
-        with progress_bar(f"distill ({cfg.method})", progress) as update:
-            summary = run_distill(cfg, progress=update)
+    with progress_bar(f"distill ({cfg.method})", show_progress) as update:
+        summary = run_distill(cfg, progress=update)
     if int(os.environ.get("RANK", 0)) == 0:
         rows = [
             (k, f"{v:.4g}" if isinstance(v, float) else v)
@@ -457,108 +328,12 @@ def export_cmd(
 
 
 # --------------------------------------------------------------------------- knn-eval
-@app.command("knn-eval")
-def knn_eval_cmd(
-    model: str = typer.Option(
-        None, "--model", help="teacher:NAME[@SIZE], a distill run folder or an exported student."
-    ),
-    train: str = typer.Option(None, "--train", help="Bank source (data-source syntax)."),
-    test: str = typer.Option(None, "--test", help="Query source."),
-    ood: list[str] = typer.Option(None, "--ood", help="Out-of-distribution source (repeatable)."),
-    ood_classes: str = typer.Option(
-        None, "--ood-classes", help="Classes of --test held out as near-OOD, e.g. 5,6,7,8,9."
-    ),
-    k: str = typer.Option(None, "--k", help="k values, e.g. 10,20,200 [default: the protocol's]."),
-    temperature: float = typer.Option(
-        None, "--temperature", help="Vote temperature [default: the protocol's]."
-    ),
-    protocol: str = typer.Option(
-        None, "--protocol", help="dino (k 10/20/100/200, T 0.07) or cospress (k 10)."
-    ),
-    bank_store: str = typer.Option(
-        None, "--bank-store", help="Use a store's cached teacher CLS as the bank."
-    ),
-    batch_size: int = typer.Option(None, "--batch-size", help="Images per forward [default: 256]."),
-    workers: int = typer.Option(
-        None, "--workers", help="DataLoader processes [default: cores - 1, at most 8]."
-    ),
-    limit_train: int = typer.Option(None, "--limit-train", help="Deterministic subset of the bank."),
-    limit_test: int = typer.Option(
-        None, "--limit-test", help="Deterministic subset of the queries (and each --ood)."
-    ),
-    cache_dir: str = typer.Option(
-        None, "--cache-dir", help="Embedding cache [default: ~/.cache/cospress/embeddings]."
-    ),
-    index: str = typer.Option(None, "--index", help="flat (exact) or ivf."),
-    nlist: int = typer.Option(None, "--nlist", help="IVF cells for --index ivf [default: ~4 sqrt(N)]."),
-    nprobe: int = typer.Option(None, "--nprobe", help="IVF cells searched per query [default: 16]."),
-    fidelity_max: int = typer.Option(
-        None, "--fidelity-max", help="Test images used for fidelity [default: 2000]."
-    ),
-    attack_max: int = typer.Option(None, "--attack-max", help="Images attacked with PGD [default: 256]."),
-    ood_k: int = typer.Option(None, "--ood-k", help="k of the k-th-neighbour OOD score [default: 50]."),
-    fidelity_teacher: str = typer.Option(
-        None, "--fidelity-teacher", help="Teacher for fidelity [default: the student's]; none to skip."
-    ),
-    robustness: bool = typer.Option(None, "--robustness/--no-robustness", help="kNN under corruptions."),
-    attack: bool = typer.Option(None, "--attack/--no-attack", help="kNN under a feature-space PGD attack."),
-    robustness_max: int = typer.Option(
-        None, "--robustness-max", help="Images for robustness [default: 1000]."
-    ),
-    crop_pct: float = typer.Option(
-        None, "--crop-pct", help="Eval centre-crop fraction (1.0 for tiny images)."
-    ),
-    seed: int = typer.Option(None, "--seed", help="Seed of subsets and corruptions."),
-    precision: str = typer.Option(None, "--precision", help="auto, bf16 or fp32."),
-    device: str = typer.Option(None, "--device", help="auto, cpu, cuda ..."),
-    decode: str = typer.Option(
-        None, "--decode", help="Image decode: auto (gpu on CUDA), cpu (workers), gpu, or device."
-    ),
-    out: str = typer.Option(None, "--out", help="Report folder [default: eval]."),
-    config: str = typer.Option(None, "--config", help="YAML file of settings (flags win)."),
-) -> None:
+@stage_command("knn-eval", EvalConfig, progress=False)
+def knn_eval_cmd(cfg: EvalConfig, show_progress: bool) -> None:
     """FAISS kNN accuracy, kNN OOD detection, teacher-student fidelity and robustness; a report."""
-    with user_errors():
-        from cospress.config import load_config
-        from cospress.evaluate.runner import EvalConfig, run_knn_eval
+    from cospress.evaluate import run_knn_eval
 
-        cfg = load_config(
-            EvalConfig,
-            config,
-            _overrides(
-                model=model,
-                train=train,
-                test=test,
-                ood=ood or None,
-                ood_classes=ood_classes,
-                k=k,
-                temperature=temperature,
-                protocol=protocol,
-                bank_store=bank_store,
-                batch_size=batch_size,
-                workers=workers,
-                limit_train=limit_train,
-                limit_test=limit_test,
-                cache_dir=cache_dir,
-                index=index,
-                ood_k=ood_k,
-                nlist=nlist,
-                nprobe=nprobe,
-                fidelity_max=fidelity_max,
-                attack_max=attack_max,
-                fidelity_teacher=fidelity_teacher,
-                robustness=robustness,
-                attack=attack,
-                robustness_max=robustness_max,
-                crop_pct=crop_pct,
-                seed=seed,
-                precision=precision,
-                device=device,
-                decode=decode,
-                out=out,
-            ),
-        )
-        report = run_knn_eval(cfg)
+    report = run_knn_eval(cfg)
     rows = [("top1", report.get("top1")), ("auroc", report.get("auroc")), ("fpr95", report.get("fpr95"))]
     fid = report.get("fidelity") or {}
     rows += [(f"fidelity {k}", v) for k, v in fid.items() if isinstance(v, (int, float))]

@@ -1,13 +1,16 @@
 """Typed configs: defaults < YAML file < command-line flags, saved beside every output.
 
-Each stage defines one dataclass (``ExtractConfig``, ``DistillConfig``, ``EvalConfig``) in its runner
-module; this module holds the merge, validation and save logic they share.
+Each stage defines one dataclass (``ExtractConfig``, ``DistillConfig``, ``EvalConfig``) in its
+``config.py``. Every field is declared once, with :func:`setting`: its default and its help text.
+The CLI flags (``cospress/cli.py``), the YAML keys and docs/cli.md are generated from the fields.
+This module holds the declaration helper and the merge, validation and save logic they share.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -19,6 +22,33 @@ from cospress.errors import ConfigError
 from cospress.utils import atomic_write_bytes
 
 C = TypeVar("C")
+
+
+def default_workers() -> int:
+    """DataLoader processes: one core is left to the model; 1 on a 2-core machine, at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    factory: Any = None,
+    flag: str | None = None,
+    shown: str | None = None,
+    repeatable: bool = False,
+) -> Any:
+    """A config field: its default and help text, written once.
+
+    ``flag`` overrides the generated flag (``--field-name``, ``--x/--no-x`` for booleans), for the
+    names users already know (e.g. ``--tokens/--no-tokens``); ``shown`` is the default as the help
+    text prints it, when the value itself says little (a factory, or None meaning "the teacher's");
+    ``repeatable`` makes a list field a flag given once per value.
+    """
+    meta = {"help": help, "flag": flag, "shown": shown, "repeatable": repeatable}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:

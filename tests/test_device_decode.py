@@ -221,7 +221,7 @@ def _store(tmp_path: Path):
 
 
 def test_distill_batches_device_vs_cpu(tmp_path):
-    from cospress.distill_data import BatchPlan, DistillBatches, _Lazy, device_images, key_index
+    from cospress.distill.data import BatchPlan, DistillBatches, _Lazy, device_images, key_index
     from cospress.store.reader import StoreReader
 
     url, spec = _store(tmp_path)

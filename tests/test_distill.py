@@ -16,7 +16,7 @@ from cospress import checkpoint as ckpt  # noqa: E402
 from cospress.data.sources import open_source  # noqa: E402
 from cospress.data.views import PARAM_NAMES, ViewPolicy, sample_view_params  # noqa: E402
 from cospress.distill import DistillConfig, run_distill  # noqa: E402
-from cospress.distill_data import BatchPlan, choose_views, is_val_key, split_rows  # noqa: E402
+from cospress.distill.data import BatchPlan, choose_views, is_val_key, split_rows  # noqa: E402
 from cospress.errors import ConfigError, CospressError, StoreError  # noqa: E402
 from cospress.store import manifest as mf  # noqa: E402
 from cospress.store.writer import StoreWriter  # noqa: E402
@@ -199,7 +199,7 @@ def test_cospress_run_writes_config_metrics_and_checkpoints(cospress_run):
 
 
 def test_compressor_learns_only_from_kl_and_student_only_from_cosine():
-    from cospress.distill import DistillModel, compute_losses
+    from cospress.distill.model import DistillModel, compute_losses
     from cospress.models.features import Features
     from cospress.models.students import build_student
 

@@ -8,8 +8,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from cospress import distributed as D  # noqa: E402
-from cospress.distill import DistillModel, compute_losses  # noqa: E402
+from cospress import runtime
+from cospress.distill.model import DistillModel, compute_losses  # noqa: E402
 from cospress.models.features import Features  # noqa: E402
 
 W = dict.fromkeys(("local", "global", "tokens", "cls"), 1.0)
@@ -47,7 +47,7 @@ def _worker(rank, world, init, out):
             use_tokens=True,
         )  # fmt: skip
         terms["total"].backward()
-        loss = {k: float(D.all_reduce_mean(v)) for k, v in terms.items()}
+        loss = {k: float(runtime.all_reduce_mean(v)) for k, v in terms.items()}
         if rank == 0:
             torch.save({"loss": loss, "grads": _grads(model)}, out)
         # leave together: a rank destroying the gloo group while its peer still works can abort (SIGABRT)

@@ -14,8 +14,11 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from cospress.errors import ConfigError  # noqa: E402
-from cospress.evaluate import embed  # noqa: E402
-from cospress.evaluate.runner import EvalConfig, run_knn_eval  # noqa: E402
+from cospress.evaluate import (  # noqa: E402
+    EvalConfig,
+    embed,  # noqa: E402
+    run_knn_eval,
+)
 from tests.helpers import make_image_folder, make_tiny_teacher_weights  # noqa: E402
 
 

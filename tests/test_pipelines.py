@@ -24,7 +24,7 @@ import typer  # noqa: E402
 from cospress.cli import app  # noqa: E402
 from cospress.config import load_config  # noqa: E402
 from cospress.distill import DistillConfig  # noqa: E402
-from cospress.evaluate.runner import EvalConfig  # noqa: E402
+from cospress.evaluate import EvalConfig  # noqa: E402
 from cospress.extract import ExtractConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

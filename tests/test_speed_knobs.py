@@ -49,7 +49,7 @@ def test_attention_setting_is_a_no_op_for_cnns():
 
 
 def test_distill_refuses_an_unknown_attention_kernel(tmp_path):
-    from cospress.distill import DistillConfig, validate
+    from cospress.distill.config import DistillConfig, validate
     from cospress.errors import ConfigError
 
     with pytest.raises(ConfigError, match="attention 'sdpa' is unknown"):
@@ -65,7 +65,7 @@ def _python(code: str, **env: str) -> str:
 
 
 def test_malloc_tuning_is_on_by_default_and_can_be_turned_off():
-    code = "from cospress.utils import tune_malloc; print(tune_malloc(), tune_malloc())"
+    code = "from cospress.runtime import tune_malloc; print(tune_malloc(), tune_malloc())"
     if sys.platform != "linux":
         pytest.skip("glibc (Linux) only")
     assert _python(code) == "True True"

@@ -34,6 +34,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -147,6 +148,18 @@ def read_encoded(source: Source, i: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
         w, h = h, w
     tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return Encoded(KIND_JPEG, data=tensor, orientation=orientation, width=w, height=h)
+
+
+def worker_read(source: Source, i: int, decode: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Encoded | Any:
+    """The one decode switch of every dataset: what a DataLoader worker reads for source item ``i``.
+
+    decode "device": the :class:`Encoded` bytes (or pixels), decoded later on the compute device;
+    never raises, a bad input comes back with ``.error`` set. decode "cpu": the decoded
+    :class:`~cospress.data.sources.Sample`; a bad input raises BadImageError.
+    """
+    if decode == "device":
+        return read_encoded(source, i, max_pixels)
+    return source.load(i, max_pixels=max_pixels)
 
 
 @dataclass

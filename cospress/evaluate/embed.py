@@ -31,17 +31,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from cospress.data.device_decode import EncodedBatch, decode_batch, pack, read_encoded, resolve_decode
 from cospress.errors import BadImageError, ConfigError
+from cospress.evaluate.config import DEFAULT_CACHE_DIR
 from cospress.evaluate.knn import l2_normalize
 from cospress.evaluate.robustness import corrupt
 from cospress.models.students import build_student
 from cospress.models.teachers import build_teacher
+from cospress.runtime import autocast, autocast_dtype
 from cospress.store.reader import StoreReader
-from cospress.utils import atomic_write_bytes, atomic_write_json, autocast, autocast_dtype, sha256_json
+from cospress.utils import atomic_write_bytes, atomic_write_json, sha256_json
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-DEFAULT_CACHE_DIR = "~/.cache/cospress/embeddings"
 STUDENT_JSON = "student.json"
 STUDENT_WEIGHTS = ("student.safetensors", "best.safetensors", "model.safetensors")
 RUN_JSON = "run.json"

@@ -9,6 +9,7 @@ to tokens, and the pooled vector (`forward_head(pre_logits=True)`) as CLS.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ from torch import nn
 
 from cospress.errors import CospressError
 from cospress.models.features import Features
-from cospress.utils import sha256_json, sha256_state_dict
+from cospress.utils import sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class FeatureModel(nn.Module):
         state = self.model.state_dict()
         key = tuple((k, v.data_ptr(), v._version) for k, v in state.items())
         if self._sha is None or key != self._sha_key:
-            # 0-dim tensors (BN num_batches_tracked) as [1]: utils.sha256_state_dict cannot view them
+            # 0-dim tensors (BN num_batches_tracked) as [1]: sha256_state_dict cannot view them
             self._sha = sha256_state_dict({k: v.reshape(1) if v.ndim == 0 else v for k, v in state.items()})
             self._sha_key = key
         return self._sha
@@ -302,3 +303,14 @@ def set_attention(model: nn.Module, mode: str, device: torch.device) -> str:
     for m in layers:
         m.fused_attn = mode == "fused"
     return mode
+
+
+def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:
+    """Hash of a state dict's names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -35,8 +35,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_common import random_teacher_weights  # noqa: E402
 
-from cospress.distill import DistillConfig, DistillModel, compute_losses, param_groups, run_distill  # noqa: E402
-from cospress.distill_data import (  # noqa: E402
+from cospress.distill import DistillConfig, run_distill  # noqa: E402
+from cospress.distill.data import (  # noqa: E402
     BatchPlan,
     DistillBatches,
     StepSampler,
@@ -44,9 +44,10 @@ from cospress.distill_data import (  # noqa: E402
     collate_batch,
     key_index,
 )
+from cospress.distill.model import DistillModel, compute_losses, param_groups  # noqa: E402
 from cospress.models.features import Features, resample_tokens  # noqa: E402
 from cospress.models.timm_features import set_attention  # noqa: E402
-from cospress.utils import autocast, autocast_dtype, tune_malloc  # noqa: E402
+from cospress.runtime import autocast, autocast_dtype, tune_malloc  # noqa: E402
 
 TEACHER = {"name": "efficientnet_lite0", "size": 112, "weights": None}  # set from the flags in main()
 LOSS_WEIGHTS = dict.fromkeys(("local", "global", "tokens", "cls"), 1.0)

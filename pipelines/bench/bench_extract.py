@@ -28,9 +28,10 @@ import torch  # noqa: E402
 from bench_common import random_teacher_weights  # noqa: E402
 
 from cospress.data.sources import open_source  # noqa: E402
-from cospress.extract import ExtractConfig, ViewDataset, run_extract  # noqa: E402
+from cospress.extract import ExtractConfig, run_extract  # noqa: E402
+from cospress.extract.run import ViewDataset  # noqa: E402
 from cospress.models.teachers import build_teacher  # noqa: E402
-from cospress.utils import autocast, autocast_dtype, pick_device, tune_malloc  # noqa: E402
+from cospress.runtime import autocast, autocast_dtype, pick_device, tune_malloc  # noqa: E402
 
 
 def bare_forward(teacher, batches: list[torch.Tensor], device, amp) -> float:

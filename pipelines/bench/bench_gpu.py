@@ -102,7 +102,7 @@ def bench_teacher(cfg: dict, device: torch.device, weights: Path) -> dict:
     from safetensors.torch import save_file
 
     from cospress.models.teachers import build_teacher
-    from cospress.utils import autocast
+    from cospress.runtime import autocast
 
     teacher = build_teacher(cfg["teacher"], image_size=cfg["teacher_size"], pretrained=False).to(device)
     save_file({k: v.contiguous().cpu() for k, v in teacher.model.state_dict().items()}, str(weights))
@@ -121,7 +121,7 @@ def bench_teacher(cfg: dict, device: torch.device, weights: Path) -> dict:
 
 def bench_student(cfg: dict, device: torch.device, compiled: bool) -> dict:
     from cospress.models.students import build_student
-    from cospress.utils import autocast
+    from cospress.runtime import autocast
 
     student = build_student(cfg["student"], cfg["student_size"]).to(device)
     if compiled:

@@ -23,13 +23,14 @@ DOC = ROOT / "docs" / "cli.md"
 INTRO = """# Command line reference
 
 Generated from the program by `pipelines/tools/gen_cli_docs.py` (do not edit by hand; rerun it
-after changing `cospress/cli.py`). `cospress COMMAND --help` prints the same.
+after changing a stage's `config.py` or `cospress/cli.py`). `cospress COMMAND --help` prints the same.
 
-Every stage's flags map one to one to its config dataclass (`ExtractConfig`, `DistillConfig`,
-`EvalConfig`): `--config FILE.yaml` takes the same keys (dashes or underscores), and flags given on
-the command line win over the file, which wins over the defaults. The resolved config is written
-beside every output (`config.yaml`; `extract-config.yaml` in a store). A flag shown with no default
-takes the config field's default (given in brackets in its help). Errors a user can fix end the
+Every stage's flags are generated from its config dataclass (`cospress/extract/config.py`,
+`cospress/distill/config.py`, `cospress/evaluate/config.py`), where each setting is declared once
+with its default and help: `--config FILE.yaml` takes the same keys (the field names, with dashes
+or underscores), and flags given on the command line win over the file, which wins over the
+defaults. The resolved config is written beside every output (`config.yaml`; `extract-config.yaml`
+in a store). Errors a user can fix end the
 command with one `error:` line and exit code 2.
 
 Global options (before the command): `-v/--verbose` (debug logging), `-q/--quiet` (warnings and
@@ -52,6 +53,8 @@ def _flag(param, ctx) -> str:
 
 
 def _default(param) -> str:
+    if isinstance(getattr(param, "show_default", None), str):  # a stage flag: the config field's default
+        return f"`{param.show_default}`"
     if param.param_type_name == "argument" or param.default is None:
         return ""
     if getattr(param, "multiple", False) and not param.default:
@@ -64,7 +67,7 @@ def _default(param) -> str:
 
 def _config_classes() -> dict[str, type]:
     from cospress.distill import DistillConfig
-    from cospress.evaluate.runner import EvalConfig
+    from cospress.evaluate import EvalConfig
     from cospress.extract import ExtractConfig
 
     return {"extract-teacher": ExtractConfig, "distill": DistillConfig, "knn-eval": EvalConfig}

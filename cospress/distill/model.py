@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cospress import distributed as D
-from cospress.distill_data import feature_batches
+from cospress import runtime
+from cospress.distill.data import feature_batches
 from cospress.models.features import Features, resample_tokens
-from cospress.utils import autocast
+from cospress.runtime import autocast
 
 __all__ = [
     "DistillModel",
@@ -91,8 +91,8 @@ def compute_losses(
         terms = losses.feature_distill_loss("cosine", s, z, use_tokens=use_tokens)  # target detached
         names = ("tokens", "cls")
     elif method == "cospress":
-        gt = D.all_gather_no_grad(teacher.cls)
-        gz = D.all_gather_with_grad(z.cls)
+        gt = runtime.all_gather_no_grad(teacher.cls)
+        gz = runtime.all_gather_with_grad(z.cls)
         terms = losses.cospress_loss(
             teacher,
             z,
@@ -212,6 +212,6 @@ def fit_compressor(
                     "loss/total": float(loss.detach()),
                 }
             )
-    D.broadcast_module(compressor)
+    runtime.broadcast_module(compressor)
     for p in compressor.parameters():
         p.requires_grad_(False)

@@ -19,12 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +31,10 @@ import torch
 from torch import nn
 
 from cospress import checkpoint as ckpt
-from cospress import distributed as D
-from cospress.config import load_config, save_config, to_dict
-from cospress.distill_data import (
+from cospress import runtime
+from cospress.config import save_config, to_dict
+from cospress.distill.config import DistillConfig, parse_kwargs, validate
+from cospress.distill.data import (
     BatchPlan,
     DistillBatches,
     RowSplit,
@@ -47,7 +46,7 @@ from cospress.distill_data import (
     key_index,
     split_rows,
 )
-from cospress.distill_model import (
+from cospress.distill.model import (
     DistillModel,
     compute_losses,
     fit_compressor,
@@ -55,136 +54,12 @@ from cospress.distill_model import (
     param_groups,
     teacher_features,
 )
-from cospress.distill_val import embed_images, knn_accuracy
+from cospress.distill.val import embed_images, knn_accuracy
 from cospress.errors import ConfigError
-from cospress.utils import atomic_write_json, autocast_dtype, default_workers, seed_everything, tune_malloc
-
-__all__ = [
-    "DEFAULT_TEMPERATURES",
-    "METHODS",
-    "DistillConfig",
-    "DistillModel",
-    "compute_losses",
-    "embed_images",
-    "fit_compressor",
-    "knn_accuracy",
-    "lr_at",
-    "main",
-    "param_groups",
-    "parse_kwargs",
-    "run_distill",
-    "run_header",
-    "teacher_features",
-    "validate",
-]
+from cospress.runtime import autocast_dtype, seed_everything, tune_malloc
+from cospress.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
-
-METHODS = ("cospress", "cosine", "mse", "smooth-l1")
-DEFAULT_TEMPERATURES = tuple(round(0.01 * i, 2) for i in range(1, 11))
-
-
-@dataclass
-class DistillConfig:
-    """Stage 2 settings. Every field is a YAML key and a ``--flag`` of ``cospress distill``."""
-
-    store: str = "store"  # store path or fsspec URL
-    out: str = "runs/distill"  # run folder: config.yaml, metrics.jsonl, checkpoints
-    data: str | None = None  # image source spec; default the store manifest's source
-    cache_dir: str | None = None  # local cache of a remote store's shard files
-    expect_teacher: str | None = None  # refuse a store whose teacher fingerprint (or name) differs
-    method: str = "cospress"  # cospress | cosine | mse | smooth-l1
-    compressor: str = "linear"  # linear (paper: LayerNorm + Linear) | mlp
-    compressor_first: bool = False  # fit h from the store features first, then freeze it
-    compressor_epochs: int = 5  # epochs of the compressor-only fit
-    student: str = "vit_tiny_patch16_224"  # timm model name
-    student_size: int = 64  # student input resolution (px)
-    student_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (or JSON)
-    pretrained: bool = False  # start the student from hub weights
-    epochs: int = 5
-    batch_size: int = 192  # views per global batch (all ranks together)
-    views_per_image: int = 3  # R views of each image in a batch, drawn from the store's K
-    lr: float = 5e-4
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05  # not on 1-d params (norms, biases) nor pos/cls tokens
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_epochs: float = 1.0  # linear warm-up, then cosine to min_lr
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
-    temperatures: list[float] = field(default_factory=lambda: list(DEFAULT_TEMPERATURES))
-    w_local: float = 1.0
-    w_global: float = 1.0
-    w_tokens: float = 1.0
-    w_cls: float = 1.0
-    use_tokens: bool = True  # token terms (off automatically when the store has no tokens)
-    precision: str = "auto"  # auto (bf16 on CUDA / AMX CPUs) | bf16 | fp32; losses in fp32
-    device: str = "auto"
-    workers: int = field(
-        default_factory=default_workers
-    )  # cores - 1 (at most 8) DataLoader processes (decode + replay, or only reading bytes with decode=device)
-    decode: str = "auto"  # cpu (workers) | gpu | device (batched on the compute device) | auto (gpu on CUDA)
-    compile: bool = False  # torch.compile the student (measure it: pipelines/bench/gpu.sh)
-    attention: str = "auto"  # student attention kernel: auto (fused on CUDA, math on CPU) | fused | math
-    seed: int = 0
-    val_fraction: float = 0.05  # store rows held out by sha256(key) for kNN validation
-    val_bank: int = 10000  # training images embedded as the kNN bank
-    val_k: int = 20
-    val_temperature: float = 0.07
-    save_every: int = 0  # also save `last` every N steps (0 = at epoch ends only)
-    resume: bool = False  # continue from OUT/last
-
-
-# ============================================================================ runner
-def parse_kwargs(value: Any) -> dict[str, Any]:
-    """``student_kwargs`` from a dict, a JSON object, or ``k=v,k=v`` (values parsed as YAML scalars)."""
-    if value is None or value == "":
-        return {}
-    if isinstance(value, dict):
-        return dict(value)
-    text = str(value).strip()
-    if text.startswith("{"):
-        try:
-            out = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"student_kwargs is not valid JSON: {e}") from None
-        return dict(out)
-    import yaml
-
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        k, sep, v = part.partition("=")
-        if not sep:
-            raise ConfigError(f"student_kwargs: {part!r} is not key=value; use e.g. depth=2,embed_dim=32")
-        out[k.strip()] = yaml.safe_load(v)
-    return out
-
-
-def validate(cfg: DistillConfig) -> None:
-    """Refuse settings that cannot work, with a one-line ConfigError."""
-    if cfg.method not in METHODS:
-        raise ConfigError(f"method {cfg.method!r} is unknown; use one of {', '.join(METHODS)}")
-    if cfg.compressor not in ("linear", "mlp"):
-        raise ConfigError(f"compressor {cfg.compressor!r} is unknown; use linear or mlp")
-    if cfg.compressor_first and cfg.method != "cospress":
-        raise ConfigError("compressor_first applies to method cospress only")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"precision {cfg.precision!r} is unknown; use auto, bf16 or fp32")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ConfigError("epochs and batch_size must be >= 1")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ConfigError(f"val_fraction={cfg.val_fraction} must be in [0, 1)")
-    if not cfg.temperatures or min(cfg.temperatures) <= 0:
-        raise ConfigError("temperatures must be a non-empty list of positive numbers")
-    from cospress.data.device_decode import DECODE_CHOICES
-    from cospress.models.timm_features import ATTENTION_CHOICES
-
-    if cfg.attention not in ATTENTION_CHOICES:
-        raise ConfigError(
-            f"attention {cfg.attention!r} is unknown; use one of {', '.join(ATTENTION_CHOICES)}"
-        )
-
-    if cfg.decode not in DECODE_CHOICES:
-        raise ConfigError(f"decode {cfg.decode!r} is unknown; use one of {', '.join(DECODE_CHOICES)}")
-
 
 def run_header(cfg: DistillConfig) -> dict[str, Any]:
     """Config, git sha (when the package sits in a git checkout) and package versions."""
@@ -230,18 +105,18 @@ def run_distill(cfg: DistillConfig, progress: Callable[[int, int], None] | None 
     tune_malloc()
     validate(cfg)
     was_init = torch.distributed.is_available() and torch.distributed.is_initialized()
-    ctx = D.init_distributed(cfg.device)
+    ctx = runtime.init_distributed(cfg.device)
     try:
         return _Run(cfg, ctx, progress).run()
     finally:
         if ctx.enabled and not was_init:
-            D.teardown_distributed()
+            runtime.teardown_distributed()
 
 
 class _Run:
     """One distillation run: set-up, optional compressor fit, epochs, validation, checkpoints."""
 
-    def __init__(self, cfg: DistillConfig, ctx: D.DistContext, progress: Callable | None) -> None:
+    def __init__(self, cfg: DistillConfig, ctx: runtime.DistContext, progress: Callable | None) -> None:
         self.cfg, self.ctx, self.progress = cfg, ctx, progress
         self.device = ctx.device
         self.out = Path(cfg.out)
@@ -539,7 +414,7 @@ class _Run:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
         names = sorted(terms)
-        vals = D.all_reduce_mean(torch.stack([terms[k].detach().float() for k in names])).tolist()
+        vals = runtime.all_reduce_mean(torch.stack([terms[k].detach().float() for k in names])).tolist()
         return dict(zip(names, vals, strict=True))
 
     def _train(self, step: int, epoch: int, pos: int, state: dict | None) -> dict[str, Any]:
@@ -582,7 +457,7 @@ class _Run:
             epoch, pos = epoch + 1, 0
             self._end_epoch(epoch - 1, step)
             self._save("last", step, epoch, 0)
-            D.barrier()
+            runtime.barrier()
         elapsed = time.perf_counter() - t_start
         return {
             "out": str(self.out),
@@ -654,30 +529,3 @@ def atomic_write_json_lines(path: Path, lines: list[str]) -> None:
     from cospress.utils import atomic_write_bytes
 
     atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
-
-
-# ============================================================================ entry point for tests / scripts
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m cospress.distill --store S --out O [--key value ...]``: every DistillConfig field is a flag."""
-    import argparse
-    import dataclasses
-
-    parser = argparse.ArgumentParser(prog="python -m cospress.distill", description=main.__doc__)
-    parser.add_argument("--config", default=None, help="YAML file of settings (flags win)")
-    for f in dataclasses.fields(DistillConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=None)
-        else:
-            parser.add_argument(flag, dest=f.name, default=None)
-    args = vars(parser.parse_args(argv))
-    config = args.pop("config")
-    logging.basicConfig(
-        level=os.environ.get("COSPRESS_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s"
-    )
-    cfg = load_config(DistillConfig, config, args)
-    return run_distill(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cospress.distill_data import CenterImages, _Lazy, center_views
-from cospress.utils import autocast
+from cospress.distill.data import CenterImages, _Lazy, center_views
+from cospress.runtime import autocast
 
 __all__ = ["embed_images", "knn_accuracy"]
 

@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,82 +26,17 @@ from torch.utils.data import DataLoader, Dataset
 from cospress import __version__
 from cospress.config import save_config, to_dict
 from cospress.data.device_decode import decode_view_items, read_encoded, resolve_decode
-from cospress.data.sources import DEFAULT_MAX_PIXELS, Source, open_source
+from cospress.data.sources import Source, open_source
 from cospress.data.views import PARAM_NAMES, ViewPolicy, center_view_params, replay_view, sample_view_params
-from cospress.errors import BadImageError, ConfigError, StoreError
+from cospress.errors import BadImageError, StoreError
+from cospress.extract.config import ExtractConfig
 from cospress.models.teachers import build_teacher
+from cospress.runtime import autocast, autocast_dtype, dist_info, pick_device, tune_malloc
 from cospress.store import StoreWriter, estimate_store_bytes
 from cospress.store.writer import open_append, plan_append
-from cospress.utils import (
-    autocast,
-    autocast_dtype,
-    default_workers,
-    dist_info,
-    human_bytes,
-    pick_device,
-    tune_malloc,
-)
+from cospress.utils import human_bytes
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ExtractConfig:
-    """Stage 1 settings. Every field is a YAML key and a ``--flag`` of ``cospress extract-teacher``."""
-
-    data: str = "fashion-mnist:train"
-    teacher: str = "efficientnet_lite0"
-    weights: str | None = None
-    image_size: int | None = None  # teacher input resolution; None = the teacher's default
-    views: int = 8  # K augmented views per image
-    center_view: bool = False  # also store the plain full-image view (as view index K)
-    limit: int | None = None
-    tokens: bool = True
-    seed: int = 0
-    workers: int = field(default_factory=default_workers)  # decoding processes: cores - 1, at most 8
-    batch_size: int = 256  # views per teacher forward
-    shard_size: int = 1024  # images per shard
-    out: str = "store"
-    overwrite: bool = False
-    append: bool = False  # add the source's keys the complete store at `out` lacks (new shards)
-    scale_min: float = 0.08
-    scale_max: float = 1.0
-    flip: float = 0.5
-    color_jitter: float = 0.0
-    grayscale: float = 0.0
-    blur: float = 0.0
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    precision: str = "auto"  # auto | bf16 | fp32
-    device: str = "auto"
-    decode: str = "auto"  # cpu (workers) | gpu | device (batched on the compute device) | auto (gpu on CUDA)
-
-    def __post_init__(self) -> None:
-        if self.views < 1:
-            raise ConfigError(f"--views must be at least 1, got {self.views}")
-        if self.shard_size < 1:
-            raise ConfigError(f"--shard-size must be at least 1, got {self.shard_size}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
-        if self.append and self.overwrite:
-            raise ConfigError("--append adds to an existing store, --overwrite replaces it: choose one")
-        if not 0 < self.scale_min <= self.scale_max <= 1:
-            raise ConfigError(f"need 0 < scale-min <= scale-max <= 1, got {self.scale_min}, {self.scale_max}")
-
-    @property
-    def stored_views(self) -> int:
-        """Views stored per image: the K random views, plus the centre view when asked for."""
-        return self.views + int(self.center_view)
-
-    def policy(self) -> ViewPolicy:
-        return ViewPolicy(
-            scale=(self.scale_min, self.scale_max),
-            flip=self.flip,
-            color_jitter=self.color_jitter,
-            grayscale=self.grayscale,
-            blur=self.blur,
-        )
 
 
 class ViewDataset(Dataset):

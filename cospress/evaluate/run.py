@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,13 @@ import numpy as np
 import torch
 
 from cospress.config import save_config, to_dict
-from cospress.data.device_decode import DECODE_CHOICES, resolve_decode
+from cospress.data.device_decode import resolve_decode
 from cospress.data.sources import open_source
 from cospress.errors import ConfigError
 from cospress.evaluate import fidelity as fid
 from cospress.evaluate import knn, ood, robustness
+from cospress.evaluate.config import EvalConfig, validate
 from cospress.evaluate.embed import (
-    DEFAULT_CACHE_DIR,
     Embeddings,
     bank_from_store,
     embed_source,
@@ -31,68 +30,11 @@ from cospress.evaluate.embed import (
     pixel_features_fn,
 )
 from cospress.evaluate.report import PlotData, write_report
-from cospress.utils import default_workers, pick_device, seed_everything, tune_malloc
+from cospress.runtime import pick_device, seed_everything, tune_malloc
 
 log = logging.getLogger(__name__)
 
 ATTACK_EPS = (1 / 255, 2 / 255, 4 / 255)
-
-
-@dataclass
-class EvalConfig:
-    """Options of `cospress knn-eval` (flags are these names with dashes)."""
-
-    model: str = ""  # teacher:NAME[@SIZE][=WEIGHTS], random:NAME[@SIZE], or a student export / run folder
-    train: str | None = None  # bank source (data-source spec)
-    test: str = ""  # query source
-    ood: list[str] = field(default_factory=list)  # OOD sources (repeatable)
-    ood_classes: list[int] = field(default_factory=list)  # test classes held out as near-OOD
-    k: list[int] | None = None  # k values (default: the protocol's)
-    temperature: float | None = None  # vote temperature (default: the protocol's)
-    protocol: str = "dino"  # dino (k 10, 20, 100, 200; headline 20) or cospress (k 10)
-    bank_store: str | None = None  # use a store's teacher CLS as the bank instead of --train
-    batch_size: int = 256
-    out: str = "eval"
-    workers: int = field(default_factory=default_workers)
-    limit_train: int | None = None
-    limit_test: int | None = None  # also caps each --ood source
-    cache_dir: str | None = DEFAULT_CACHE_DIR  # "" or "none": no embedding cache
-    index: str = "flat"  # flat (exact) or ivf
-    nlist: int | None = None  # IVF cells (default ~4 sqrt(N))
-    nprobe: int = 16
-    ood_k: int = 50  # the k of the k-th-neighbour OOD score
-    fidelity_teacher: str | None = None  # default: the teacher recorded with the student; "none": skip
-    fidelity_max: int = 2000
-    robustness: bool = True
-    attack: bool = True
-    robustness_max: int = 1000
-    attack_max: int = 256
-    seed: int = 0
-    crop_pct: float = 0.875  # 1.0 for tiny images (e.g. 28 px Fashion-MNIST)
-    device: str = "auto"
-    precision: str = "auto"  # auto, bf16 or fp32
-    decode: str = "auto"  # cpu (PIL in workers), gpu, device (the compute device), auto (gpu on CUDA)
-
-
-def _validate(cfg: EvalConfig) -> None:
-    if not cfg.model:
-        raise ConfigError("no --model given; pass teacher:NAME or a distill run / export folder")
-    if not cfg.test:
-        raise ConfigError("no --test source given; pass e.g. --test fashion-mnist:test")
-    if bool(cfg.train) == bool(cfg.bank_store):
-        raise ConfigError("give exactly one bank: --train SOURCE or --bank-store STORE")
-    if cfg.protocol not in knn.PROTOCOLS:
-        raise ConfigError(f"unknown --protocol {cfg.protocol!r}; use {' or '.join(knn.PROTOCOLS)}")
-    if cfg.index not in ("flat", "ivf"):
-        raise ConfigError(f"unknown --index {cfg.index!r}; use flat or ivf")
-    if not 0 < cfg.crop_pct <= 1:
-        raise ConfigError(f"--crop-pct must be in (0, 1], got {cfg.crop_pct}")
-    if cfg.k is not None and (not cfg.k or min(cfg.k) < 1):
-        raise ConfigError("--k takes positive integers, e.g. --k 10,20")
-    if cfg.ood_k < 1:
-        raise ConfigError("--ood-k must be at least 1")
-    if cfg.decode not in DECODE_CHOICES:
-        raise ConfigError(f"unknown --decode {cfg.decode!r}; use {', '.join(DECODE_CHOICES)}")
 
 
 def _subset(rows: np.ndarray, cap: int, seed: int) -> np.ndarray:
@@ -110,7 +52,7 @@ class _Timer(dict):
 def run_knn_eval(cfg: EvalConfig) -> dict:
     """Evaluate a model by kNN; write the report into cfg.out and return it as a dict."""
     tune_malloc()
-    _validate(cfg)
+    validate(cfg)
     timer = _Timer()
     t_all = time.perf_counter()
     seed_everything(cfg.seed)

@@ -1,21 +1,110 @@
-"""torch.distributed set-up from torchrun's environment, and an autograd-aware all-gather.
+"""The runtime every stage shares: device, precision, torchrun, seeds, worker counts, the allocator.
 
-One process per device: gloo on CPU, nccl on CUDA. Without ``WORLD_SIZE > 1`` in the environment
-nothing is initialised and every helper degrades to the single-process case.
+One process per device under torchrun: gloo on CPU, nccl on CUDA. Without ``WORLD_SIZE > 1`` in the
+environment nothing is initialised and every helper degrades to the single-process case.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
+import os
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from cospress.utils import dist_info, pick_device
-
 log = logging.getLogger(__name__)
+
+
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning big blocks to the OS at once.
+
+    By default glibc serves every allocation over ~128 KB-32 MB with a fresh ``mmap`` and unmaps it
+    on free, so each large activation tensor of a CPU forward pass is page-faulted (zeroed by the
+    kernel) again: measured here, a batch of 256 views through efficientnet_lite0 at 112 px spent
+    45% of its time in the kernel, and raising the mmap and trim thresholds made it 2x faster
+    (5.1 s -> 2.5 s for 2,048 views). The cost: the process keeps its peak heap until it exits.
+
+    Called by every stage entry point; a no-op off glibc, on a second call, or when the
+    environment sets COSPRESS_MALLOC_TUNING=0. Returns whether the thresholds were set.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or os.environ.get("COSPRESS_MALLOC_TUNING", "1") == "0":
+        return _MALLOC_TUNED
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        ok = (
+            libc.mallopt(m_mmap_threshold, 1 << 30) == 1
+            and libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1
+        )
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return False
+    _MALLOC_TUNED = bool(ok)
+    if ok:
+        log.debug(
+            "glibc malloc: mmap threshold 1 GiB, trim threshold 2 GiB (COSPRESS_MALLOC_TUNING=0 turns this off)"
+        )
+    return _MALLOC_TUNED
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` in {auto, bf16, fp32}; None means no autocast.
+
+    auto = bf16 on CUDA and on CPUs with AMX (where it is ~3x faster for ViTs), else fp32.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r}; use auto, bf16 or fp32")
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_amx()):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    return rank, world, local
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,139 @@
+"""Stage 2 settings: one field per setting, with its default and help (flags and YAML keys are generated)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from cospress.config import default_workers, setting
+from cospress.errors import ConfigError
+
+METHODS = ("cospress", "cosine", "mse", "smooth-l1")
+COMPRESSORS = ("linear", "mlp")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def _default_temperatures() -> list[float]:
+    from cospress.losses import DEFAULT_TEMPERATURES
+
+    return list(DEFAULT_TEMPERATURES)
+
+
+@dataclass
+class DistillConfig:
+    """Stage 2 settings. Every field is a YAML key and a ``--flag`` of ``cospress distill``."""
+
+    store: str = setting("store", help="Store path or fsspec URL (from extract-teacher).")
+    out: str = setting("runs/distill", help="Run folder: config.yaml, metrics.jsonl, checkpoints.")
+    data: str | None = setting(None, help="Image source.", shown="the one recorded in the store")
+    cache_dir: str | None = setting(None, help="Local cache for a remote store's shard files.")
+    expect_teacher: str | None = setting(
+        None, help="Refuse a store made by another teacher (fingerprint or name)."
+    )
+    method: str = setting("cospress", help="cospress (the paper), cosine, mse or smooth-l1.")
+    compressor: str = setting("linear", help="Compressor h: linear (paper: LayerNorm + Linear) or mlp.")
+    compressor_first: bool = setting(
+        False,
+        help="Fit h from the store alone, freeze it, then train the student.",
+        flag="--compressor-first",
+    )
+    compressor_epochs: int = setting(5, help="Epochs of the compressor-only fit.")
+    student: str = setting("vit_tiny_patch16_224", help="timm model name of the student.")
+    student_size: int = setting(64, help="Student input resolution (px).")
+    student_kwargs: dict[str, Any] = setting(
+        help="Extra timm kwargs as JSON or k=v,k=v, e.g. '{\"depth\": 6}'.", factory=dict, shown="{}"
+    )
+    pretrained: bool = setting(
+        False, help="Start the student from hub weights.", flag="--pretrained/--random-init"
+    )
+    epochs: int = setting(5, help="Training epochs.")
+    batch_size: int = setting(192, help="Views per global batch (all ranks together).")
+    views_per_image: int = setting(3, help="R: views of each image in a batch, drawn from the store's K.")
+    lr: float = setting(5e-4, help="AdamW learning rate.")
+    min_lr: float = setting(1e-5, help="Final learning rate of the cosine schedule.")
+    weight_decay: float = setting(0.05, help="AdamW weight decay (not on norms, biases, pos / cls tokens).")
+    betas: tuple[float, float] = setting((0.9, 0.999), help="AdamW betas, e.g. 0.9,0.999.", shown="0.9,0.999")
+    warmup_epochs: float = setting(1.0, help="Linear warm-up epochs, then cosine to --min-lr.")
+    grad_clip: float = setting(0.0, help="Max gradient norm; 0 = off.")
+    temperatures: list[float] = setting(
+        help="Similarity temperatures, e.g. 0.01,0.02,...,0.1.",
+        factory=_default_temperatures,
+        shown="0.01,0.02,...,0.1",
+    )
+    w_local: float = setting(1.0, help="Weight of the local (per-image) similarity term.")
+    w_global: float = setting(1.0, help="Weight of the global (batch CLS) similarity term.")
+    w_tokens: float = setting(1.0, help="Weight of the token cosine term.")
+    w_cls: float = setting(1.0, help="Weight of the CLS cosine term.")
+    use_tokens: bool = setting(
+        True, help="Use the token terms (when the store has tokens).", flag="--tokens/--no-tokens"
+    )
+    precision: str = setting("auto", help="auto (bf16 on CUDA / AMX CPUs), bf16 or fp32; losses in fp32.")
+    device: str = setting("auto", help="auto, cpu, cuda ...")
+    workers: int = setting(
+        help="DataLoader processes (decode + replay, or only reading bytes with --decode device).",
+        factory=default_workers,
+        shown="cores - 1, at most 8",
+    )
+    decode: str = setting("auto", help="Image decode: auto (gpu on CUDA), cpu (workers), gpu, or device.")
+    compile: bool = setting(False, help="torch.compile the student.")
+    attention: str = setting(
+        "auto",
+        help="Student attention kernel: auto (fused on CUDA, math on CPU, where it trains ~2x faster), fused or math.",
+    )
+    seed: int = setting(0, help="Seed of init, view choice and shuffling.")
+    val_fraction: float = setting(0.05, help="Store rows held out (by sha256 of the key) for kNN validation.")
+    val_bank: int = setting(10000, help="Training images embedded as the validation kNN bank.")
+    val_k: int = setting(20, help="k of the validation kNN.")
+    val_temperature: float = setting(0.07, help="Validation kNN temperature.")
+    save_every: int = setting(0, help="Also save `last` every N steps (0 = at epoch ends only).")
+    resume: bool = setting(False, help="Continue from OUT/last.", flag="--resume")
+
+
+def parse_kwargs(value: Any) -> dict[str, Any]:
+    """``student_kwargs`` from a dict, a JSON object, or ``k=v,k=v`` (values parsed as YAML scalars)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    text = str(value).strip()
+    if text.startswith("{"):
+        try:
+            out = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"student_kwargs is not valid JSON: {e}") from None
+        return dict(out)
+    import yaml
+
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        k, sep, v = part.partition("=")
+        if not sep:
+            raise ConfigError(f"student_kwargs: {part!r} is not key=value; use e.g. depth=2,embed_dim=32")
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} {value!r} is unknown; use one of {', '.join(choices)}")
+
+
+def validate(cfg: DistillConfig) -> None:
+    """Refuse settings that cannot work, with a one-line ConfigError."""
+    from cospress.data.device_decode import DECODE_CHOICES
+    from cospress.models.timm_features import ATTENTION_CHOICES
+
+    _one_of("method", cfg.method, METHODS)
+    _one_of("compressor", cfg.compressor, COMPRESSORS)
+    _one_of("precision", cfg.precision, PRECISIONS)
+    _one_of("attention", cfg.attention, ATTENTION_CHOICES)
+    _one_of("decode", cfg.decode, DECODE_CHOICES)
+    if cfg.compressor_first and cfg.method != "cospress":
+        raise ConfigError("compressor_first applies to method cospress only")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ConfigError("epochs and batch_size must be >= 1")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ConfigError(f"val_fraction={cfg.val_fraction} must be in [0, 1)")
+    if not cfg.temperatures or min(cfg.temperatures) <= 0:
+        raise ConfigError("temperatures must be a non-empty list of positive numbers")

@@ -1,0 +1,82 @@
+"""knn-eval settings: one field per setting, with its default and help (flags and YAML keys are generated)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cospress.config import default_workers, setting
+from cospress.errors import ConfigError
+
+DEFAULT_CACHE_DIR = "~/.cache/cospress/embeddings"
+
+
+@dataclass
+class EvalConfig:
+    """Settings of ``cospress knn-eval``. Every field is a YAML key and a ``--flag``."""
+
+    model: str = setting(
+        "",
+        help="teacher:NAME[@SIZE][=WEIGHTS], random:NAME[@SIZE], a distill run folder or an exported student.",
+    )
+    train: str | None = setting(None, help="Bank source (data-source syntax).")
+    test: str = setting("", help="Query source.")
+    ood: list[str] = setting(help="Out-of-distribution source (repeatable).", factory=list, repeatable=True)
+    ood_classes: list[int] = setting(
+        help="Classes of --test held out as near-OOD, e.g. 5,6,7,8,9.", factory=list, shown="none"
+    )
+    k: list[int] | None = setting(None, help="k values, e.g. 10,20,200.", shown="the protocol's")
+    temperature: float | None = setting(None, help="Vote temperature.", shown="the protocol's")
+    protocol: str = setting("dino", help="dino (k 10/20/100/200, headline 20, T 0.07) or cospress (k 10).")
+    bank_store: str | None = setting(
+        None, help="Use a store's cached teacher CLS as the bank instead of --train."
+    )
+    batch_size: int = setting(256, help="Images per forward.")
+    out: str = setting("eval", help="Report folder.")
+    workers: int = setting(
+        help="DataLoader processes.", factory=default_workers, shown="cores - 1, at most 8"
+    )
+    limit_train: int | None = setting(None, help="Deterministic subset of the bank.")
+    limit_test: int | None = setting(None, help="Deterministic subset of the queries (and each --ood).")
+    cache_dir: str | None = setting(DEFAULT_CACHE_DIR, help="Embedding cache; '' or none: no cache.")
+    index: str = setting("flat", help="flat (exact) or ivf.")
+    nlist: int | None = setting(None, help="IVF cells for --index ivf.", shown="~4 sqrt(N)")
+    nprobe: int = setting(16, help="IVF cells searched per query.")
+    ood_k: int = setting(50, help="k of the k-th-neighbour OOD score.")
+    fidelity_teacher: str | None = setting(
+        None, help="Teacher for fidelity; none to skip.", shown="the teacher recorded with the student"
+    )
+    fidelity_max: int = setting(2000, help="Test images used for fidelity.")
+    robustness: bool = setting(True, help="kNN under corruptions.")
+    attack: bool = setting(True, help="kNN under a feature-space PGD attack.")
+    robustness_max: int = setting(1000, help="Images for robustness.")
+    attack_max: int = setting(256, help="Images attacked with PGD.")
+    seed: int = setting(0, help="Seed of subsets and corruptions.")
+    crop_pct: float = setting(0.875, help="Eval centre-crop fraction (1.0 for tiny images, e.g. 28 px).")
+    device: str = setting("auto", help="auto, cpu, cuda ...")
+    precision: str = setting("auto", help="auto, bf16 or fp32.")
+    decode: str = setting("auto", help="Image decode: auto (gpu on CUDA), cpu (workers), gpu, or device.")
+
+
+def validate(cfg: EvalConfig) -> None:
+    """Refuse settings that cannot work, with a one-line ConfigError."""
+    from cospress.data.device_decode import DECODE_CHOICES
+    from cospress.evaluate.knn import PROTOCOLS
+
+    if not cfg.model:
+        raise ConfigError("no --model given; pass teacher:NAME or a distill run / export folder")
+    if not cfg.test:
+        raise ConfigError("no --test source given; pass e.g. --test fashion-mnist:test")
+    if bool(cfg.train) == bool(cfg.bank_store):
+        raise ConfigError("give exactly one bank: --train SOURCE or --bank-store STORE")
+    if cfg.protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown --protocol {cfg.protocol!r}; use {' or '.join(PROTOCOLS)}")
+    if cfg.index not in ("flat", "ivf"):
+        raise ConfigError(f"unknown --index {cfg.index!r}; use flat or ivf")
+    if not 0 < cfg.crop_pct <= 1:
+        raise ConfigError(f"--crop-pct must be in (0, 1], got {cfg.crop_pct}")
+    if cfg.k is not None and (not cfg.k or min(cfg.k) < 1):
+        raise ConfigError("--k takes positive integers, e.g. --k 10,20")
+    if cfg.ood_k < 1:
+        raise ConfigError("--ood-k must be at least 1")
+    if cfg.decode not in DECODE_CHOICES:
+        raise ConfigError(f"unknown --decode {cfg.decode!r}; use {', '.join(DECODE_CHOICES)}")

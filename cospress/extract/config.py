@@ -1,0 +1,85 @@
+"""Stage 1 settings: one field per setting, with its default and help (flags and YAML keys are generated)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cospress.config import default_workers, setting
+from cospress.data.sources import DEFAULT_MAX_PIXELS
+from cospress.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cospress.data.views import ViewPolicy
+
+
+@dataclass
+class ExtractConfig:
+    """Stage 1 settings. Every field is a YAML key and a ``--flag`` of ``cospress extract-teacher``."""
+
+    data: str = setting(
+        "fashion-mnist:train", help="Image source: folder:PATH, wds:PATTERN, fashion-mnist:train|test."
+    )
+    teacher: str = setting(
+        "efficientnet_lite0", help="timm model name (hub weights), or efficientnet_lite0 (offline)."
+    )
+    weights: str | None = setting(None, help="Local weights file (safetensors or a torch state dict).")
+    views: int = setting(8, help="K: augmented views per image.")
+    image_size: int | None = setting(None, help="Teacher input resolution.", shown="the teacher's")
+    limit: int | None = setting(None, help="Use a deterministic subset of N images.")
+    tokens: bool = setting(True, help="Store patch tokens.")
+    center_view: bool = setting(False, help="Also store the full-image view (as view index K).")
+    seed: int = setting(0, help="Seed of the view parameters.")
+    workers: int = setting(help="Decoding processes.", factory=default_workers, shown="cores - 1, at most 8")
+    batch_size: int = setting(256, help="Views per teacher forward.")
+    shard_size: int = setting(1024, help="Images per shard.")
+    scale_min: float = setting(0.08, help="RandomResizedCrop minimum area.")
+    scale_max: float = setting(1.0, help="RandomResizedCrop maximum area.")
+    flip: float = setting(0.5, help="Probability of a horizontal flip.")
+    color_jitter: float = setting(0.0, help="Probability of colour jitter.")
+    grayscale: float = setting(0.0, help="Probability of grayscale.")
+    blur: float = setting(0.0, help="Probability of gaussian blur.")
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, help="Skip images with more pixels (decompression bombs).")
+    precision: str = setting("auto", help="auto (bf16 on CUDA / AMX CPUs), bf16 or fp32.")
+    device: str = setting("auto", help="auto, cpu, cuda, cuda:1 ...")
+    decode: str = setting(
+        "auto",
+        help="cpu (worker processes), gpu (nvjpeg + replay on the GPU), device, or auto (gpu on CUDA).",
+    )
+    out: str = setting("store", help="Store directory.")
+    overwrite: bool = setting(
+        False, help="Replace an existing store made with other settings.", flag="--overwrite"
+    )
+    append: bool = setting(
+        False, help="Add the images of --data that the complete store lacks (new shards).", flag="--append"
+    )
+
+    def __post_init__(self) -> None:
+        if self.views < 1:
+            raise ConfigError(f"--views must be at least 1, got {self.views}")
+        if self.shard_size < 1:
+            raise ConfigError(f"--shard-size must be at least 1, got {self.shard_size}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
+        if self.append and self.overwrite:
+            raise ConfigError("--append adds to an existing store, --overwrite replaces it: choose one")
+        if not 0 < self.scale_min <= self.scale_max <= 1:
+            raise ConfigError(f"need 0 < scale-min <= scale-max <= 1, got {self.scale_min}, {self.scale_max}")
+
+    @property
+    def stored_views(self) -> int:
+        """Stored views per image: the K random views, plus the centre view when asked for."""
+        return self.views + int(self.center_view)
+
+    def policy(self) -> ViewPolicy:
+        from cospress.data.views import ViewPolicy
+
+        return ViewPolicy(
+            scale=(self.scale_min, self.scale_max),
+            flip=self.flip,
+            color_jitter=self.color_jitter,
+            grayscale=self.grayscale,
+            blur=self.blur,
+        )
