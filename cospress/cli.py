@@ -8,14 +8,12 @@ one flag, with the field's help and default. A flag the user does not give is le
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import json
 import logging
 import os
 import sys
 import time
-import typing
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,6 +37,7 @@ from cospress.distill.config import DistillConfig
 from cospress.errors import CospressError
 from cospress.evaluate.config import EvalConfig
 from cospress.extract.config import ExtractConfig
+from cospress.flags import config_parameters
 
 app = typer.Typer(
     name="cospress",
@@ -137,54 +136,14 @@ def _table(title: str, rows: list[tuple[str, Any]]) -> None:
     Console().print(table)
 
 
-# --------------------------------------------------------------------------- flags from the configs
-CLI_ONLY = ("config", "progress")  # flags of a stage command that are not config fields
+# Options shared by the store commands (typer copies them per command).
+STORE = typer.Argument(..., help="Store path or fsspec URL.")
+CACHE_DIR = typer.Option(None, "--cache-dir", help="Local cache for remote chunks.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing store at --out.")
+PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")
 
 
-def flag_names(f: dataclasses.Field) -> list[str]:
-    """The flag of a config field: ``--field-name``, ``--x/--no-x`` for booleans, or its declared one."""
-    if f.metadata.get("flag"):
-        return [f.metadata["flag"]]
-    dashed = "--" + f.name.replace("_", "-")
-    return [f"{dashed}/--no-{dashed[2:]}"] if f.type in (bool, "bool") else [dashed]
-
-
-def _flag_type(f: dataclasses.Field, hint: Any) -> Any:
-    """The type typer parses; lists, tuples and dicts arrive as text that the config coerces."""
-    if f.metadata.get("repeatable"):
-        return list[str]
-    inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    return inner[0] if inner[0] in (bool, int, float, str) else str
-
-
-def _shown_default(f: dataclasses.Field, flag: str) -> str | bool:
-    if f.metadata.get("shown") is not None:
-        return f.metadata["shown"]
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-    if isinstance(default, bool):
-        on, _, off = flag.partition("/")
-        return (on if default else off) or False
-    if default is None or default == "":
-        return False
-    if isinstance(default, (list, tuple)):
-        return ",".join(str(v) for v in default)
-    return str(default)
-
-
-def config_parameters(cls: type) -> list[inspect.Parameter]:
-    """One typer option per field of a stage config, defaulting to None (= not given on the line)."""
-    hints = typing.get_type_hints(cls)
-    params = []
-    for f in dataclasses.fields(cls):
-        names = flag_names(f)
-        option = typer.Option(None, *names, help=f.metadata["help"], show_default=_shown_default(f, names[0]))
-        kind = inspect.Parameter.KEYWORD_ONLY
-        params.append(
-            inspect.Parameter(f.name, kind, default=option, annotation=_flag_type(f, hints[f.name]))
-        )
-    return params
-
-
+# --------------------------------------------------------------------------- stage commands
 def stage_command(name: str, cls: type, *, progress: bool = True) -> Callable[[Callable], Callable]:
     """Register ``body(cfg, show_progress)`` as a command whose flags are the fields of ``cls``,
     plus ``--config FILE.yaml`` (defaults < file < flags) and ``--progress/--no-progress``."""
@@ -253,8 +212,8 @@ def extract_teacher(cfg: ExtractConfig, show_progress: bool) -> None:
 # --------------------------------------------------------------------------- inspect / verify
 @app.command("inspect")
 def inspect_cmd(
-    store: str = typer.Argument(..., help="Store path or fsspec URL."),
-    cache_dir: str = typer.Option(None, "--cache-dir", help="Local cache for remote chunks."),
+    store: str = STORE,
+    cache_dir: str = CACHE_DIR,
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Print a store's summary: teacher, view policy, shapes, sizes, skipped inputs."""
@@ -273,8 +232,8 @@ def inspect_cmd(
 
 @app.command("verify")
 def verify_cmd(
-    store: str = typer.Argument(..., help="Store path or fsspec URL."),
-    cache_dir: str = typer.Option(None, "--cache-dir", help="Local cache for remote chunks."),
+    store: str = STORE,
+    cache_dir: str = CACHE_DIR,
 ) -> None:
     """Recompute every shard checksum; name corrupted shards and exit non-zero if any."""
     with user_errors():
@@ -342,46 +301,46 @@ def knn_eval_cmd(cfg: EvalConfig, show_progress: bool) -> None:
 
 
 # --------------------------------------------------------------------------- merge / WebDataset
+def _store_job(name: str, show_progress: bool, job: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a store job with a progress bar, user errors as one line."""
+    with user_errors(), progress_bar(name, show_progress) as update:
+        return job(*args, progress=update, **kwargs)
+
+
 @app.command("merge")
 def merge_cmd(
     stores: list[str] = typer.Argument(..., help="Two or more store paths or fsspec URLs, in row order."),
     out: str = typer.Option(..., "--out", help="Folder of the merged store."),
-    shard_size: int = typer.Option(None, "--shard-size", help="Rows per shard [default: the first input's]."),
-    cache_dir: str = typer.Option(None, "--cache-dir", help="Local cache for remote chunks."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    shard_size: int = typer.Option(
+        None, "--shard-size", help="Rows per shard.", show_default="the first input's"
+    ),
+    cache_dir: str = CACHE_DIR,
+    overwrite: bool = OVERWRITE,
+    progress: bool = PROGRESS,
 ) -> None:
     """Merge stores of one teacher and view policy over disjoint images, without recomputing."""
-    with user_errors():
-        from cospress.store.merge import merge_stores
+    from cospress.store.merge import merge_stores
 
-        with progress_bar("merge", progress) as update:
-            manifest = merge_stores(
-                stores, out, overwrite=overwrite, shard_size=shard_size, cache_dir=cache_dir, progress=update
-            )
+    options = {"overwrite": overwrite, "shard_size": shard_size, "cache_dir": cache_dir}
+    manifest = _store_job("merge", progress, merge_stores, stores, out, **options)
     counts = manifest["counts"]
-    _table(
-        "merge",
-        [("store", out), ("inputs", len(stores)), ("rows", counts["rows"]), ("valid", counts["valid"])],
-    )
+    rows = [("store", out), ("inputs", len(stores)), ("rows", counts["rows"]), ("valid", counts["valid"])]
+    _table("merge", rows)
 
 
 @app.command("export-wds")
 def export_wds_cmd(
-    store: str = typer.Argument(..., help="Store path or fsspec URL."),
+    store: str = STORE,
     out: str = typer.Option(..., "--out", help="Empty folder for the tar shards + cospress-wds.json."),
     samples_per_shard: int = typer.Option(1000, "--samples-per-shard", help="Samples per tar shard."),
-    cache_dir: str = typer.Option(None, "--cache-dir", help="Local cache for remote chunks."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    cache_dir: str = CACHE_DIR,
+    progress: bool = PROGRESS,
 ) -> None:
     """Export a store as WebDataset tar shards (.npy targets, .json view parameters)."""
-    with user_errors():
-        from cospress.store.wds_io import export_wds
+    from cospress.store.wds_io import export_wds
 
-        with progress_bar("export-wds", progress) as update:
-            info = export_wds(
-                store, out, samples_per_shard=samples_per_shard, cache_dir=cache_dir, progress=update
-            )
+    options = {"samples_per_shard": samples_per_shard, "cache_dir": cache_dir}
+    info = _store_job("export-wds", progress, export_wds, store, out, **options)
     _table("export-wds", [("folder", out), ("samples", info["samples"]), ("tar shards", len(info["shards"]))])
 
 
@@ -389,15 +348,13 @@ def export_wds_cmd(
 def import_wds_cmd(
     src: str = typer.Argument(..., help="A folder written by export-wds."),
     out: str = typer.Option(..., "--out", help="Folder of the new store."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    overwrite: bool = OVERWRITE,
+    progress: bool = PROGRESS,
 ) -> None:
     """Rebuild a store from an export-wds folder (checksums and member paths checked)."""
-    with user_errors():
-        from cospress.store.wds_io import import_wds
+    from cospress.store.wds_io import import_wds
 
-        with progress_bar("import-wds", progress) as update:
-            manifest = import_wds(src, out, overwrite=overwrite, progress=update)
+    manifest = _store_job("import-wds", progress, import_wds, src, out, overwrite=overwrite)
     _table("import-wds", [("store", out), ("rows", manifest["counts"]["rows"])])
 
 

@@ -51,6 +51,26 @@ def setting(
     return dataclasses.field(default=default, metadata=meta)
 
 
+# The runtime settings every stage has, declared once (each call makes a fresh field).
+def device_setting() -> Any:
+    return setting("auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+
+
+def precision_setting() -> Any:
+    return setting("auto", help="auto (bf16 on CUDA and on AMX CPUs), bf16 or fp32; losses stay fp32.")
+
+
+def workers_setting(what: str) -> Any:
+    return setting(help=f"Worker processes ({what}).", factory=default_workers, shown="cores - 1, at most 8")
+
+
+def decode_setting() -> Any:
+    return setting(
+        "auto",
+        help="Image decode: cpu (PIL in workers), gpu (nvjpeg + resize on the GPU), device, or auto (gpu on CUDA).",
+    )
+
+
 def _coerce(name: str, tp: Any, value: Any) -> Any:
     """Convert a YAML / CLI value to the field's declared type, or raise ConfigError."""
     if value is None:

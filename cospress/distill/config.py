@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from cospress.config import default_workers, setting
+from cospress.config import decode_setting, device_setting, precision_setting, setting, workers_setting
 from cospress.errors import ConfigError
 
 METHODS = ("cospress", "cosine", "mse", "smooth-l1")
@@ -68,14 +68,10 @@ class DistillConfig:
     use_tokens: bool = setting(
         True, help="Use the token terms (when the store has tokens).", flag="--tokens/--no-tokens"
     )
-    precision: str = setting("auto", help="auto (bf16 on CUDA / AMX CPUs), bf16 or fp32; losses in fp32.")
-    device: str = setting("auto", help="auto, cpu, cuda ...")
-    workers: int = setting(
-        help="DataLoader processes (decode + replay, or only reading bytes with --decode device).",
-        factory=default_workers,
-        shown="cores - 1, at most 8",
-    )
-    decode: str = setting("auto", help="Image decode: auto (gpu on CUDA), cpu (workers), gpu, or device.")
+    precision: str = precision_setting()
+    device: str = device_setting()
+    workers: int = workers_setting("decode + replay, or only reading bytes with --decode device")
+    decode: str = decode_setting()
     compile: bool = setting(False, help="torch.compile the student.")
     attention: str = setting(
         "auto",

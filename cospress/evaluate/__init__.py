@@ -1,18 +1,7 @@
-"""``cospress knn-eval``: FAISS kNN, kNN OOD detection, teacher-student fidelity, robustness, a report.
+"""``cospress knn-eval``: FAISS kNN, kNN OOD detection, teacher-student fidelity, robustness, a report."""
 
-The config imports light (the CLI builds its flags from it); the runner loads torch when first used.
-"""
-
-from typing import Any
-
+from cospress import lazy_exports
 from cospress.evaluate.config import EvalConfig
 
 __all__ = ["EvalConfig", "run_knn_eval"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "run_knn_eval":
-        from cospress.evaluate.run import run_knn_eval
-
-        return run_knn_eval
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {"run_knn_eval": "cospress.evaluate.run"})

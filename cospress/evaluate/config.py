@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cospress.config import default_workers, setting
+from cospress.config import decode_setting, device_setting, precision_setting, setting, workers_setting
 from cospress.errors import ConfigError
 
 DEFAULT_CACHE_DIR = "~/.cache/cospress/embeddings"
@@ -32,9 +32,7 @@ class EvalConfig:
     )
     batch_size: int = setting(256, help="Images per forward.")
     out: str = setting("eval", help="Report folder.")
-    workers: int = setting(
-        help="DataLoader processes.", factory=default_workers, shown="cores - 1, at most 8"
-    )
+    workers: int = workers_setting("decode + eval transform")
     limit_train: int | None = setting(None, help="Deterministic subset of the bank.")
     limit_test: int | None = setting(None, help="Deterministic subset of the queries (and each --ood).")
     cache_dir: str | None = setting(DEFAULT_CACHE_DIR, help="Embedding cache; '' or none: no cache.")
@@ -52,9 +50,9 @@ class EvalConfig:
     attack_max: int = setting(256, help="Images attacked with PGD.")
     seed: int = setting(0, help="Seed of subsets and corruptions.")
     crop_pct: float = setting(0.875, help="Eval centre-crop fraction (1.0 for tiny images, e.g. 28 px).")
-    device: str = setting("auto", help="auto, cpu, cuda ...")
-    precision: str = setting("auto", help="auto, bf16 or fp32.")
-    decode: str = setting("auto", help="Image decode: auto (gpu on CUDA), cpu (workers), gpu, or device.")
+    device: str = device_setting()
+    precision: str = precision_setting()
+    decode: str = decode_setting()
 
 
 def validate(cfg: EvalConfig) -> None:

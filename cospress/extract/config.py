@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cospress.config import default_workers, setting
+from cospress.config import decode_setting, device_setting, precision_setting, setting, workers_setting
 from cospress.data.sources import DEFAULT_MAX_PIXELS
 from cospress.errors import ConfigError
 
@@ -30,7 +30,7 @@ class ExtractConfig:
     tokens: bool = setting(True, help="Store patch tokens.")
     center_view: bool = setting(False, help="Also store the full-image view (as view index K).")
     seed: int = setting(0, help="Seed of the view parameters.")
-    workers: int = setting(help="Decoding processes.", factory=default_workers, shown="cores - 1, at most 8")
+    workers: int = workers_setting("decode + replay of the views")
     batch_size: int = setting(256, help="Views per teacher forward.")
     shard_size: int = setting(1024, help="Images per shard.")
     scale_min: float = setting(0.08, help="RandomResizedCrop minimum area.")
@@ -40,12 +40,9 @@ class ExtractConfig:
     grayscale: float = setting(0.0, help="Probability of grayscale.")
     blur: float = setting(0.0, help="Probability of gaussian blur.")
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, help="Skip images with more pixels (decompression bombs).")
-    precision: str = setting("auto", help="auto (bf16 on CUDA / AMX CPUs), bf16 or fp32.")
-    device: str = setting("auto", help="auto, cpu, cuda, cuda:1 ...")
-    decode: str = setting(
-        "auto",
-        help="cpu (worker processes), gpu (nvjpeg + replay on the GPU), device, or auto (gpu on CUDA).",
-    )
+    precision: str = precision_setting()
+    device: str = device_setting()
+    decode: str = decode_setting()
     out: str = setting("store", help="Store directory.")
     overwrite: bool = setting(
         False, help="Replace an existing store made with other settings.", flag="--overwrite"

@@ -1,0 +1,104 @@
+"""Each stage setting is declared once (a config field) and the CLI is generated from it.
+
+A field without a flag, a flag without a field, a lost flag name that users know, or a YAML key
+that no longer loads fails here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from cospress.cli import app
+from cospress.config import load_config, save_config, to_dict
+from cospress.distill import DistillConfig
+from cospress.evaluate import EvalConfig
+from cospress.extract import ExtractConfig
+from cospress.flags import CLI_ONLY
+
+STAGES = {"extract-teacher": ExtractConfig, "distill": DistillConfig, "knn-eval": EvalConfig}
+
+# Every flag of the stage commands at 4724e22 (before the flags were generated): they keep working.
+KNOWN_FLAGS = {
+    "extract-teacher": "--data --teacher --weights --views --image-size --limit --tokens --no-tokens "
+    "--center-view --no-center-view --seed --workers --batch-size --shard-size --scale-min --scale-max "
+    "--flip --color-jitter --grayscale --blur --max-pixels --precision --device --decode --out "
+    "--overwrite --append --config --progress --no-progress",
+    "distill": "--store --student --student-size --student-kwargs --pretrained --random-init --method "
+    "--compressor --compressor-first --compressor-epochs --views-per-image --epochs --batch-size --lr "
+    "--min-lr --weight-decay --warmup-epochs --temperatures --tokens --no-tokens --data --cache-dir "
+    "--expect-teacher --val-fraction --save-every --betas --grad-clip --w-local --w-global --w-tokens "
+    "--w-cls --val-bank --val-k --val-temperature --seed --workers --precision --device --decode "
+    "--compile --no-compile --attention --out --resume --config --progress --no-progress",
+    "knn-eval": "--model --train --test --ood --ood-classes --k --temperature --protocol --bank-store "
+    "--batch-size --workers --limit-train --limit-test --cache-dir --index --nlist --nprobe "
+    "--fidelity-max --attack-max --ood-k --fidelity-teacher --robustness --no-robustness --attack "
+    "--no-attack --robustness-max --crop-pct --seed --precision --device --decode --out --config",
+}
+
+
+def _command(name: str):
+    group = typer.main.get_command(app)
+    return group.get_command(group.context_class(group, info_name="cospress"), name)
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_every_field_has_a_flag_and_every_flag_a_field(name: str) -> None:
+    params = {p.name for p in _command(name).params if p.name != "help"}
+    fields = {f.name for f in dataclasses.fields(STAGES[name])}
+    assert fields - params == set(), f"config fields without a flag: {sorted(fields - params)}"
+    assert params - fields - set(CLI_ONLY) == set(), f"flags without a field: {sorted(params - fields)}"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_the_flags_users_know_still_exist(name: str) -> None:
+    opts = set()
+    for p in _command(name).params:
+        opts.update(p.opts)
+        opts.update(p.secondary_opts)
+    missing = set(KNOWN_FLAGS[name].split()) - opts
+    assert not missing, f"{name} lost flags: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_help_lists_every_flag_with_its_default(name: str) -> None:
+    cmd = _command(name)
+    for param in cmd.params:
+        if param.name in ("help", *CLI_ONLY):
+            continue
+        field = next(f for f in dataclasses.fields(STAGES[name]) if f.name == param.name)
+        assert param.help == field.metadata["help"]
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        if default not in (None, "", False, [], {}) or field.metadata.get("shown"):
+            assert isinstance(param.show_default, str) and param.show_default, param.name
+    out = CliRunner().invoke(app, [name, "--help"], terminal_width=200).output
+    assert "--views-per-image" in out or name != "distill"
+    assert "[default:" in out
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_yaml_keys_are_the_field_names(name: str, tmp_path) -> None:
+    cls = STAGES[name]
+    cfg = load_config(cls, None, {})
+    save_config(cfg, tmp_path / "c.yaml")
+    assert to_dict(load_config(cls, tmp_path / "c.yaml", {})) == to_dict(cfg)
+    dashed = {k.replace("_", "-"): v for k, v in yaml.safe_load((tmp_path / "c.yaml").read_text()).items()}
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(dashed))
+    assert to_dict(load_config(cls, tmp_path / "d.yaml", {})) == to_dict(cfg)
+
+
+def test_flags_win_over_the_file_and_the_file_over_defaults(tmp_path) -> None:
+    (tmp_path / "c.yaml").write_text("epochs: 7\nlr: 0.01\nstudent-kwargs: '{\"depth\": 2}'\n")
+    cfg = load_config(DistillConfig, tmp_path / "c.yaml", {"lr": 0.5, "views_per_image": None})
+    assert (cfg.epochs, cfg.lr, cfg.views_per_image, cfg.student_kwargs) == (7, 0.5, 3, {"depth": 2})
+
+
+def test_an_unknown_yaml_key_is_a_one_line_error(tmp_path) -> None:
+    (tmp_path / "c.yaml").write_text("epochz: 7\n")
+    res = CliRunner().invoke(app, ["distill", "--config", str(tmp_path / "c.yaml")])
+    assert res.exit_code == 2
+    assert "unknown key(s) epochz" in res.output
