@@ -1,4 +1,4 @@
-"""Export a trained student as a bare timm state dict plus a small JSON description.
+"""The exported student: its one writer (:func:`export_student`) and its one reader (:func:`read_export`).
 
 ``OUT/student.safetensors`` holds exactly ``timm.create_model(name, num_classes=0, img_size=size,
 **timm_kwargs).state_dict()``, so it loads without cospress::
@@ -8,6 +8,9 @@
 
 ``OUT/student.json``: timm_name, timm_kwargs, input_size, mean, std, dim, grid, method, teacher (the
 store manifest's teacher description), cospress_version, and where it came from.
+
+:func:`read_export` also reads a distill run folder that holds such an ``export/``, or the run's
+own best / last checkpoint (``run.json`` + ``student.*`` weights), so every reader sees one shape.
 """
 
 from __future__ import annotations
@@ -20,13 +23,31 @@ from typing import Any
 
 import cospress
 from cospress import checkpoint as ckpt
-from cospress.errors import CospressError
+from cospress.errors import ConfigError, CospressError
 from cospress.utils import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
 STUDENT_WEIGHTS = "student.safetensors"
 STUDENT_JSON = "student.json"
+RUN_JSON = "run.json"  # the header a distill run writes into its folder
+_PREFIX = "student."
+
+
+def _run_student(run: Path, which: str) -> tuple[dict, dict[str, Any], dict[str, str]]:
+    """(run.json header, bare student state dict, safetensors metadata) of checkpoint ``which``."""
+    wpath, _ = ckpt.paths(run, which)
+    if not wpath.is_file():
+        raise ckpt.CheckpointError(
+            f"{wpath} does not exist; the run has not finished an epoch yet (export 'last' after a save)"
+        )
+    weights, meta = ckpt.load_weights(wpath)
+    student = {k[len(_PREFIX) :]: v for k, v in weights.items() if k.startswith(_PREFIX)}
+    if not student:
+        raise ckpt.CheckpointError(
+            f"{wpath} holds no student.* weights; it is not a cospress distill checkpoint"
+        )
+    return json.loads((run / RUN_JSON).read_text()), student, meta
 
 
 def export_student(
@@ -39,23 +60,11 @@ def export_student(
     run = Path(run_dir)
     if which not in ("best", "last"):
         raise CospressError(f"which={which!r}: export 'best' or 'last'")
-    header_path = run / "run.json"
-    if not header_path.is_file():
+    if not (run / RUN_JSON).is_file():
         raise CospressError(
-            f"{run} is not a distill run folder (no run.json); pass the --out of cospress distill"
+            f"{run} is not a distill run folder (no {RUN_JSON}); pass the --out of cospress distill"
         )
-    header = json.loads(header_path.read_text())
-    wpath, _ = ckpt.paths(run, which)
-    if not wpath.is_file():
-        raise ckpt.CheckpointError(
-            f"{wpath} does not exist; the run has not finished an epoch yet (export 'last' after a save)"
-        )
-    weights, meta = ckpt.load_weights(wpath)
-    student = {k[len("student.") :]: v for k, v in weights.items() if k.startswith("student.")}
-    if not student:
-        raise ckpt.CheckpointError(
-            f"{wpath} holds no student.* weights; it is not a cospress distill checkpoint"
-        )
+    header, student, meta = _run_student(run, which)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt.save_weights(
@@ -79,25 +88,61 @@ def export_student(
     }
 
 
-def load_exported(path: str | os.PathLike) -> Any:
-    """The exported student as a `FeatureModel` (eval mode) from a folder written by `export_student`."""
+def read_export(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
+    """(description, bare timm state dict) of a student.
+
+    ``path`` is an export folder (student.json + student.safetensors), a distill run folder holding
+    one in ``export/``, or a distill run folder itself (run.json + best.safetensors, else
+    last.safetensors; the description is run.json's ``student`` plus its ``teacher``).
+    """
     import safetensors.torch
 
+    folder = Path(path)
+    for candidate in (folder, folder / "export"):
+        if (candidate / STUDENT_JSON).is_file():
+            if not (candidate / STUDENT_WEIGHTS).is_file():
+                raise ConfigError(f"{candidate} has {STUDENT_JSON} but no {STUDENT_WEIGHTS}; re-export it")
+            meta = json.loads((candidate / STUDENT_JSON).read_text())
+            return meta, safetensors.torch.load_file(str(candidate / STUDENT_WEIGHTS))
+    if not (folder / RUN_JSON).is_file():
+        raise ConfigError(
+            f"{folder} holds no {STUDENT_JSON}, export/{STUDENT_JSON} or {RUN_JSON}; pass a distill run "
+            "folder, an exported student folder, or teacher:NAME"
+        )
+    which = next((w for w in ("best", "last") if ckpt.paths(folder, w)[0].is_file()), None)
+    if which is None:
+        raise ConfigError(f"{folder} is a distill run without a saved checkpoint yet; train an epoch first")
+    header, state, _ = _run_student(folder, which)
+    if not header.get("student"):
+        raise ConfigError(f"{folder}/{RUN_JSON} does not describe the student; it is not a distill run")
+    log.info("student weights from %s", ckpt.paths(folder, which)[0])
+    return {**header["student"], "teacher": header.get("teacher")}, state
+
+
+def build_exported(meta: dict, state: dict[str, Any], where: str | os.PathLike) -> Any:
+    """The student of a :func:`read_export` result as a `FeatureModel` (eval mode) on the CPU."""
     from cospress.models.students import build_student
 
-    d = Path(path)
-    if not (d / STUDENT_JSON).is_file() or not (d / STUDENT_WEIGHTS).is_file():
-        raise CospressError(
-            f"{d} holds no exported student ({STUDENT_JSON} + {STUDENT_WEIGHTS}); run cospress export"
-        )
-    desc = json.loads((d / STUDENT_JSON).read_text())
+    if "timm_name" not in meta or "input_size" not in meta:
+        raise ConfigError(f"the student description in {where} lacks timm_name or input_size; re-export it")
     model = build_student(
-        desc["timm_name"],
-        int(desc["input_size"]),
+        meta["timm_name"],
+        int(meta["input_size"]),
         pretrained=False,
-        mean=tuple(desc["mean"]),
-        std=tuple(desc["std"]),
-        **dict(desc.get("timm_kwargs") or {}),
+        mean=tuple(meta["mean"]) if meta.get("mean") else None,
+        std=tuple(meta["std"]) if meta.get("std") else None,
+        **(meta.get("timm_kwargs") or {}),
     )
-    model.model.load_state_dict(safetensors.torch.load_file(str(d / STUDENT_WEIGHTS)))
+    missing, unexpected = model.model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"the student weights in {where} do not match the architecture ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected keys, e.g. {(list(missing) + list(unexpected))[:3]}); "
+            "check timm_name / timm_kwargs"
+        )
     return model.eval()
+
+
+def load_exported(path: str | os.PathLike) -> Any:
+    """The student at ``path`` (anything :func:`read_export` reads) as a `FeatureModel` in eval mode."""
+    return build_exported(*read_export(path), path)

@@ -172,7 +172,9 @@ def test_fashion_mnist_falls_back_to_pixels():
 
 def test_eval_embeddings_device_vs_cpu(mixed, tmp_path):
     """knn-eval embedding: the device path gives the CPU path's images within EVAL_TOL, same skips."""
-    from cospress.evaluate.embed import embed_source, eval_transform, eval_transform_tensor, load_model
+    from cospress.evaluate.embed import embed_source
+    from cospress.evaluate.images import eval_transform, eval_transform_tensor
+    from cospress.evaluate.models import load_model
 
     spec, _ = mixed
     src = open_source(spec)
@@ -198,7 +200,8 @@ def test_eval_embeddings_device_vs_cpu(mixed, tmp_path):
 
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="dataset-fashion-mnist is not installed")
 def test_eval_embeddings_fashion_mnist_device_equals_cpu():
-    from cospress.evaluate.embed import embed_source, load_model
+    from cospress.evaluate.embed import embed_source
+    from cospress.evaluate.models import load_model
 
     src = open_source("fashion-mnist:test", limit=24)
     model = load_model("random:test_vit@32").model

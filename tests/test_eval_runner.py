@@ -14,11 +14,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from cospress.errors import ConfigError  # noqa: E402
-from cospress.evaluate import (  # noqa: E402
-    EvalConfig,
-    embed,  # noqa: E402
-    run_knn_eval,
-)
+from cospress.evaluate import EvalConfig, embed, images, models, run_knn_eval  # noqa: E402
 from tests.helpers import make_image_folder, make_tiny_teacher_weights  # noqa: E402
 
 
@@ -38,23 +34,23 @@ def folders(tmp_path_factory):
 
 def test_eval_transform_shape_and_crop():
     image = Image.fromarray(np.arange(60 * 40 * 3, dtype=np.uint8).reshape(40, 60, 3) % 255)
-    out = embed.eval_transform(image, 32, crop_pct=0.875)
+    out = images.eval_transform(image, 32, crop_pct=0.875)
     assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
-    full = embed.eval_transform(image, 32, crop_pct=1.0)
+    full = images.eval_transform(image, 32, crop_pct=1.0)
     assert full.shape == (3, 32, 32) and not torch.equal(out, full)
 
 
 def test_parse_teacher_spec():
-    assert embed.parse_teacher_spec("teacher:vit_small@112") == ("vit_small", 112, None, False)
-    assert embed.parse_teacher_spec("random:test_vit@32") == ("test_vit", 32, None, True)
-    assert embed.parse_teacher_spec("teacher:test_vit=/w.safetensors") == (
+    assert models.parse_teacher_spec("teacher:vit_small@112") == ("vit_small", 112, None, False)
+    assert models.parse_teacher_spec("random:test_vit@32") == ("test_vit", 32, None, True)
+    assert models.parse_teacher_spec("teacher:test_vit=/w.safetensors") == (
         "test_vit",
         None,
         "/w.safetensors",
         False,
     )
     with pytest.raises(ConfigError):
-        embed.parse_teacher_spec("teacher:x@big")
+        models.parse_teacher_spec("teacher:x@big")
 
 
 def test_run_knn_eval_end_to_end(folders, tmp_path, caplog):
@@ -137,7 +133,7 @@ def test_student_folder_and_self_fidelity(folders, tmp_path):
         "teacher": "random:test_vit@32",
     }
     (export / "student.json").write_text(json.dumps(meta))
-    loaded = embed.load_model(str(tmp_path / "run"))
+    loaded = models.load_model(str(tmp_path / "run"))
     assert loaded.kind == "student" and loaded.teacher_spec == "random:test_vit@32"
     assert loaded.model.fingerprint() == student.fingerprint()  # the weights round-trip
     report = run_knn_eval(
@@ -181,17 +177,17 @@ def test_distill_run_folder(folders, tmp_path):
         "teacher": {"name": "test_vit", "input_size": 32, "source": f"file:{weights}"},
     }
     (run / "run.json").write_text(json.dumps(header))
-    loaded = embed.load_model(str(run))
+    loaded = models.load_model(str(run))
     assert loaded.model.fingerprint() == student.fingerprint()
     assert loaded.teacher_spec == f"teacher:test_vit@32={weights}"
-    assert embed.load_model(loaded.teacher_spec).model.dim == 64
+    assert models.load_model(loaded.teacher_spec).model.dim == 64
 
 
 def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="exactly one bank"):
         run_knn_eval(EvalConfig(model="random:test_vit@32", test="folder:x"))
     with pytest.raises(ConfigError, match="neither teacher"):
-        embed.load_model(str(tmp_path / "missing"))
+        models.load_model(str(tmp_path / "missing"))
 
 
 def test_bank_from_store(folders, tmp_path):

@@ -1,13 +1,10 @@
-"""Models and embeddings for evaluation: load a model from a spec, embed a source, cache the result.
+"""Embeddings for evaluation: embed rows of a source with a model, cache the result; a store's bank.
 
-Embedding = eval transform (resize the shorter side to input_size / crop_pct, centre crop to
-input_size, uint8) -> model -> CLS -> L2 normalisation. Results are cached on disk under a key of
-the model fingerprint, the source's keys hash, the rows, the transform and any corruption.
-
-With ``decode="device"`` (or auto / gpu on CUDA) workers only read bytes; JPEGs are decoded in
-batches on the compute device (:mod:`cospress.data.device_decode`) and resized there by
-:func:`eval_transform_tensor`, which follows PIL's two-pass bicubic (within 2 grey levels).
-Corrupted inputs (robustness) always take the CPU path: the corruptions work on PIL images.
+Embedding = eval transform (:mod:`cospress.evaluate.images`) -> model -> CLS -> L2 normalisation.
+Results are cached on disk under a key of the model fingerprint, the source's keys hash, the rows,
+the transform and any corruption. With ``decode="device"`` (or auto / gpu on CUDA) the images are
+decoded and resized in batches on the compute device. Corrupted inputs (robustness) always take
+the CPU path: the corruptions work on PIL images.
 """
 
 from __future__ import annotations
@@ -17,25 +14,21 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
-from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from cospress.data.device_decode import EncodedBatch, decode_batch, pack, read_encoded, resolve_decode
-from cospress.errors import BadImageError, ConfigError
-from cospress.evaluate.config import DEFAULT_CACHE_DIR
+from cospress.data.device_decode import EncodedBatch, decode_batch, resolve_decode
+from cospress.data.sources import open_source
+from cospress.errors import ConfigError
+from cospress.evaluate.config import DEFAULT_CACHE_DIR, EvalConfig
+from cospress.evaluate.images import EvalImages, collate_encoded, eval_transform_tensor
 from cospress.evaluate.knn import l2_normalize
-from cospress.evaluate.robustness import corrupt
-from cospress.models.students import build_student
-from cospress.models.teachers import build_teacher
 from cospress.runtime import autocast, autocast_dtype
 from cospress.store.reader import StoreReader
 from cospress.utils import atomic_write_bytes, atomic_write_json, sha256_json
@@ -43,248 +36,6 @@ from cospress.utils import atomic_write_bytes, atomic_write_json, sha256_json
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-STUDENT_JSON = "student.json"
-STUDENT_WEIGHTS = ("student.safetensors", "best.safetensors", "model.safetensors")
-RUN_JSON = "run.json"
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for evaluation and what we know about where it came from."""
-
-    model: Any  # cospress FeatureModel
-    spec: str
-    kind: str  # "teacher" or "student"
-    teacher_spec: str | None = None  # the teacher recorded with a student (for fidelity)
-    meta: dict = field(default_factory=dict)
-
-
-def _teacher_spec_from_meta(meta: dict) -> str | None:
-    """The model spec of the teacher recorded with a student (a name, a spec, or a describe() dict).
-
-    None when there is none or it cannot be rebuilt (a random-init teacher).
-    """
-    teacher = meta.get("teacher")
-    if isinstance(teacher, str) and teacher:
-        return teacher if teacher.startswith(("teacher:", "random:")) else f"teacher:{teacher}"
-    if isinstance(teacher, dict) and teacher.get("name"):
-        source = str(teacher.get("source") or "")
-        if source == "random":
-            log.warning("the student's teacher was randomly initialised: no fidelity teacher by default")
-            return None
-        size = teacher.get("input_size")
-        spec = f"teacher:{teacher['name']}" + (f"@{int(size)}" if size else "")
-        if source.startswith("file:"):
-            spec += "=" + source[len("file:") :]
-        return spec
-    return None
-
-
-def _student_folder(path: Path) -> Path:
-    """The folder holding student.json (the path itself or RUN/export), or a run folder (run.json)."""
-    for candidate in (path, path / "export"):
-        if (candidate / STUDENT_JSON).is_file():
-            return candidate
-    if (path / RUN_JSON).is_file():
-        return path
-    raise ConfigError(
-        f"{path} holds no {STUDENT_JSON}, export/{STUDENT_JSON} or {RUN_JSON}; pass a distill run "
-        "folder, an exported student folder, or teacher:NAME"
-    )
-
-
-def _student_meta_and_weights(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(description, bare timm state dict) of an exported student or of a run's best/last checkpoint."""
-    if (folder / STUDENT_JSON).is_file():
-        meta = json.loads((folder / STUDENT_JSON).read_text())
-        weights = next((folder / w for w in STUDENT_WEIGHTS if (folder / w).is_file()), None)
-        if weights is None:
-            raise ConfigError(f"{folder} has {STUDENT_JSON} but no {' / '.join(STUDENT_WEIGHTS)}")
-        state = load_file(str(weights))
-        if any(k.startswith("student.") for k in state):
-            state = {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
-        return meta, state
-    header = json.loads((folder / RUN_JSON).read_text())
-    weights = next(
-        (folder / f"{w}.safetensors" for w in ("best", "last") if (folder / f"{w}.safetensors").is_file()),
-        None,
-    )
-    if weights is None or not header.get("student"):
-        raise ConfigError(f"{folder} is a distill run without a saved checkpoint yet; train an epoch first")
-    state = {k[len("student.") :]: v for k, v in load_file(str(weights)).items() if k.startswith("student.")}
-    log.info("student weights from %s", weights)
-    return {**header["student"], "teacher": header.get("teacher")}, state
-
-
-def parse_teacher_spec(spec: str) -> tuple[str, int | None, str | None, bool]:
-    """`teacher:NAME[@SIZE][=WEIGHTS]` or `random:NAME[@SIZE]` -> (name, size, weights, random)."""
-    prefix, _, rest = spec.partition(":")
-    rest, _, weights = rest.partition("=")
-    name, _, size = rest.partition("@")
-    if prefix not in ("teacher", "random") or not name:
-        raise ConfigError(f"model spec {spec!r} is not teacher:NAME[@SIZE][=WEIGHTS] or random:NAME[@SIZE]")
-    try:
-        image_size = int(size) if size else None
-    except ValueError:
-        raise ConfigError(f"model spec {spec!r}: the size after @ must be an integer") from None
-    return name, image_size, weights or None, prefix == "random"
-
-
-def load_model(spec: str, device: torch.device | str = "cpu") -> LoadedModel:
-    """A model from a spec, in eval mode on `device` with gradients off.
-
-    Specs: `teacher:NAME[@SIZE][=WEIGHTS]` (a teacher: hub / built-in weights, or a weights file),
-    `random:NAME[@SIZE]` (random init: tests and a random-features baseline), or a folder: an
-    exported student (student.json {"timm_name", "input_size", "mean", "std", "timm_kwargs",
-    optionally "teacher"} + student.safetensors), a distill run folder with such an export/, or a
-    distill run folder itself (run.json + best.safetensors, else last.safetensors, `student.*` keys).
-    """
-    if spec.startswith(("teacher:", "random:")):
-        name, image_size, weights, random_init = parse_teacher_spec(spec)
-        model = build_teacher(
-            name, weights=weights, image_size=image_size, pretrained=False if random_init else None
-        )
-        loaded = LoadedModel(model, spec, "teacher")
-    else:
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise ConfigError(
-                f"model {spec!r} is neither teacher:NAME nor an existing folder; give a distill run "
-                "folder, an export folder, or teacher:NAME"
-            )
-        meta, state = _student_meta_and_weights(_student_folder(path))
-        if "timm_name" not in meta or "input_size" not in meta:
-            raise ConfigError(
-                f"the student description in {path} lacks timm_name or input_size; re-export it"
-            )
-        model = build_student(
-            meta["timm_name"],
-            int(meta["input_size"]),
-            pretrained=False,
-            mean=tuple(meta["mean"]) if meta.get("mean") else None,
-            std=tuple(meta["std"]) if meta.get("std") else None,
-            **(meta.get("timm_kwargs") or {}),
-        )
-        _load_weights(model, state, path)
-        loaded = LoadedModel(model, spec, "student", _teacher_spec_from_meta(meta), meta)
-    model.to(device).eval().requires_grad_(False)
-    log.info("model %s: %s at %d px, dim %d", spec, model.name, model.input_size, model.dim)
-    return loaded
-
-
-def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
-    target = model if any(k.startswith("model.") for k in state) else model.model
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            f"the student weights in {where} do not match the architecture ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected keys, e.g. {(list(missing) + list(unexpected))[:3]}); "
-            "check timm_name / timm_kwargs"
-        )
-
-
-def bank_from_store(url: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """A kNN bank from a store's cached teacher CLS: (features [N, Dt] normalised, labels [N], manifest).
-
-    Uses the centre view (index K) when the store has one, else view 0; skipped rows are dropped.
-    """
-    reader = StoreReader(url)
-    manifest = reader.manifest
-    view = int(manifest.get("k", 0)) if manifest.get("center_view") else 0
-    rows = reader.valid_rows()
-    data = reader.read_rows(rows, views=np.full((len(rows), 1), view), tokens=False)
-    labels = np.asarray(data["labels"], dtype=np.int64)
-    log.info("bank from store %s: %d rows, view %d, dim %d", reader.display, len(rows), view, reader.dim)
-    return l2_normalize(np.asarray(data["cls"][:, 0], dtype=np.float32)), labels, manifest
-
-
-def eval_transform(image: Image.Image, size: int, crop_pct: float = 0.875) -> torch.Tensor:
-    """Resize the shorter side to round(size / crop_pct) (bicubic), centre crop size x size.
-
-    Returns uint8 [3, size, size].
-    """
-    w, h = image.size
-    short = max(size, round(size / crop_pct))
-    scale = short / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.convert("RGB").resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-
-
-def _eval_geometry(w: int, h: int, size: int, crop_pct: float) -> tuple[int, int, int, int]:
-    """(resized width, resized height, crop left, crop top) of :func:`eval_transform`."""
-    short = max(size, round(size / crop_pct))
-    scale = short / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    return nw, nh, (nw - size) // 2, (nh - size) // 2
-
-
-def eval_transform_tensor(image: torch.Tensor, size: int, crop_pct: float = 0.875) -> torch.Tensor:
-    """:func:`eval_transform` of a uint8 [3, H, W] tensor on any device: uint8 [3, size, size].
-
-    Like PIL: antialiased bicubic, horizontal pass first, rounded to uint8 between the passes, a
-    pass skipped when its size does not change; within 2 grey levels of the PIL result.
-    """
-    _, h, w = image.shape
-    nw, nh, left, top = _eval_geometry(w, h, size, crop_pct)
-    x = image[None].float()
-    if nw != w:
-        x = F.interpolate(x, size=(h, nw), mode="bicubic", align_corners=False, antialias=True)
-        x = x.round_().clamp_(0, 255)
-    if nh != h:
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-    x = x[0, :, top : top + size, left : left + size]
-    return x.round_().clamp_(0, 255).to(torch.uint8)
-
-
-class EvalImages(Dataset):
-    """Rows `indices` of a source as eval-transformed uint8 [3, S, S], optionally corrupted first.
-
-    An item is (position, image, error): error is "" or why the input could not be decoded. With
-    ``decode="device"`` an item is (position, Encoded) instead (collate with :func:`collate_encoded`).
-    """
-
-    def __init__(
-        self,
-        source: Any,
-        indices: Sequence[int],
-        size: int,
-        crop_pct: float = 0.875,
-        corruption: str | None = None,
-        severity: int = 0,
-        seed: int = 0,
-        decode: str = "cpu",
-    ) -> None:
-        self.decode = decode
-        self.source = source
-        self.indices = list(indices)
-        self.size = size
-        self.crop_pct = crop_pct
-        self.corruption = corruption
-        self.severity = severity
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, pos: int) -> tuple[Any, ...]:
-        if self.decode == "device":
-            return pos, read_encoded(self.source, self.indices[pos])
-        try:
-            sample = self.source.load(self.indices[pos])
-        except BadImageError as e:
-            return pos, torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(e) or "bad image"
-        image = sample.image
-        if self.corruption and self.severity:
-            image = corrupt(image, self.corruption, self.severity, seed=self.seed, key=sample.key)
-        return pos, eval_transform(image, self.size, self.crop_pct), ""
-
-
-def collate_encoded(items: list[tuple[int, Any]]) -> tuple[torch.Tensor, EncodedBatch]:
-    """(positions int64 [B], packed samples) of a batch of device-mode EvalImages items."""
-    return torch.as_tensor([p for p, _ in items], dtype=torch.int64), pack([e for _, e in items])
 
 
 @dataclass
@@ -429,19 +180,111 @@ def _run(
     return feats, errors
 
 
-def load_pixels(source: Any, rows: Sequence[int], size: int, crop_pct: float = 0.875) -> torch.Tensor:
-    """Eval-transformed images as float [B, 3, S, S] in [0, 1] (bad inputs raise BadImageError)."""
-    return (
-        torch.stack([eval_transform(source.load(int(r)).image, size, crop_pct) for r in rows]).float() / 255
-    )
+def bank_from_store(url: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A kNN bank from a store's cached teacher CLS: (features [N, Dt] normalised, labels [N], manifest).
+
+    Uses the centre view (index K) when the store has one, else view 0; skipped rows are dropped.
+    """
+    reader = StoreReader(url)
+    manifest = reader.manifest
+    view = int(manifest.get("k", 0)) if manifest.get("center_view") else 0
+    rows = reader.valid_rows()
+    data = reader.read_rows(rows, views=np.full((len(rows), 1), view), tokens=False)
+    labels = np.asarray(data["labels"], dtype=np.int64)
+    log.info("bank from store %s: %d rows, view %d, dim %d", reader.display, len(rows), view, reader.dim)
+    return l2_normalize(np.asarray(data["cls"][:, 0], dtype=np.float32)), labels, manifest
 
 
-def pixel_features_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """f(x) for pixels x in [0, 1] [B, 3, S, S]: normalise with the model's mean/std, return CLS [B, D]."""
-    mean = torch.tensor(model.mean).view(1, -1, 1, 1)
-    std = torch.tensor(model.std).view(1, -1, 1, 1)
+# ---------------------------------------------------------------------------------------------- the run's sets
 
-    def f(x: torch.Tensor) -> torch.Tensor:
-        return model((x - mean.to(x.device)) / std.to(x.device)).cls
 
-    return f
+def embed_bank(
+    cfg: EvalConfig, model: Any, emb_kw: dict, held: np.ndarray, data: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """The kNN bank (features, labels): from a store's cached teacher features or by embedding
+    ``cfg.train``; unlabelled rows and the held-out OOD classes ``held`` are left out."""
+    if cfg.bank_store:
+        bank, bank_labels, manifest = bank_from_store(cfg.bank_store)
+        _check_store_bank(manifest, model, bank)
+        data["train"] = {
+            "store": cfg.bank_store,
+            "source": manifest.get("source"),
+            "teacher": manifest.get("teacher"),
+        }
+    else:
+        train_src = open_source(cfg.train, limit=cfg.limit_train)
+        emb = embed_source(model, train_src, **emb_kw)
+        bank = emb.features[emb.valid]
+        bank_labels = np.asarray(train_src.labels(), dtype=np.int64)[emb.valid]
+        data["train"] = _data_entry(train_src, emb)
+    keep = (bank_labels >= 0) & ~np.isin(bank_labels, held)
+    if (bank_labels < 0).any():
+        log.warning("bank: %d unlabelled rows left out", int((bank_labels < 0).sum()))
+    bank, bank_labels = bank[keep], bank_labels[keep]
+    if len(bank) == 0:
+        raise ConfigError(
+            "the bank has no labelled rows of in-distribution classes; check --train / --ood-classes"
+        )
+    return bank, bank_labels
+
+
+@dataclass
+class Queries:
+    """The embedded test images: src, emb, labels [N] (-1 unlabelled); heldout / id_mask: bool [N]."""
+
+    src: Any
+    emb: Embeddings
+    labels: np.ndarray
+    heldout: np.ndarray  # valid rows of the held-out OOD classes
+    id_mask: np.ndarray  # valid, labelled rows of the bank's classes: the kNN queries
+
+
+def embed_queries(cfg: EvalConfig, model: Any, emb_kw: dict, held: np.ndarray, data: dict) -> Queries:
+    """Embed ``cfg.test``; its rows of the classes in ``held`` become an OOD set."""
+    src = open_source(cfg.test, limit=cfg.limit_test)
+    emb = embed_source(model, src, **emb_kw)
+    data["test"] = _data_entry(src, emb)
+    labels = np.asarray(src.labels(), dtype=np.int64)
+    heldout = emb.valid & np.isin(labels, held)
+    id_mask = emb.valid & (labels >= 0) & ~heldout
+    if not id_mask.any():
+        raise ConfigError(f"{cfg.test} has no labelled in-distribution images to evaluate")
+    return Queries(src, emb, labels, heldout, id_mask)
+
+
+def embed_ood_sets(
+    cfg: EvalConfig, model: Any, emb_kw: dict, queries: Queries, data: dict
+) -> dict[str, np.ndarray]:
+    """{set name: features [N, D]}: the held-out classes of the test set, then each ``--ood`` source."""
+    sets: dict[str, np.ndarray] = {}
+    if queries.heldout.any():
+        sets["heldout_classes"] = queries.emb.features[queries.heldout]
+    for i, spec in enumerate(cfg.ood):
+        src = open_source(spec, limit=cfg.limit_test)
+        emb = embed_source(model, src, **emb_kw)
+        data[f"ood{i}"] = _data_entry(src, emb)
+        sets[spec] = emb.features[emb.valid]
+    return sets
+
+
+def _data_entry(src: Any, emb: Embeddings) -> dict:
+    desc = src.describe()
+    return {
+        **{k: desc.get(k) for k in ("spec", "kind", "count", "keys_sha256")},
+        "skipped": len(emb.errors),
+        "cache_hit": emb.cache_hit,
+        "embed_seconds": round(emb.seconds, 3),
+    }
+
+
+def _check_store_bank(manifest: dict, model: Any, bank: np.ndarray) -> None:
+    if bank.shape[1] != model.dim:
+        raise ConfigError(
+            f"the store's teacher features have dim {bank.shape[1]} but the model gives {model.dim}; "
+            "a store bank only fits the teacher that made it (pass --model teacher:NAME of that store)"
+        )
+    fp = (manifest.get("teacher") or {}).get("fingerprint")
+    if fp and fp != model.fingerprint():
+        log.warning(
+            "the store was made by another model (fingerprint %s...); kNN compares across spaces", fp[:12]
+        )
