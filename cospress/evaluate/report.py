@@ -38,149 +38,199 @@ def _fmt(x: Any, digits: int = 2) -> str:
 def markdown(report: dict) -> str:
     """Human-readable tables of a report dict (the structure written to report.json)."""
     lines = [f"# kNN evaluation of `{report['config'].get('model')}`", ""]
-    counts = report.get("counts", {})
-    if counts:
-        lines += ["| set | images |", "|---|---|"] + [f"| {k} | {v} |" for k, v in counts.items()] + [""]
-    knn = report.get("knn") or {}
-    if knn:
-        lines += [
-            f"## kNN classification (T = {report.get('temperature')}, headline k = {report.get('main_k')})",
-            "",
-            "| k | top-1 % | top-5 % | mean per-class % |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {k} | {_fmt(m['top1'])} | {_fmt(m['top5'])} | {_fmt(m['mean_per_class'])} |"
-            for k, m in knn.items()
-        ]
-        lines.append("")
-    ood = report.get("ood") or {}
-    if ood:
-        lines += [
-            "## OOD detection",
-            "",
-            "| set | score | AUROC | FPR95 % | AUPR-in | AUPR-out |",
-            "|---|---|---|---|---|---|",
-        ]
-        for set_name, scores in (report.get("ood_sets") or {"all": ood}).items():
-            for score, m in scores.items():
-                lines.append(
-                    f"| {set_name} | {score} | {_fmt(m['auroc'], 4)} | {_fmt(100 * m['fpr95'], 1)} | "
-                    f"{_fmt(m['aupr_in'], 4)} | {_fmt(m['aupr_out'], 4)} |"
-                )
-        lines.append("")
-    fid = report.get("fidelity")
-    if fid:
-        lines += [
-            f"## Fidelity to `{fid.get('teacher')}` ({fid.get('num_images')} images)",
-            "",
-            "| Spearman ρ | Pearson r | 10-NN overlap | linear CKA |",
-            "|---|---|---|---|",
-            f"| {_fmt(fid['spearman'], 4)} | {_fmt(fid['pearson'], 4)} | {_fmt(fid['knn10_overlap'], 4)} | {_fmt(fid['cka'], 4)} |",
-            "",
-        ]
-    rob = report.get("robustness") or {}
-    if rob.get("corruptions"):
-        sev = sorted({s for v in rob["corruptions"].values() for s in v}, key=int)
-        lines += [
-            f"## Robustness: kNN top-1 % under corruption ({rob.get('num_images')} images, clean {_fmt(rob.get('clean_top1'))})",
-            "",
-            "| corruption | " + " | ".join(f"sev {s}" for s in sev) + " |",
-            "|---|" + "---|" * len(sev),
-        ]
-        for name, by_sev in rob["corruptions"].items():
-            lines.append(f"| {name} | " + " | ".join(_fmt(by_sev.get(s)) for s in sev) + " |")
-        lines += [f"\nmean corruption top-1: {_fmt(rob.get('mean_corruption_top1'))}", ""]
-    if rob.get("attack"):
-        lines += [
-            "## Feature-space PGD-L∞ (10 steps)",
-            "",
-            "| ε | mean 1 − cos | kNN top-1 % |",
-            "|---|---|---|",
-        ]
-        for eps, m in rob["attack"].items():
-            lines.append(f"| {eps} | {_fmt(m['cos_distance'], 4)} | {_fmt(m['top1'])} |")
-        lines.append("")
-    timings = report.get("timings") or {}
-    if timings:
-        lines += ["## Timings (s)", "", "| stage | seconds |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v, 1)} |" for k, v in timings.items()] + [""]
+    for section in (_md_counts, _md_knn, _md_ood, _md_fidelity, _md_robustness, _md_attack, _md_timings):
+        lines += section(report)
     return "\n".join(lines)
 
 
+def _md_counts(report: dict) -> list[str]:
+    counts = report.get("counts", {})
+    if not counts:
+        return []
+    return ["| set | images |", "|---|---|"] + [f"| {k} | {v} |" for k, v in counts.items()] + [""]
+
+
+def _md_knn(report: dict) -> list[str]:
+    knn = report.get("knn") or {}
+    if not knn:
+        return []
+    return [
+        f"## kNN classification (T = {report.get('temperature')}, headline k = {report.get('main_k')})",
+        "",
+        "| k | top-1 % | top-5 % | mean per-class % |",
+        "|---|---|---|---|",
+        *(
+            f"| {k} | {_fmt(m['top1'])} | {_fmt(m['top5'])} | {_fmt(m['mean_per_class'])} |"
+            for k, m in knn.items()
+        ),
+        "",
+    ]
+
+
+def _md_ood(report: dict) -> list[str]:
+    ood = report.get("ood") or {}
+    if not ood:
+        return []
+    lines = [
+        "## OOD detection",
+        "",
+        "| set | score | AUROC | FPR95 % | AUPR-in | AUPR-out |",
+        "|---|---|---|---|---|---|",
+    ]
+    for set_name, scores in (report.get("ood_sets") or {"all": ood}).items():
+        for score, m in scores.items():
+            lines.append(
+                f"| {set_name} | {score} | {_fmt(m['auroc'], 4)} | {_fmt(100 * m['fpr95'], 1)} | "
+                f"{_fmt(m['aupr_in'], 4)} | {_fmt(m['aupr_out'], 4)} |"
+            )
+    return lines + [""]
+
+
+def _md_fidelity(report: dict) -> list[str]:
+    fid = report.get("fidelity")
+    if not fid:
+        return []
+    return [
+        f"## Fidelity to `{fid.get('teacher')}` ({fid.get('num_images')} images)",
+        "",
+        "| Spearman ρ | Pearson r | 10-NN overlap | linear CKA |",
+        "|---|---|---|---|",
+        f"| {_fmt(fid['spearman'], 4)} | {_fmt(fid['pearson'], 4)} | {_fmt(fid['knn10_overlap'], 4)} | {_fmt(fid['cka'], 4)} |",
+        "",
+    ]
+
+
+def _md_robustness(report: dict) -> list[str]:
+    rob = report.get("robustness") or {}
+    if not rob.get("corruptions"):
+        return []
+    sev = sorted({s for v in rob["corruptions"].values() for s in v}, key=int)
+    lines = [
+        f"## Robustness: kNN top-1 % under corruption ({rob.get('num_images')} images, clean {_fmt(rob.get('clean_top1'))})",
+        "",
+        "| corruption | " + " | ".join(f"sev {s}" for s in sev) + " |",
+        "|---|" + "---|" * len(sev),
+    ]
+    for name, by_sev in rob["corruptions"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(by_sev.get(s)) for s in sev) + " |")
+    return lines + [f"\nmean corruption top-1: {_fmt(rob.get('mean_corruption_top1'))}", ""]
+
+
+def _md_attack(report: dict) -> list[str]:
+    attack = (report.get("robustness") or {}).get("attack")
+    if not attack:
+        return []
+    lines = ["## Feature-space PGD-L∞ (10 steps)", "", "| ε | mean 1 − cos | kNN top-1 % |", "|---|---|---|"]
+    lines += [f"| {eps} | {_fmt(m['cos_distance'], 4)} | {_fmt(m['top1'])} |" for eps, m in attack.items()]
+    return lines + [""]
+
+
+def _md_timings(report: dict) -> list[str]:
+    timings = report.get("timings") or {}
+    if not timings:
+        return []
+    return (
+        ["## Timings (s)", "", "| stage | seconds |", "|---|---|"]
+        + [f"| {k} | {_fmt(v, 1)} |" for k, v in timings.items()]
+        + [""]
+    )
+
+
 def _plots(out: Path, report: dict, data: PlotData) -> list[Path]:
+    """The PNG plots that the report and data allow: ROC, kNN vs k, similarity hexbin, robustness."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     written: list[Path] = []
-
-    def save(fig, name: str) -> None:
-        path = out / name
+    for name, plot in (
+        ("roc.png", _plot_roc),
+        ("knn_vs_k.png", _plot_knn),
+        ("similarity_hexbin.png", _plot_similarity),
+        ("robustness.png", _plot_robustness),
+    ):
+        fig = plot(plt, report, data)
+        if fig is None:
+            continue
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(out / name, dpi=110)
         plt.close(fig)
-        written.append(path)
-
-    if data.ood_scores:
-        fig, ax = plt.subplots(figsize=(4.8, 4.4))
-        for name, (id_s, ood_s) in data.ood_scores.items():
-            s = np.r_[id_s, ood_s]
-            fpr, tpr, _ = roc_curve(s, np.r_[np.ones(len(id_s), bool), np.zeros(len(ood_s), bool)])
-            auc = report["ood"].get(name, {}).get("auroc")
-            ax.plot(fpr, tpr, label=f"{name} (AUROC {auc:.3f})" if auc is not None else name)
-        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-        ax.axhline(0.95, color="grey", lw=0.6, ls=":")
-        ax.set(
-            xlabel="false-positive rate (OOD accepted)",
-            ylabel="true-positive rate (ID accepted)",
-            title="kNN OOD ROC",
-        )
-        ax.legend(loc="lower right", fontsize=8)
-        save(fig, "roc.png")
-    knn = report.get("knn") or {}
-    if knn:
-        ks = [int(k) for k in knn]
-        fig, ax = plt.subplots(figsize=(4.8, 3.6))
-        for metric, style in (("top1", "-o"), ("top5", "-s"), ("mean_per_class", "--^")):
-            ax.plot(ks, [knn[str(k)][metric] for k in ks], style, label=metric, alpha=0.85)
-        ax.set(xlabel="k", ylabel="accuracy %", title=f"kNN accuracy vs k (T = {report.get('temperature')})")
-        if len(ks) > 1 and max(ks) / max(min(ks), 1) >= 10:
-            ax.set_xscale("log")
-        ax.set_xticks(ks, [str(k) for k in ks])
-        ax.legend(fontsize=8)
-        save(fig, "knn_vs_k.png")
-    if data.similarity_pairs is not None:
-        s, t = data.similarity_pairs
-        fig, ax = plt.subplots(figsize=(4.8, 4.4))
-        hb = ax.hexbin(t, s, gridsize=60, bins="log", cmap="viridis", mincnt=1)
-        lo, hi = float(min(s.min(), t.min())), float(max(s.max(), t.max()))
-        ax.plot([lo, hi], [lo, hi], color="red", lw=0.8, ls="--")
-        fid = report.get("fidelity") or {}
-        ax.set(
-            xlabel="teacher cosine similarity",
-            ylabel="model cosine similarity",
-            title=f"pairwise similarities (ρ = {fid.get('spearman', float('nan')):.3f})",
-        )
-        fig.colorbar(hb, ax=ax, label="pairs (log)")
-        save(fig, "similarity_hexbin.png")
-    rob = report.get("robustness") or {}
-    if rob.get("corruptions"):
-        fig, ax = plt.subplots(figsize=(5.2, 3.8))
-        for name, by_sev in rob["corruptions"].items():
-            sev = sorted(by_sev, key=int)
-            ax.plot(
-                [0] + [int(x) for x in sev],
-                [rob["clean_top1"]] + [by_sev[x] for x in sev],
-                marker="o",
-                label=name,
-            )
-        ax.set(xlabel="severity (0 = clean)", ylabel="kNN top-1 %", title="accuracy under corruption")
-        ax.set_xticks(range(6))
-        ax.legend(fontsize=8)
-        save(fig, "robustness.png")
+        written.append(out / name)
     return written
+
+
+def _plot_roc(plt: Any, report: dict, data: PlotData) -> Any:
+    if not data.ood_scores:
+        return None
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    for name, (id_s, ood_s) in data.ood_scores.items():
+        s = np.r_[id_s, ood_s]
+        fpr, tpr, _ = roc_curve(s, np.r_[np.ones(len(id_s), bool), np.zeros(len(ood_s), bool)])
+        auc = report["ood"].get(name, {}).get("auroc")
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {auc:.3f})" if auc is not None else name)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.axhline(0.95, color="grey", lw=0.6, ls=":")
+    ax.set(
+        xlabel="false-positive rate (OOD accepted)",
+        ylabel="true-positive rate (ID accepted)",
+        title="kNN OOD ROC",
+    )
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def _plot_knn(plt: Any, report: dict, data: PlotData) -> Any:
+    knn = report.get("knn") or {}
+    if not knn:
+        return None
+    ks = [int(k) for k in knn]
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    for metric, style in (("top1", "-o"), ("top5", "-s"), ("mean_per_class", "--^")):
+        ax.plot(ks, [knn[str(k)][metric] for k in ks], style, label=metric, alpha=0.85)
+    ax.set(xlabel="k", ylabel="accuracy %", title=f"kNN accuracy vs k (T = {report.get('temperature')})")
+    if len(ks) > 1 and max(ks) / max(min(ks), 1) >= 10:
+        ax.set_xscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _plot_similarity(plt: Any, report: dict, data: PlotData) -> Any:
+    if data.similarity_pairs is None:
+        return None
+    s, t = data.similarity_pairs
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    hb = ax.hexbin(t, s, gridsize=60, bins="log", cmap="viridis", mincnt=1)
+    lo, hi = float(min(s.min(), t.min())), float(max(s.max(), t.max()))
+    ax.plot([lo, hi], [lo, hi], color="red", lw=0.8, ls="--")
+    fid = report.get("fidelity") or {}
+    ax.set(
+        xlabel="teacher cosine similarity",
+        ylabel="model cosine similarity",
+        title=f"pairwise similarities (ρ = {fid.get('spearman', float('nan')):.3f})",
+    )
+    fig.colorbar(hb, ax=ax, label="pairs (log)")
+    return fig
+
+
+def _plot_robustness(plt: Any, report: dict, data: PlotData) -> Any:
+    rob = report.get("robustness") or {}
+    if not rob.get("corruptions"):
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for name, by_sev in rob["corruptions"].items():
+        sev = sorted(by_sev, key=int)
+        ax.plot(
+            [0] + [int(x) for x in sev],
+            [rob["clean_top1"]] + [by_sev[x] for x in sev],
+            marker="o",
+            label=name,
+        )
+    ax.set(xlabel="severity (0 = clean)", ylabel="kNN top-1 %", title="accuracy under corruption")
+    ax.set_xticks(range(6))
+    ax.legend(fontsize=8)
+    return fig
 
 
 def write_report(out_dir: str | Path, report: dict, data: PlotData | None = None) -> list[Path]:
