@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import safetensors.torch
 import torch
 
 from cospress.errors import CospressError
+from cospress.utils import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -69,48 +69,17 @@ def exists(out_dir: str | os.PathLike, name: str) -> bool:
     return w.is_file() and s.is_file()
 
 
-def _tmp_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def save_weights(
     path: str | os.PathLike, weights: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     """Write a safetensors file atomically (temp file, fsync, ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
 
 
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """``torch.save`` a plain-types dict atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        torch.save(state, tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def save_checkpoint(

@@ -1,5 +1,6 @@
 """Checkpoint files: atomic pair, unwrapped names, weights_only state, torn-pair and version refusal."""
 
+import pytest
 import torch
 
 from cospress import checkpoint as ckpt
@@ -35,19 +36,26 @@ def test_torn_pair_and_unknown_version_are_refused(tmp_path):
     old_state = (tmp_path / "last.state.pt").read_bytes()
     ckpt.save_checkpoint(tmp_path, "last", {"student.a": torch.zeros(2)}, {"step": 2})
     (tmp_path / "last.state.pt").write_bytes(old_state)  # killed between the two renames
-    try:
+    with pytest.raises(ckpt.CheckpointError, match="torn"):
         ckpt.load_checkpoint(tmp_path, "last")
-    except ckpt.CheckpointError as e:
-        assert "torn" in str(e)
-    else:
-        raise AssertionError("a torn checkpoint was accepted")
     ckpt.save_checkpoint(tmp_path, "v", w, {"step": 1})
     state = torch.load(tmp_path / "v.state.pt", weights_only=True)
     state["format_version"] = 99
     torch.save(state, tmp_path / "v.state.pt")
-    try:
+    with pytest.raises(ckpt.CheckpointError, match="format version 99"):
         ckpt.load_checkpoint(tmp_path, "v")
-    except ckpt.CheckpointError as e:
-        assert "format version 99" in str(e)
-    else:
-        raise AssertionError("an unknown format version was accepted")
+
+
+def test_atomic_write_keeps_the_old_file_and_no_temp_file_on_error(tmp_path):
+    from cospress.utils import atomic_write
+
+    ckpt.save_state(tmp_path / "s.pt", {"step": 1})
+
+    def fail(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(tmp_path / "s.pt", fail)
+    assert torch.load(tmp_path / "s.pt", weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["s.pt"]

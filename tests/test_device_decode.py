@@ -232,7 +232,7 @@ def test_distill_batches_device_vs_cpu(tmp_path):
     rows = np.arange(reader.num_rows)
     src = open_source(spec)
     index = key_index(reader.keys(), src.keys(), rows, spec)
-    plan = BatchPlan(rows, seed=0, epoch=0, batch_size=12, views_per_image=3, num_views=4)
+    plan = BatchPlan(rows, seed=0, epoch=0, batch_size=12, views_per_image=3, stored_views=4)
     lazy = _Lazy(url, None, spec)
     n_jpeg = 0
     for step in range(2):

@@ -142,10 +142,10 @@ def test_split_is_stable_by_key_and_excludes_invalid():
 
 def test_batch_plan_views_and_rank_slices():
     rows = np.arange(50, dtype=np.int64)
-    full = BatchPlan(rows, seed=1, epoch=2, batch_size=12, views_per_image=3, num_views=5)
+    full = BatchPlan(rows, seed=1, epoch=2, batch_size=12, views_per_image=3, stored_views=5)
     assert len(full) == 50 // 4
-    r0 = BatchPlan(rows, seed=1, epoch=2, batch_size=12, views_per_image=3, num_views=5, rank=0, world=2)
-    r1 = BatchPlan(rows, seed=1, epoch=2, batch_size=12, views_per_image=3, num_views=5, rank=1, world=2)
+    r0 = BatchPlan(rows, seed=1, epoch=2, batch_size=12, views_per_image=3, stored_views=5, rank=0, world=2)
+    r1 = BatchPlan(rows, seed=1, epoch=2, batch_size=12, views_per_image=3, stored_views=5, rank=1, world=2)
     rows_f, views_f = full.rows_views(3)
     a, va = r0.rows_views(3)
     b, vb = r1.rows_views(3)
@@ -155,11 +155,11 @@ def test_batch_plan_views_and_rank_slices():
     assert views_f.max() < 5
     # deterministic by (seed, epoch, row); another epoch reshuffles
     assert np.array_equal(choose_views(1, 2, 7, 5, 3), choose_views(1, 2, 7, 5, 3))
-    other = BatchPlan(rows, seed=1, epoch=3, batch_size=12, views_per_image=3, num_views=5)
+    other = BatchPlan(rows, seed=1, epoch=3, batch_size=12, views_per_image=3, stored_views=5)
     assert not np.array_equal(other.order, full.order)
     assert sorted(other.order) == sorted(full.order)
     with pytest.raises(ConfigError):
-        BatchPlan(rows, seed=1, epoch=0, batch_size=12, views_per_image=6, num_views=5)
+        BatchPlan(rows, seed=1, epoch=0, batch_size=12, views_per_image=6, stored_views=5)
 
 
 # --------------------------------------------------------------------------- runs

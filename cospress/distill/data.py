@@ -1,7 +1,8 @@
 """Stage 2 data: the row split, the deterministic batch plan, and datasets of replayed views + cached targets.
 
 A global batch holds ``batch_size`` views: ``views_per_image`` (R) views of each of
-``batch_size / R`` images, the R views drawn without replacement from the store's K random views.
+``batch_size / R`` images, the R views drawn without replacement from the store's stored views
+(K, + the centre view when kept).
 Everything is a pure function of (seed, epoch, row), so a resumed run sees the same batches, and
 every rank takes a contiguous slice of the images of a global batch (all R views of an image stay
 on one rank, so the per-image local term needs no communication).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cospress.data.device_decode import Encoded, decode_replay, pack, worker_read
+from cospress.data.views import replay_view
 from cospress.errors import BadImageError, ConfigError, StoreError
+from cospress.runtime import DistContext
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +67,10 @@ def epoch_permutation(rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     return rows[rng.permutation(len(rows))]
 
 
-def choose_views(seed: int, epoch: int, row: int, num_views: int, r: int) -> np.ndarray:
-    """R distinct view indices in [0, K) for one row and epoch (deterministic)."""
+def choose_views(seed: int, epoch: int, row: int, stored_views: int, views_per_image: int) -> np.ndarray:
+    """R = ``views_per_image`` distinct view indices in [0, stored_views) for one row and epoch (deterministic)."""
     rng = np.random.default_rng([int(seed), int(epoch), int(row), 0x71E])
-    return np.sort(rng.choice(num_views, size=r, replace=False)).astype(np.int64)
+    return np.sort(rng.choice(stored_views, size=views_per_image, replace=False)).astype(np.int64)
 
 
 class BatchPlan:
@@ -83,17 +88,17 @@ class BatchPlan:
         epoch: int,
         batch_size: int,
         views_per_image: int,
-        num_views: int,
+        stored_views: int,
         rank: int = 0,
         world: int = 1,
     ) -> None:
-        check_batch(batch_size, views_per_image, num_views, world)
+        check_batch(batch_size, views_per_image, stored_views, world)
         self.images_per_batch = batch_size // views_per_image
         self.local_images = self.images_per_batch // world
         self.order = epoch_permutation(np.asarray(train_rows, dtype=np.int64), seed, epoch)
         self.steps = len(self.order) // self.images_per_batch
         self.seed, self.epoch, self.rank = seed, epoch, rank
-        self.r, self.k = views_per_image, num_views
+        self.views_per_image, self.stored_views = views_per_image, stored_views
 
     def __len__(self) -> int:
         return self.steps
@@ -106,14 +111,20 @@ class BatchPlan:
         """This rank's (rows [n], view indices [n, R]) of global batch ``step``."""
         g = self.global_rows(step)
         rows = g[self.rank * self.local_images : (self.rank + 1) * self.local_images]
-        views = np.stack([choose_views(self.seed, self.epoch, int(r), self.k, self.r) for r in rows])
-        return rows, views.reshape(len(rows), self.r)
+        r = self.views_per_image
+        views = np.stack(
+            [choose_views(self.seed, self.epoch, int(row), self.stored_views, r) for row in rows]
+        )
+        return rows, views.reshape(len(rows), r)
 
 
-def check_batch(batch_size: int, r: int, k: int, world: int) -> None:
+def check_batch(batch_size: int, views_per_image: int, stored_views: int, world: int) -> None:
     """Refuse a batch that cannot be split into R views per image and equal per-rank slices."""
-    if r < 1 or r > k:
-        raise ConfigError(f"views_per_image={r} must be between 1 and the store's K={k} views")
+    r = views_per_image
+    if r < 1 or r > stored_views:
+        raise ConfigError(
+            f"views_per_image={r} must be between 1 and the store's {stored_views} stored views"
+        )
     if batch_size % r:
         raise ConfigError(f"batch_size={batch_size} must be a multiple of views_per_image={r}")
     if (batch_size // r) % world:
@@ -142,14 +153,74 @@ def key_index(store_keys: list[str], source_keys: list[str], rows: np.ndarray, s
     return out
 
 
+# --------------------------------------------------------------------------- what a run reads
+@dataclass
+class TrainData:
+    """What stage 2 reads: the store, its image source looked up by key, the row split and the kNN rows.
+
+    ``source_index`` [num_rows]: source position of every train / val store row (-1 for the others);
+    ``grid_t``: the teacher's token grid; ``bank_rows`` / ``val_rows``: labelled store rows of the
+    kNN validation (bank from the training rows, queries from the held-out ones).
+    """
+
+    reader: Any
+    lazy: _Lazy
+    split: RowSplit
+    source_index: np.ndarray
+    grid_t: tuple[int, int]
+    use_tokens: bool
+    labels: np.ndarray
+    bank_rows: np.ndarray
+    val_rows: np.ndarray
+    steps_per_epoch: int
+
+    @property
+    def knn(self) -> bool:
+        """Whether there are labelled rows for kNN validation (else best = last)."""
+        return len(self.val_rows) > 0 and len(self.bank_rows) > 0
+
+
+def epoch_loader(
+    data: TrainData, cfg: Any, ctx: DistContext, epoch: int, position: int, decode: str
+) -> tuple[BatchPlan, torch.utils.data.DataLoader]:
+    """This rank's batch plan for ``epoch`` and a loader of its batches from batch ``position`` on.
+
+    ``cfg`` is the run's DistillConfig; each item is one whole batch (see :class:`DistillBatches`).
+    """
+    plan = BatchPlan(
+        data.split.train,
+        seed=cfg.seed,
+        epoch=epoch,
+        batch_size=cfg.batch_size,
+        views_per_image=cfg.views_per_image,
+        stored_views=data.reader.num_views,
+        rank=ctx.rank,
+        world=ctx.world,
+    )
+    batches = DistillBatches(data.lazy, plan, data.source_index, cfg.student_size, data.use_tokens, decode)
+    loader = torch.utils.data.DataLoader(
+        batches,
+        batch_size=1,
+        sampler=StepSampler(position, len(plan)),
+        collate_fn=collate_batch,
+        num_workers=cfg.workers,
+        pin_memory=ctx.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
+    )
+    return plan, loader
+
+
 # --------------------------------------------------------------------------- datasets
 class _Lazy:
-    """Opens the store reader and the image source on first use in each process (DataLoader workers)."""
+    """Opens the store reader and the image source on first use in each process (DataLoader workers).
 
-    def __init__(self, store_url: str, cache_dir: str | None, source_spec: str) -> None:
+    ``source``: the source already open in this process, if any (it is not pickled to workers).
+    """
+
+    def __init__(self, store_url: str, cache_dir: str | None, source_spec: str, source: Any = None) -> None:
         self.store_url, self.cache_dir, self.source_spec = store_url, cache_dir, source_spec
         self._reader: Any = None
-        self._source: Any = None
+        self._source: Any = source
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_reader": None, "_source": None}
@@ -216,24 +287,19 @@ class DistillBatches(Dataset):
         return len(self.plan)
 
     def __getitem__(self, step: int) -> dict[str, Any]:
-        from cospress.data.views import replay_view
-
         rows, views = self.plan.rows_views(int(step))
         t = read_targets(self.lazy.reader, rows, views, self.tokens)
         out = {"cls": t["cls"], "tokens": t["tokens"], "rows": torch.as_tensor(rows), "step": int(step)}
-        if self.decode == "device":
-            from cospress.data.device_decode import pack, read_encoded
-
-            source = self.lazy.source
-            items = [read_encoded(source, int(self.source_index[int(row)])) for row in rows]
-            return {**out, "images": None, "encoded": pack(items), "params": t["params"]}
-        params = t["params"].numpy()
-        r = views.shape[1]
-        images = []
-        for i, row in enumerate(rows):
-            image = self.lazy.source.load(int(self.source_index[int(row)])).image
-            for j in range(r):
-                images.append(replay_view(image, params[i * r + j], self.student_size))
+        params = t["params"].numpy().reshape(len(rows), views.shape[1], -1)
+        encoded, images = [], []
+        for row, p in zip(rows, params, strict=True):
+            sample = worker_read(self.lazy.source, int(self.source_index[int(row)]), self.decode)
+            if isinstance(sample, Encoded):  # bytes mode: device_images decodes and replays
+                encoded.append(sample)
+            else:
+                images.extend(replay_view(sample.image, view, self.student_size) for view in p)
+        if encoded:
+            return {**out, "images": None, "encoded": pack(encoded), "params": t["params"]}
         return {**out, "images": torch.stack(images)}
 
 
@@ -244,8 +310,6 @@ def device_images(batch: dict[str, Any], size: int, device: torch.device) -> tor
     """
     if batch.get("images") is not None:
         return batch["images"].to(device, non_blocking=True)
-    from cospress.data.device_decode import decode_replay
-
     enc = batch["encoded"]
     n = len(enc)
     params = batch["params"].reshape(n, -1, batch["params"].shape[-1])
@@ -272,58 +336,32 @@ class StepSampler(torch.utils.data.Sampler):
         return max(self.steps - self.start, 0)
 
 
-class CenterImages(Dataset):
-    """Item i = the full image of source position ``indices[i]`` resized to ``size``: uint8 [3, size, size].
-
-    decode "device": item i is the sample's :class:`~cospress.data.device_decode.Encoded` instead
-    (collate with ``device_decode.pack``, then :func:`center_views`).
-    """
-
-    def __init__(self, lazy: _Lazy, indices: np.ndarray, size: int, decode: str = "cpu") -> None:
-        self.lazy, self.indices, self.size = lazy, np.asarray(indices, dtype=np.int64), int(size)
-        self.decode = decode
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> Any:
-        from cospress.data.views import center_view_params, replay_view
-
-        if self.decode == "device":
-            from cospress.data.device_decode import read_encoded
-
-            return read_encoded(self.lazy.source, int(self.indices[i]))
-        image = self.lazy.source.load(int(self.indices[i])).image
-        return replay_view(image, center_view_params(*image.size), self.size)
-
-
-def center_views(encoded: Any, size: int, device: torch.device) -> torch.Tensor:
-    """Decode an EncodedBatch on ``device`` and resize every full image: uint8 [n, 3, size, size]."""
-    from cospress.data.device_decode import decode_replay
-    from cospress.data.views import center_view_params
-
-    p = center_view_params(1, 1)[None]  # fractions: the same full box for every image size
-    images, errors = decode_replay(encoded, [p] * len(encoded), size, device)
-    bad = [e for e in errors if e]
-    if bad:
-        raise BadImageError(f"{bad[0]}; a validation image cannot be decoded")
-    return images
-
-
 def collate_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
     """The DataLoader yields whole batches (one item per step): unwrap the single item."""
     return items[0]
 
 
 def feature_batches(
-    reader: Any, rows: np.ndarray, *, seed: int, epoch: int, batch_size: int, r: int, tokens: bool
-):
+    reader: Any,
+    rows: np.ndarray,
+    *,
+    seed: int,
+    epoch: int,
+    batch_size: int,
+    views_per_image: int,
+    tokens: bool,
+) -> Iterator[dict[str, Any]]:
     """Batches of cached features only (for fitting the compressor without images).
 
     Yields {"cls": f16 [n*R, Dt], "tokens": f16 [n*R, T, Dt] | None} for every full batch of the epoch.
     """
     plan = BatchPlan(
-        rows, seed=seed, epoch=epoch, batch_size=batch_size, views_per_image=r, num_views=reader.num_views
+        rows,
+        seed=seed,
+        epoch=epoch,
+        batch_size=batch_size,
+        views_per_image=views_per_image,
+        stored_views=reader.num_views,
     )
     for step in range(len(plan)):
         rws, views = plan.rows_views(step)

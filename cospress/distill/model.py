@@ -1,16 +1,18 @@
 """Stage 2 model pieces: the trained modules, the loss terms, the optimizer groups + LR schedule, the compressor-only fit.
 
 ``DistillModel`` wraps the student and either the compressor h (cospress) or a linear head (baselines);
-``compute_losses`` returns one step's named loss terms; ``teacher_features`` turns a batch's cached
-targets into fp32 ``Features`` on the student's token grid; ``param_groups`` / ``lr_at`` are the AdamW
-groups and the warm-up + cosine schedule; ``fit_compressor`` fits h from the store features alone.
-Re-exported by ``cospress.distill``.
+``compute_losses`` returns one step's named loss terms and ``train_step`` takes one optimizer step;
+``teacher_features`` turns a batch's cached targets into fp32 ``Features`` on the student's token grid;
+``param_groups`` / ``Schedule`` (``lr_at``) are the AdamW groups and the warm-up + cosine schedule;
+``make_optimizer`` builds AdamW, after ``fit_compressor`` fits h from the store features alone when asked.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,18 +20,23 @@ import torch
 from torch import nn
 
 from cospress import runtime
-from cospress.distill.data import feature_batches
+from cospress.distill.data import TrainData, feature_batches
 from cospress.models.features import Features, resample_tokens
 from cospress.runtime import autocast
 
 __all__ = [
     "DistillModel",
+    "Schedule",
     "compute_losses",
     "fit_compressor",
     "lr_at",
+    "make_optimizer",
     "param_groups",
     "teacher_features",
+    "train_step",
 ]
+
+log = logging.getLogger(__name__)
 
 
 # ============================================================================ model + losses
@@ -158,6 +165,84 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of a run: ``schedule(step)`` = :func:`lr_at` over ``total`` steps."""
+
+    total: int
+    warmup: int
+    lr: float
+    min_lr: float
+
+    @classmethod
+    def for_run(cls, cfg: Any, steps_per_epoch: int) -> Schedule:
+        """``cfg.epochs`` epochs of ``steps_per_epoch`` steps, the first ``cfg.warmup_epochs`` warm-up."""
+        warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+        return cls(total=steps_per_epoch * cfg.epochs, warmup=warmup, lr=cfg.lr, min_lr=cfg.min_lr)
+
+    def __call__(self, step: int) -> float:
+        return lr_at(step, self.total, self.warmup, self.lr, self.min_lr)
+
+    def state(self, step: int) -> dict[str, Any]:
+        """What a checkpoint records of the schedule."""
+        return {"name": "warmup_cosine", "step": step, "warmup": self.warmup, "total": self.total}
+
+
+def make_optimizer(
+    model: DistillModel, cfg: Any, data: TrainData, *, fit: bool, log_metric: Callable[[dict], None]
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters of ``model`` (``cfg``: the run's DistillConfig).
+
+    With ``cfg.compressor_first`` the compressor is first fitted from the store features of the
+    training rows (when ``fit``: not on resume, the checkpoint holds it) and frozen.
+    """
+    if cfg.compressor_first:
+        if fit:
+            log.info("fitting the compressor from the store features (%d epochs)", cfg.compressor_epochs)
+            device = next(model.parameters()).device
+            train = data.split.train
+            fit_compressor(model.compressor, data.reader, train, cfg, device, data.use_tokens, log_metric)
+        for p in model.compressor.parameters():
+            p.requires_grad_(False)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    images: torch.Tensor,
+    teacher: Features,
+    lr: float,
+    cfg: Any,
+    *,
+    use_tokens: bool,
+) -> dict[str, float]:
+    """One optimizer step on this rank's part of a global batch; returns the loss terms averaged over ranks.
+
+    ``model``: the DistillModel or its DDP wrapper; images / teacher as :func:`compute_losses`.
+    """
+    for g in opt.param_groups:
+        g["lr"] = lr
+    terms = compute_losses(
+        model,
+        images,
+        teacher,
+        method=cfg.method,
+        temperatures=cfg.temperatures,
+        weights={"local": cfg.w_local, "global": cfg.w_global, "tokens": cfg.w_tokens, "cls": cfg.w_cls},
+        use_tokens=use_tokens,
+        frozen_compressor=bool(cfg.compressor_first),
+    )
+    opt.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    names = sorted(terms)
+    vals = runtime.all_reduce_mean(torch.stack([terms[k].detach().float() for k in names])).tolist()
+    return dict(zip(names, vals, strict=True))
+
+
 # ============================================================================ compressor-first
 def fit_compressor(
     compressor: nn.Module,
@@ -185,7 +270,7 @@ def fit_compressor(
             seed=cfg.seed,
             epoch=epoch,
             batch_size=cfg.batch_size,
-            r=cfg.views_per_image,
+            views_per_image=cfg.views_per_image,
             tokens=use_tokens,
         ):
             for g in opt.param_groups:

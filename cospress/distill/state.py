@@ -1,0 +1,267 @@
+"""Stage 2 run folder: where a run stands, its checkpoints, its header and its metrics log.
+
+A run folder holds ``config.yaml`` (the resolved config), ``run.json`` (:func:`run_header`),
+``metrics.jsonl`` (one JSON row per step, compressor step and validation) and the checkpoints
+``last.*`` and ``best.*`` (see :mod:`cospress.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cospress import checkpoint as ckpt
+from cospress.config import save_config, to_dict
+from cospress.distill.config import DistillConfig, parse_kwargs
+from cospress.distill.model import Schedule
+from cospress.errors import ConfigError
+from cospress.utils import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+# settings that may change on resume without a warning (they do not change what is trained)
+_FREE_ON_RESUME = ("resume", "workers", "out", "decode", "compile", "attention")
+
+
+@dataclass
+class RunState:
+    """Where a run stands: steps done, the epoch and the next batch in it, the best epoch so far and
+    every validation row."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    best_metric: float | None = None
+    best_epoch: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, row: dict[str, Any]) -> bool:
+        """Add an epoch's validation row (sets its ``best_epoch``); True when it is the best so far.
+
+        Without a kNN accuracy in the row every epoch is the best (best = last).
+        """
+        acc = row.get("knn_accuracy")
+        better = acc is None or self.best_metric is None or acc > self.best_metric
+        if better:
+            self.best_metric, self.best_epoch = acc, int(row["epoch"])
+        row["best_epoch"] = self.best_epoch
+        self.history.append(row)
+        return better
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _other(model: nn.Module) -> str:
+    """The module trained beside the student: "compressor" (cospress) or "head" (baselines)."""
+    return "compressor" if model.method == "cospress" else "head"
+
+
+def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``student.*`` (bare timm names) and ``compressor.*`` or ``head.*`` of a DistillModel."""
+    w = ckpt.clean_state_dict(model.student.model.state_dict(), "student.")
+    w.update(ckpt.clean_state_dict(getattr(model, _other(model)).state_dict(), f"{_other(model)}."))
+    return w
+
+
+def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    parts = ckpt.split_weights(weights)
+    model.student.model.load_state_dict(parts.get("student", {}))
+    getattr(model, _other(model)).load_state_dict(parts.get(_other(model), {}))
+
+
+def checkpoint_state(
+    at: RunState, opt: torch.optim.Optimizer, cfg: DistillConfig, schedule: Schedule
+) -> dict[str, Any]:
+    """The training state of a checkpoint: plain types and tensors only."""
+    return {
+        "step": at.step,
+        "epoch": at.epoch,
+        "position": at.position,
+        "optimizer": opt.state_dict(),
+        "scheduler": schedule.state(at.step),
+        "rng": ckpt.rng_state(),
+        "config": to_dict(cfg),
+        "compressor_fitted": bool(cfg.compressor_first),
+        "best": {"metric": at.best_metric, "epoch": at.best_epoch},
+        "history": list(at.history),
+    }
+
+
+def save_run(
+    name: str,
+    *,
+    out: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    cfg: DistillConfig,
+    at: RunState,
+    schedule: Schedule,
+    enabled: bool = True,
+) -> None:
+    """Write checkpoint ``name`` (``last`` or ``best``) of the run as it stands (rank 0 only: ``enabled``)."""
+    if enabled:
+        ckpt.save_checkpoint(out, name, model_weights(model), checkpoint_state(at, opt, cfg, schedule))
+
+
+def resume(cfg: DistillConfig, out: Path, model: nn.Module) -> tuple[RunState, dict[str, Any] | None]:
+    """Load ``last`` into ``model`` when the run folder holds one: (where the run stands, its state).
+
+    A folder with a run refuses to start without ``--resume``; ``(RunState(), None)`` for a new run.
+    """
+    if not ckpt.exists(out, "last"):
+        if cfg.resume:
+            log.info("no checkpoint in %s: starting a new run", out)
+        return RunState(), None
+    if not cfg.resume:
+        raise ConfigError(
+            f"{out} already holds a run (last.safetensors); pass --resume to continue it or choose another --out"
+        )
+    weights, state = ckpt.load_checkpoint(out, "last")
+    load_model_weights(model, weights)
+    at = RunState(
+        step=int(state["step"]),
+        epoch=int(state["epoch"]),
+        position=int(state["position"]),
+        best_metric=state["best"]["metric"],
+        best_epoch=int(state["best"]["epoch"]),
+        history=list(state.get("history", [])),
+    )
+    now = to_dict(cfg)
+    diff = sorted(k for k, v in state["config"].items() if k not in _FREE_ON_RESUME and now.get(k) != v)
+    if diff:
+        log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(diff))
+    log.info("resuming from %s at step %d (epoch %d, batch %d)", out / "last", at.step, at.epoch, at.position)
+    return at, state
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """The optimizer state and the RNG states of a checkpoint (after the optimizer is built)."""
+    opt.load_state_dict(state["optimizer"])
+    ckpt.set_rng_state(state["rng"])
+
+
+# --------------------------------------------------------------------------- header
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def run_header(cfg: DistillConfig) -> dict[str, Any]:
+    """Config, git sha (when the package sits in a git checkout) and package versions."""
+    import timm
+    import zarr
+
+    import cospress
+
+    return {
+        "config": to_dict(cfg),
+        "git_sha": _git_sha(),
+        "versions": {
+            "cospress": cospress.__version__,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "zarr": zarr.__version__,
+            "numpy": np.__version__,
+            "python": sys.version.split()[0],
+        },
+    }
+
+
+def student_info(cfg: DistillConfig, student: nn.Module) -> dict[str, Any]:
+    """What :mod:`cospress.export` needs to rebuild the bare timm student."""
+    return {
+        "timm_name": cfg.student,
+        "timm_kwargs": parse_kwargs(cfg.student_kwargs),
+        "input_size": int(student.input_size),
+        "mean": list(student.mean),
+        "std": list(student.std),
+        "dim": int(student.dim),
+        "grid": list(student.grid),
+        "method": cfg.method,
+    }
+
+
+def start_run_folder(
+    cfg: DistillConfig, out: Path, reader: Any, student: nn.Module, at: RunState | None
+) -> None:
+    """Write config.yaml and run.json (the header); on resume (``at``) trim metrics.jsonl to ``at``."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    header = run_header(cfg)
+    header["teacher"] = reader.manifest.get("teacher")
+    header["store"] = {"url": reader.display, "keys_sha256": reader.manifest.get("keys_sha256")}
+    header["student"] = student_info(cfg, student)
+    atomic_write_json(out / "run.json", header)
+    log.info("run header: %s", json.dumps(header))
+    if at is not None:
+        trim_metrics(out / "metrics.jsonl", at.step, at.epoch)
+
+
+# --------------------------------------------------------------------------- metrics
+def trim_metrics(path: Path, step: int, epoch: int) -> None:
+    """On resume, drop the metric rows written after the checkpoint (they are computed again)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("phase") == "val" and row.get("epoch", 0) >= epoch:
+            continue
+        if row.get("phase") == "train" and row.get("step", 0) > step:
+            continue
+        keep.append(line)
+    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
+
+
+class MetricsLog:
+    """``metrics.jsonl``, appended one JSON row at a time on rank 0 (a no-op elsewhere: ``enabled``)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self._file = open(path, "a") if enabled else None  # noqa: SIM115
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def train_row(
+    at: RunState, lr: float, losses: dict[str, float], views: int, t_data: float, t_step: float
+) -> dict:
+    """The metrics row of one step: its loss terms, learning rate, speed (views/s) and timings."""
+    return {
+        "phase": "train",
+        "step": at.step,
+        "epoch": at.epoch,
+        "lr": lr,
+        **{f"loss/{k}": v for k, v in losses.items()},
+        "images_per_s": views / max(t_step, 1e-9),
+        "time_data_s": t_data,
+        "time_step_s": t_step,
+    }
