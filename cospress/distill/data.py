@@ -111,25 +111,25 @@ class BatchPlan:
         """This rank's (rows [n], view indices [n, R]) of global batch ``step``."""
         g = self.global_rows(step)
         rows = g[self.rank * self.local_images : (self.rank + 1) * self.local_images]
-        r = self.views_per_image
-        views = np.stack(
-            [choose_views(self.seed, self.epoch, int(row), self.stored_views, r) for row in rows]
-        )
-        return rows, views.reshape(len(rows), r)
+        views = [
+            choose_views(self.seed, self.epoch, int(row), self.stored_views, self.views_per_image)
+            for row in rows
+        ]
+        return rows, np.stack(views).reshape(len(rows), self.views_per_image)
 
 
 def check_batch(batch_size: int, views_per_image: int, stored_views: int, world: int) -> None:
     """Refuse a batch that cannot be split into R views per image and equal per-rank slices."""
-    r = views_per_image
-    if r < 1 or r > stored_views:
+    if not 1 <= views_per_image <= stored_views:
         raise ConfigError(
-            f"views_per_image={r} must be between 1 and the store's {stored_views} stored views"
+            f"views_per_image={views_per_image} must be between 1 and the store's {stored_views} stored views"
         )
-    if batch_size % r:
-        raise ConfigError(f"batch_size={batch_size} must be a multiple of views_per_image={r}")
-    if (batch_size // r) % world:
+    if batch_size % views_per_image:
+        raise ConfigError(f"batch_size={batch_size} must be a multiple of views_per_image={views_per_image}")
+    images = batch_size // views_per_image
+    if images % world:
         raise ConfigError(
-            f"batch_size/views_per_image = {batch_size // r} images must split evenly over {world} ranks"
+            f"batch_size/views_per_image = {images} images must split evenly over {world} ranks"
         )
 
 
@@ -139,12 +139,12 @@ def key_index(store_keys: list[str], source_keys: list[str], rows: np.ndarray, s
     pos = {k: i for i, k in enumerate(source_keys)}
     out = np.full(len(store_keys), -1, dtype=np.int64)
     missing = []
-    for r in rows:
-        i = pos.get(store_keys[int(r)])
+    for row in rows:
+        i = pos.get(store_keys[int(row)])
         if i is None:
-            missing.append(store_keys[int(r)])
+            missing.append(store_keys[int(row)])
         else:
-            out[int(r)] = i
+            out[int(row)] = i
     if missing:
         raise StoreError(
             f"{len(missing)} store key(s) are not in source {spec!r} (first: {missing[0]!r}); "
