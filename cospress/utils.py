@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,18 @@ def sha256_bytes(data: bytes) -> str:
 def sha256_json(obj: Any) -> str:
     """Hash of a JSON-serialisable object, independent of dict order."""
     return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+
+
+def keys_sha256(keys: Iterable[str]) -> str:
+    """The hash of an ordered key list: sha256 of the UTF-8 keys, each followed by a newline.
+
+    The one key hash of a store: its manifest, each shard, its source (schema 1.2 on).
+    """
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(k.encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

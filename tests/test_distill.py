@@ -18,6 +18,7 @@ from cospress.data.views import PARAM_NAMES, ViewPolicy, sample_view_params  # n
 from cospress.distill import DistillConfig, run_distill  # noqa: E402
 from cospress.distill.data import BatchPlan, choose_views, is_val_key, split_rows  # noqa: E402
 from cospress.errors import ConfigError, CospressError, StoreError  # noqa: E402
+from cospress.store import StoreLayout  # noqa: E402
 from cospress.store import manifest as mf  # noqa: E402
 from cospress.store.writer import StoreWriter  # noqa: E402
 
@@ -70,10 +71,7 @@ def make_store(
     )
     t = grid[0] * grid[1]
     url = str(tmp / "store")
-    w = StoreWriter.open(
-        url, ident, num_rows=n, shard_size=shard_size, num_views=k, dim=dt, num_tokens=t,
-        num_params=len(PARAM_NAMES), tokens=tokens,
-    )  # fmt: skip
+    w = StoreWriter.open(url, ident, StoreLayout(n, shard_size, k, dt, t, len(PARAM_NAMES), tokens))
     rng = np.random.default_rng(seed + 1)
     keys, labels = source.keys(), source.labels()
     for s in range(w.num_shards):

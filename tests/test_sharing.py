@@ -18,11 +18,12 @@ import pytest  # noqa: E402
 
 from cospress.errors import StoreError  # noqa: E402
 from cospress.extract import ExtractConfig, run_extract  # noqa: E402
-from cospress.store import StoreReader, StoreWriter, make_identity  # noqa: E402
+from cospress.store import SCHEMA_VERSION, StoreLayout, StoreReader, StoreWriter, make_identity  # noqa: E402
 from cospress.store import manifest as mf  # noqa: E402
+from cospress.store.append import open_append, plan_append  # noqa: E402
 from cospress.store.merge import merge_stores  # noqa: E402
 from cospress.store.wds_io import SIDECAR, decode_key, encode_key, export_wds, import_wds  # noqa: E402
-from cospress.store.writer import open_append, plan_append  # noqa: E402
+from cospress.utils import keys_sha256, sha256_json  # noqa: E402
 from tests.helpers import cli_env, make_image_folder, make_tiny_teacher_weights, run_cli  # noqa: E402
 
 V, D, T, P = 3, 8, 4, 5
@@ -64,10 +65,7 @@ def _rows(prefix: str, n: int, seed: int, tokens: bool = True) -> dict:
 def make_store(path: Path, prefix: str, n: int, shard: int, seed: int, tokens: bool = True, **ident) -> dict:
     """A complete store written with the real StoreWriter; returns its rows."""
     data = _rows(prefix, n, seed, tokens)
-    w = StoreWriter.open(
-        path, _identity(prefix, n, **ident), num_rows=n, shard_size=shard, num_views=V, dim=D,
-        num_tokens=T, num_params=P, tokens=tokens,
-    )  # fmt: skip
+    w = StoreWriter.open(path, _identity(prefix, n, **ident), StoreLayout(n, shard, V, D, T, P, tokens))
     for s in range(w.num_shards):
         _write(w, s, data, *w.shard_rows(s))
     w.finalize()
@@ -126,8 +124,8 @@ def test_merge_copies_rows_and_verifies(tmp_path):
     both["keys"] = a["keys"] + b["keys"]
     assert_rows_equal(out, both)
     m = r.manifest
-    assert m["keys_sha256"] == mf.keys_sha256(both["keys"])
-    assert m["source"]["kind"] == "merge" and m["source"]["keys_sha256"] == mf.keys_sha256(both["keys"])
+    assert m["keys_sha256"] == keys_sha256(both["keys"])
+    assert m["source"]["kind"] == "merge" and m["source"]["keys_sha256"] == keys_sha256(both["keys"])
     assert [p["spec"] for p in m["source"]["parts"]] == ["folder:/data/teamA", "folder:/data/teamB"]
     assert {s["key"] for s in m["skipped"]} == {
         k for k, v in zip(both["keys"], both["valid"], strict=True) if not v
@@ -168,8 +166,7 @@ def test_append_keeps_old_readers_and_hides_unpublished_shards(tmp_path):
     new = _rows("teamB", 6, seed=5)
     keys = old["keys"][:3] + new["keys"]  # 3 keys the store has: skipped, not recomputed
     ident = {**_identity("teamB", 9), "source": {"spec": "folder:/x", "keys_sha256": "z", "count": 9}}
-    layout = dict(shard_size=4, num_views=V, dim=D, num_tokens=T, num_params=P, tokens=True)
-    plan = plan_append(s, ident, keys, [1] * 9, ident["source"], **layout)
+    plan = plan_append(s, ident, keys, [1] * 9, ident["source"], StoreLayout(9, 4, V, D, T, P, True))
     assert (plan.old_rows, plan.first_new_row, plan.added, len(plan.keys)) == (10, 12, 6, 18)
     assert plan.keys[10:12] == ["", ""] and list(plan.positions[12:]) == list(range(3, 9))
     w = open_append(plan)
@@ -199,6 +196,34 @@ def test_append_keeps_old_readers_and_hides_unpublished_shards(tmp_path):
     make_store(tmp_path / "c", "teamC", 3, 2, seed=6)
     merged = merge_stores([str(s), str(tmp_path / "c")], tmp_path / "m")
     assert merged["num_rows"] == 19 and "" not in StoreReader(tmp_path / "m").keys()
+
+
+def test_schema_1_1_store_with_old_source_hash_reads_verifies_and_appends(tmp_path):
+    """Stores of schema 1.1 hash their source's keys as JSON (`sha256_json`); they still read,
+    verify and take an append, which writes a 1.2 identity and keeps the old source as a part."""
+    s = tmp_path / "s"
+    old = make_store(s, "teamA", 6, 4, seed=8)
+    old_hash = sha256_json(old["keys"])
+    for name in (mf.IDENTITY_FILE, mf.MANIFEST_FILE):
+        doc = json.loads((s / name).read_text())
+        doc["schema_version"] = "1.1"
+        doc["source"] = {**doc["source"], "keys_sha256": old_hash}
+        (s / name).write_text(json.dumps(doc, indent=2) + "\n")
+    r = StoreReader(s)
+    assert r.manifest["schema_version"] == "1.1" and r.verify() == []
+    assert_rows_equal(r.read_rows(np.arange(6)), old)
+    new = _rows("teamB", 3, seed=9)
+    ident = _identity("teamB", 3)
+    plan = plan_append(s, ident, new["keys"], [1] * 3, ident["source"], StoreLayout(3, 4, V, D, T, P, True))
+    w = open_append(plan)
+    _write(w, 2, new, 0, 3)
+    m = w.finalize()
+    assert m["schema_version"] == SCHEMA_VERSION != "1.1"
+    assert m["source"]["parts"][0]["keys_sha256"] == old_hash
+    assert m["source"]["keys_sha256"] == keys_sha256(old["keys"] + new["keys"])
+    after = StoreReader(s)
+    assert after.verify() == [] and after.keys() == old["keys"] + ["", ""] + new["keys"]
+    assert_rows_equal(after.read_rows(np.arange(8, 11)), new)
 
 
 def mf_sha(path: Path) -> str:

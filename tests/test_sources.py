@@ -22,10 +22,10 @@ from cospress.data.sources import (
     FASHION_MNIST_ROOT,
     Source,
     decode_image,
-    keys_sha256,
     open_source,
 )
 from cospress.errors import BadImageError, SourceError
+from cospress.utils import keys_sha256
 
 
 def _rgb(seed: int, w: int = 24, h: int = 16) -> Image.Image:

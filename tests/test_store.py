@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.server
 import json
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 
 from cospress.errors import StoreError
-from cospress.store import SCHEMA_VERSION, StoreReader, StoreWriter, estimate_store_bytes, make_identity
-from cospress.store.manifest import redact_url, shard_file_key
+from cospress.store import SCHEMA_VERSION, StoreLayout, StoreReader, StoreWriter, make_identity
+from cospress.store.manifest import full_identity, redact_url, shard_file_key
 
 V, D, T, P = 3, 8, 4, 5
 
@@ -55,18 +56,7 @@ def _data(n: int, seed: int, tokens: bool = True) -> dict:
 
 def _open(path: Path, n: int, shard: int, tokens: bool = True, **kw) -> StoreWriter:
     ident = kw.pop("identity", None) or _identity(n=n)
-    return StoreWriter.open(
-        path,
-        ident,
-        num_rows=n,
-        shard_size=shard,
-        num_views=V,
-        dim=D,
-        num_tokens=T,
-        num_params=P,
-        tokens=tokens,
-        **kw,
-    )
+    return StoreWriter.open(path, ident, StoreLayout(n, shard, V, D, T, P, tokens), **kw)
 
 
 def _write(w: StoreWriter, data: dict, shard: int) -> dict:
@@ -309,8 +299,13 @@ def test_server_without_range_support_is_refused(tmp_path):
 
 
 def test_estimate_and_redact():
-    assert estimate_store_bytes(10, 2, 4, 3, 5, tokens=True) == 10 * (2 * 4 * 4 * 2 + 2 * 5 * 4 + 41)
-    assert estimate_store_bytes(10, 2, 4, 3, 5, tokens=False) == 10 * (2 * 4 * 2 + 2 * 5 * 4 + 41)
+    layout = StoreLayout(
+        num_rows=10, shard_size=4, stored_views=2, dim=4, num_tokens=3, num_params=5, tokens=True
+    )
+    assert layout.estimate_bytes() == 10 * (2 * 4 * 4 * 2 + 2 * 5 * 4 + 41)
+    no_tokens = dataclasses.replace(layout, tokens=False)
+    assert no_tokens.estimate_bytes() == 10 * (2 * 4 * 2 + 2 * 5 * 4 + 41)
+    assert layout.num_shards == 3 and layout.shard_rows(2) == (8, 10)
     assert redact_url("s3://key:pw@bucket/a?X-Amz-Signature=z") == "s3://bucket/a"
     assert redact_url("/local/path") == "/local/path"
 
@@ -344,11 +339,16 @@ def test_two_processes_write_disjoint_shards(tmp_path):
     assert r.verify() == []
 
 
-def test_identity_aliases_are_normalised(tmp_path):
-    ident = _identity(n=4)
-    ident["policy"] = {**ident.pop("view_policy"), "fingerprint": ident.pop("policy_fingerprint")}
-    ident["views"] = ident.pop("k")
-    w = _open(tmp_path / "s", 4, 2, identity=ident)
-    assert w.identity["k"] == V - 1 and w.identity["policy_fingerprint"] == "b" * 64
-    assert "policy" not in w.identity and w.identity["view_policy"]["flip"] == 0.5
-    _open(tmp_path / "s", 4, 2)  # the canonical spelling is the same identity
+def test_identity_keys_keep_the_order_stage_1_writes():
+    """cospress-store.json of a stage 1 run keeps the key order of the stores already on disk."""
+    ident = make_identity(
+        teacher={"fingerprint": "a"}, view_policy={"flip": 0.5}, policy_fingerprint="b", k=2,
+        center_view=True, seed=0, source={"count": 4}, param_names=["p0"], precision="float32",
+    )  # fmt: skip
+    full = full_identity(ident, StoreLayout(4, 2, 3, 8, 0, 1, False))
+    assert list(full) == [
+        "format", "schema_version", "teacher", "center_view", "seed", "source", "param_names", "precision",
+        "view_policy", "policy_fingerprint", "k", "num_rows", "shard_size", "num_views", "dim", "num_tokens",
+        "num_params", "tokens", "shapes", "dtypes",
+    ]  # fmt: skip
+    assert StoreLayout.from_manifest(full) == StoreLayout(4, 2, 3, 8, 0, 1, False)

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cospress.errors import BadImageError, SourceError
-from cospress.utils import sha256_json
+from cospress.utils import keys_sha256
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,6 @@ class Sample:
     key: str
     image: Image.Image
     label: int
-
-
-def keys_sha256(keys: list[str]) -> str:
-    """A hash of the ordered key list (sha256 of its compact JSON), recorded in store manifests."""
-    return sha256_json(list(keys))
 
 
 # ---------------------------------------------------------------------------------------------- decode

@@ -8,6 +8,7 @@ is refused: merged stores are over disjoint data.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -49,13 +50,8 @@ def _merged_source(readers: list[StoreReader], keys: list[str]) -> dict:
         src = r.manifest.get("source") or {}
         parts.extend(src.get("parts") or [src] if src.get("kind") == "merge" else [src])
     specs = {p.get("spec") for p in parts}
-    return {
-        "kind": "merge",
-        "spec": specs.pop() if len(specs) == 1 else None,  # one source when all parts share it
-        "count": len(keys),
-        "keys_sha256": mf.keys_sha256(keys),
-        "parts": parts,
-    }
+    spec = specs.pop() if len(specs) == 1 else None  # one source when all parts share it
+    return mf.combined_source("merge", spec, parts, keys)
 
 
 def _check_inputs(readers: list[StoreReader], out: Path) -> None:
@@ -93,6 +89,36 @@ def _check_disjoint(readers: list[StoreReader], rows: list[np.ndarray]) -> list[
     return keys
 
 
+def _copy_shard(
+    writer: StoreWriter, shard: int, readers: list[StoreReader], which: np.ndarray, where: np.ndarray,
+    reasons: dict[str, str],
+) -> None:  # fmt: skip
+    """Write one shard of the merged store: row i comes from row ``where[i]`` of input ``which[i]``."""
+    start, stop = writer.shard_rows(shard)
+    tokens = writer.layout.tokens
+    parts = []
+    for i in np.unique(which[start:stop]):
+        sel = where[start:stop][which[start:stop] == i]
+        parts.append(readers[int(i)].read_rows(sel, tokens=tokens))
+    data = {name: np.concatenate([p[name] for p in parts]) for name in ("cls", "views", "labels", "valid")}
+    keys = [k for p in parts for k in p["keys"]]
+    skipped = [
+        {"key": k, "reason": reasons.get(k, "skipped in the input store")}
+        for k, ok in zip(keys, data["valid"], strict=True)
+        if not ok
+    ]
+    writer.write_shard(
+        shard,
+        cls=data["cls"],
+        tokens=np.concatenate([p["tokens"] for p in parts]) if tokens else None,
+        views=data["views"],
+        keys=keys,
+        labels=data["labels"],
+        valid=data["valid"].astype(np.uint8),
+        skipped=skipped,
+    )
+
+
 def merge_stores(
     inputs: Sequence[str],
     out: str | os.PathLike,
@@ -115,44 +141,21 @@ def merge_stores(
     _check_inputs(readers, out)
     rows = [real_rows(r) for r in readers]
     keys = _check_disjoint(readers, rows)
-    first = readers[0].manifest
-    layout = mf.layout_of(first)
-    layout.update(num_rows=len(keys), shard_size=int(shard_size or first["shard_size"]))
-    identity = {**mf.run_identity(first), "source": _merged_source(readers, keys)}
-    writer = StoreWriter.open(out, identity, overwrite=overwrite, create=True, **layout)
+    first = readers[0]
+    layout = dataclasses.replace(
+        first.layout, num_rows=len(keys), shard_size=int(shard_size or first.shard_size)
+    )
+    identity = {**mf.run_identity(first.manifest), "source": _merged_source(readers, keys)}
+    writer = StoreWriter.open(out, identity, layout, overwrite=overwrite, create=True)
     which = np.concatenate([np.full(len(r), i, np.int64) for i, r in enumerate(rows)])
     where = np.concatenate(rows)
     reasons = {s["key"]: s["reason"] for r in readers for s in r.manifest.get("skipped", [])}
     done = writer.committed_shards()
     for shard in range(writer.num_shards):
-        start, stop = writer.shard_rows(shard)
         if shard not in done:
-            parts = []
-            for i in np.unique(which[start:stop]):
-                sel = where[start:stop][which[start:stop] == i]
-                parts.append(readers[int(i)].read_rows(sel, tokens=layout["tokens"]))
-            data = {
-                name: np.concatenate([p[name] for p in parts]) for name in ("cls", "views", "labels", "valid")
-            }
-            data["keys"] = [k for p in parts for k in p["keys"]]
-            tokens = np.concatenate([p["tokens"] for p in parts]) if layout["tokens"] else None
-            skipped = [
-                {"key": k, "reason": reasons.get(k, "skipped in the input store")}
-                for k, ok in zip(data["keys"], data["valid"], strict=True)
-                if not ok
-            ]
-            writer.write_shard(
-                shard,
-                cls=data["cls"],
-                tokens=tokens,
-                views=data["views"],
-                keys=data["keys"],
-                labels=data["labels"],
-                valid=data["valid"].astype(np.uint8),
-                skipped=skipped,
-            )
+            _copy_shard(writer, shard, readers, which, where, reasons)
         if progress is not None:
-            progress(stop, len(keys))
+            progress(writer.shard_rows(shard)[1], len(keys))
     extra = {
         "merged_from": [
             {"url": r.display, "rows": len(rr), "keys_sha256": r.manifest.get("keys_sha256")}

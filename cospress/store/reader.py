@@ -19,72 +19,23 @@ from typing import Any
 import fsspec
 import numpy as np
 import zarr
-from zarr.abc.store import ByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.core.sync import sync as zarr_sync
 
 from cospress.errors import StoreError
 from cospress.store import manifest as mf
-from cospress.utils import atomic_write_bytes
+from cospress.store.layout import StoreLayout
+from cospress.store.remote import FileCacheStore, check_range_support, is_local
+from cospress.store.schema import validate_manifest
 
 log = logging.getLogger(__name__)
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url
-
-
-def check_range_support(fs: fsspec.AbstractFileSystem, path: str, display: str | None = None) -> None:
-    """Raise StoreError when the server of ``path`` ignores byte ranges (returns the whole file).
-
-    Sharded arrays are read by byte range; a server that answers a ranged GET with the full body
-    (200 instead of 206) would make every row read fetch a whole shard, or misread it.
-    """
-    where = display or mf.redact_url(path)
-    try:
-        data = fs.cat_file(path, start=1, end=3)
-    except FileNotFoundError:
-        raise StoreError(
-            f"{where} is missing; the store is incomplete or corrupted: re-upload or re-extract it"
-        ) from None
-    if len(data) != 2:
-        raise StoreError(
-            f"the server of {where} does not support byte ranges (asked for 2 bytes, got {len(data)}): "
-            "serve the store with a server that honours Range requests (nginx, S3, GCS) or copy it locally"
-        )
-
-
-class _FileCacheStore(zarr.storage.WrapperStore):
-    """Read-through cache: the first read of a key fetches the whole file into ``cache_dir``;
-    every read (ranged or not) is then served from the local copy."""
-
-    def __init__(self, store: zarr.abc.store.Store, cache_dir: str):
-        super().__init__(store)
-        self._cache_dir = Path(cache_dir)
-        self._local = zarr.storage.LocalStore(cache_dir, read_only=True)
-
-    def _with_store(self, store: zarr.abc.store.Store) -> _FileCacheStore:
-        return type(self)(store, str(self._cache_dir))
-
-    async def get(
-        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
-    ) -> Buffer | None:
-        if not (self._cache_dir / key).is_file():
-            full = await self._store.get(key, prototype)
-            if full is None:
-                return None
-            atomic_write_bytes(self._cache_dir / key, full.to_bytes())
-        return await self._local.get(key, prototype, byte_range)
-
-    async def get_partial_values(self, prototype: BufferPrototype, key_ranges: Any) -> list[Buffer | None]:
-        return [await self.get(key, prototype, rng) for key, rng in key_ranges]
 
 
 class StoreReader:
     """A read-only view of a complete store.
 
-    Attributes: ``manifest`` (dict), ``num_rows`` N, ``num_views`` V, ``dim`` Dt, ``num_tokens`` T,
-    ``has_tokens``, ``param_names`` (P names of the recorded view parameters), ``num_shards``.
+    Attributes: ``manifest`` (dict), ``layout`` (`StoreLayout`), ``num_rows`` N, ``num_views`` V
+    (the stored views), ``dim`` Dt, ``num_tokens`` T, ``has_tokens``, ``param_names`` (P names of
+    the recorded view params), ``num_shards``.
     """
 
     def __init__(
@@ -106,7 +57,7 @@ class StoreReader:
             ) from None
 
     def _open(self) -> None:
-        if _is_local(self.url):
+        if is_local(self.url):
             self._fs: fsspec.AbstractFileSystem = fsspec.filesystem("file")
             self._root = str(Path(self.url).resolve())
         else:
@@ -114,14 +65,12 @@ class StoreReader:
             self._root = self._root.rstrip("/")
         self.manifest = self._read_manifest()
         m = self.manifest
-        self.num_rows = int(m["num_rows"])
-        self.num_views = int(m["num_views"])
-        self.dim = int(m["dim"])
-        self.num_tokens = int(m["num_tokens"])
-        self.has_tokens = bool(m["tokens"])
-        self.num_params = int(m["num_params"])
+        self.layout = StoreLayout.from_manifest(m)
+        self.num_rows, self.num_views = self.layout.num_rows, self.layout.stored_views
+        self.dim, self.num_tokens = self.layout.dim, self.layout.num_tokens
+        self.has_tokens, self.num_params = self.layout.tokens, self.layout.num_params
         self.param_names = list(m.get("param_names") or [f"p{i}" for i in range(self.num_params)])
-        self.shard_size = int(m["shard_size"])
+        self.shard_size = self.layout.shard_size
         self.num_shards = len(m["shards"])
         if self.url.startswith(("http://", "https://")):
             check_range_support(self._fs, self._path(mf.shard_file_key("cls", 0, 3)), self.display)
@@ -155,10 +104,10 @@ class StoreReader:
             raise StoreError(
                 f"{self.display}/manifest.json is not valid JSON ({e}); re-upload or re-extract the store"
             ) from None
-        return mf.validate_manifest(manifest, self.display)
+        return validate_manifest(manifest, self.display)
 
     def _zarr_store(self) -> Any:
-        if _is_local(self.url):
+        if is_local(self.url):
             return zarr.storage.LocalStore(self._root, read_only=True)
         store = zarr.storage.FsspecStore.from_url(
             self.url, storage_options=self.storage_options, read_only=True
@@ -167,7 +116,7 @@ class StoreReader:
             return store
         # Cache under the manifest's hash, so a re-extracted store never serves stale bytes.
         tag = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
-        return _FileCacheStore(store, os.path.join(self.cache_dir, tag))
+        return FileCacheStore(store, os.path.join(self.cache_dir, tag))
 
     def _open_arrays(self) -> dict[str, zarr.Array]:
         store = self._zarr_store()
@@ -266,7 +215,7 @@ class StoreReader:
             from cospress.store.shardio import ShardFileReader, ShardLayout
 
             layout = None
-            if _is_local(self.url):
+            if is_local(self.url):
                 layout = ShardLayout.from_metadata(self._arrays[name].metadata.to_dict())
             self._direct[name] = ShardFileReader(Path(self._root) / name, layout) if layout else None
         return self._direct[name]
@@ -387,7 +336,7 @@ class StoreReader:
         m = self.manifest
         teacher = m.get("teacher") or {}
         disk = None
-        if _is_local(self.url):
+        if is_local(self.url):
             disk = sum(f.stat().st_size for f in Path(self._root).rglob("*") if f.is_file())
         return {
             "url": self.display,
@@ -410,8 +359,6 @@ class StoreReader:
             "shards": self.num_shards,
             "counts": m.get("counts"),
             "skipped": len(m.get("skipped", [])),
-            "estimated_bytes": mf.estimate_store_bytes(
-                self.num_rows, self.num_views, self.dim, self.num_tokens, self.num_params, self.has_tokens
-            ),
+            "estimated_bytes": self.layout.estimate_bytes(),
             "bytes_on_disk": disk,
         }

@@ -32,8 +32,10 @@ import numpy as np
 import cospress
 from cospress.errors import StoreError
 from cospress.store import manifest as mf
+from cospress.store.layout import StoreLayout
 from cospress.store.merge import real_rows
 from cospress.store.reader import StoreReader
+from cospress.store.schema import validate_identity
 from cospress.store.writer import StoreWriter
 from cospress.utils import atomic_write_json, sha256_file
 
@@ -59,6 +61,23 @@ def _npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
     return buf.getvalue()
+
+
+def _sample(data: dict[str, Any], i: int, reasons: dict[str, str]) -> dict[str, Any]:
+    """The WebDataset sample of row ``i`` of a `StoreReader.read_rows` result."""
+    key = data["keys"][i]
+    meta: dict[str, Any] = {
+        "key": key,
+        "label": int(data["labels"][i]),
+        "valid": bool(data["valid"][i]),
+        "views": data["views"][i].astype(np.float32).tolist(),
+    }
+    if not data["valid"][i]:
+        meta["reason"] = reasons.get(key, "skipped")
+    sample = {"__key__": encode_key(key), "cls.npy": _npy(data["cls"][i]), "json": json.dumps(meta).encode()}
+    if data["tokens"] is not None:
+        sample["tokens.npy"] = _npy(data["tokens"][i])
+    return sample
 
 
 def export_wds(
@@ -88,31 +107,15 @@ def export_wds(
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, mtime=0.0) as sink:
         for b in range(0, len(rows), reader.shard_size):
             data = reader.read_rows(rows[b : b + reader.shard_size])
-            for i, key in enumerate(data["keys"]):
-                meta: dict[str, Any] = {
-                    "key": key,
-                    "label": int(data["labels"][i]),
-                    "valid": bool(data["valid"][i]),
-                    "views": data["views"][i].astype(np.float32).tolist(),
-                }
-                if not data["valid"][i]:
-                    meta["reason"] = reasons.get(key, "skipped")
-                sample = {
-                    "__key__": encode_key(key),
-                    "cls.npy": _npy(data["cls"][i]),
-                    "json": json.dumps(meta).encode(),
-                }
-                if data["tokens"] is not None:
-                    sample["tokens.npy"] = _npy(data["tokens"][i])
-                sink.write(sample)
+            for i in range(len(data["keys"])):
+                sink.write(_sample(data, i, reasons))
                 counts[Path(sink.fname).name] = counts.get(Path(sink.fname).name, 0) + 1
             if progress is not None:
                 progress(min(b + reader.shard_size, len(rows)), len(rows))
-    layout = {**mf.layout_of(m), "num_rows": len(rows)}
     sidecar = {
         "format": WDS_FORMAT,
         "version": WDS_VERSION,
-        "identity": mf.full_identity(mf.run_identity(m), **layout),
+        "identity": mf.full_identity(mf.run_identity(m), reader.layout.with_rows(len(rows))),
         "samples": len(rows),
         "shards": [{"name": n, "samples": c, "sha256": sha256_file(out / n)} for n, c in counts.items()],
         "skipped": [s for s in m.get("skipped", [])],
@@ -160,7 +163,7 @@ def _read_sidecar(src: Path) -> dict:
                 break
     if problem:
         raise StoreError(f"{path} is malformed: {problem}; export the store again")
-    mf.validate_identity(doc.get("identity"), f"{path} (identity)")
+    validate_identity(doc.get("identity"), f"{path} (identity)")
     if doc["identity"]["num_rows"] != doc["samples"]:
         raise StoreError(f"{path} is malformed: 'samples' differs from the identity's num_rows; export again")
     return doc
@@ -292,9 +295,8 @@ def import_wds(
             raise StoreError(
                 f"{path} does not match its sha256 in {SIDECAR}: corrupted; copy or export it again"
             )
-    writer = StoreWriter.open(
-        out, mf.run_identity(ident), overwrite=overwrite, create=True, **mf.layout_of(ident)
-    )
+    layout = StoreLayout.from_manifest(ident)
+    writer = StoreWriter.open(out, mf.run_identity(ident), layout, overwrite=overwrite, create=True)
     filler = _ShardFiller(writer)
     seen: set[str] = set()
     count = 0

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,10 @@ from zarr.codecs import BloscCodec
 import cospress
 from cospress.errors import StoreError
 from cospress.store import manifest as mf
+from cospress.store.layout import DTYPES, FILL_VALUES, StoreLayout, array_chunks
+from cospress.store.schema import FORMAT_NAME, check_schema_version
 from cospress.store.shardio import ShardLayout, encode_shard
-from cospress.utils import atomic_write_bytes, atomic_write_json, sha256_file
+from cospress.utils import atomic_write_bytes, atomic_write_json, keys_sha256, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ _CONFIG = {"write_empty_chunks": True}  # every inner chunk is stored: shard fil
 
 
 def _compressor(name: str) -> Any:
-    if mf.DTYPES[name] == "str":
+    if DTYPES[name] == "str":
         return "auto"
     # zstd level 1 with byte shuffle: within 1% of level 3's ratio on float16 embeddings, ~2.5x faster
     # to encode, so compression does not steal the teacher's CPU time.
@@ -43,6 +44,23 @@ def _looks_like_store(path: Path) -> bool:
     return (path / mf.IDENTITY_FILE).exists() or (path / mf.MANIFEST_FILE).exists()
 
 
+def _prepare_folder(p: Path, overwrite: bool) -> None:
+    """Refuse a path that is a file or a non-empty folder that is not a store; ``overwrite``
+    deletes an existing store (never a folder that is not one)."""
+    if p.exists() and not p.is_dir():
+        raise StoreError(f"{p} is a file, not a store folder; choose another store path")
+    if overwrite and p.exists() and any(p.iterdir()):
+        if not _looks_like_store(p):
+            raise StoreError(
+                f"{p} exists and is not a cospress store; refusing to delete it with --overwrite: "
+                "choose another store path"
+            )
+        log.info("overwrite: deleting the existing store at %s", p)
+        shutil.rmtree(p)
+    if p.exists() and any(p.iterdir()) and not _looks_like_store(p):
+        raise StoreError(f"{p} exists, is not empty and is not a cospress store; choose another store path")
+
+
 class StoreWriter:
     """Writes one store at a local path. Use `StoreWriter.open`, not the constructor."""
 
@@ -50,9 +68,10 @@ class StoreWriter:
         self.path = path
         self.identity = identity
         self.arrays = arrays
-        self.num_rows = int(identity["num_rows"])
-        self.shard_size = int(identity["shard_size"])
-        self.num_shards = (self.num_rows + self.shard_size - 1) // self.shard_size
+        self.layout = StoreLayout.from_manifest(identity)
+        self.num_rows = self.layout.num_rows
+        self.shard_size = self.layout.shard_size
+        self.num_shards = self.layout.num_shards
         # Shards below this index belong to a published manifest (append): never rewritten.
         self.protected_shards = 0
         # Arrays whose shard files `shardio` encodes (None: written through zarr)
@@ -63,14 +82,8 @@ class StoreWriter:
         cls,
         path: str | os.PathLike,
         identity: dict,
+        layout: StoreLayout,
         *,
-        num_rows: int,
-        shard_size: int,
-        num_views: int,
-        dim: int,
-        num_tokens: int,
-        num_params: int,
-        tokens: bool,
         overwrite: bool = False,
         create: bool = True,
     ) -> StoreWriter:
@@ -81,40 +94,19 @@ class StoreWriter:
         same identity, else StoreError names the fields that differ. ``overwrite`` deletes an
         existing store first (never a folder that is not a cospress store).
         """
-        if num_rows < 1 or shard_size < 1:
+        if layout.num_rows < 1 or layout.shard_size < 1:
             raise StoreError(
-                f"a store needs at least one row and shard size >= 1 (got {num_rows}, {shard_size})"
+                "a store needs at least one row and shard size >= 1 "
+                f"(got {layout.num_rows}, {layout.shard_size})"
             )
         p = Path(path)
-        full = mf.full_identity(
-            identity,
-            num_rows=num_rows,
-            shard_size=shard_size,
-            num_views=num_views,
-            dim=dim,
-            num_tokens=num_tokens,
-            num_params=num_params,
-            tokens=tokens,
-        )
+        full = mf.full_identity(identity, layout)
         if create:
-            if p.exists() and not p.is_dir():
-                raise StoreError(f"{p} is a file, not a store folder; choose another store path")
-            if overwrite and p.exists() and any(p.iterdir()):
-                if not _looks_like_store(p):
-                    raise StoreError(
-                        f"{p} exists and is not a cospress store; refusing to delete it with --overwrite: "
-                        "choose another store path"
-                    )
-                log.info("overwrite: deleting the existing store at %s", p)
-                shutil.rmtree(p)
-            if p.exists() and any(p.iterdir()) and not _looks_like_store(p):
-                raise StoreError(
-                    f"{p} exists, is not empty and is not a cospress store; choose another store path"
-                )
+            _prepare_folder(p, overwrite)
             if not (p / mf.IDENTITY_FILE).exists():
                 atomic_write_json(p / mf.IDENTITY_FILE, full)
         stored = cls._read_identity(p)
-        mf.check_schema_version(stored.get("schema_version"), str(p))
+        check_schema_version(stored.get("schema_version"), str(p))
         diff = mf.identity_diff(stored, full)
         if diff:
             raise StoreError(
@@ -143,7 +135,7 @@ class StoreWriter:
         if not (p / "zarr.json").exists():
             if not create:
                 raise StoreError(f"{p} has no zarr group yet; rank 0 must create the store first")
-            zarr.create_group(store=store, zarr_format=3, attributes={"format": mf.FORMAT_NAME})
+            zarr.create_group(store=store, zarr_format=3, attributes={"format": FORMAT_NAME})
         arrays = {}
         for name, shape in ident["shapes"].items():
             if (p / name / "zarr.json").exists():
@@ -155,8 +147,8 @@ class StoreWriter:
                 continue
             if not create:
                 raise StoreError(f"{p}/{name} does not exist yet; rank 0 must create the store first")
-            chunks, shards = mf.array_chunks(name, shape, ident["shard_size"])
-            dtype = str if mf.DTYPES[name] == "str" else mf.DTYPES[name]
+            chunks, shards = array_chunks(name, shape, ident["shard_size"])
+            dtype = str if DTYPES[name] == "str" else DTYPES[name]
             arrays[name] = zarr.create_array(
                 store=store,
                 name=name,
@@ -165,7 +157,7 @@ class StoreWriter:
                 chunks=chunks,
                 shards=shards,
                 compressors=_compressor(name),
-                fill_value=mf.FILL_VALUES[name],
+                fill_value=FILL_VALUES[name],
                 config=_CONFIG,
             )
         return arrays
@@ -175,8 +167,7 @@ class StoreWriter:
         """Row range ``[start, stop)`` of one shard (the last one may be short)."""
         if not 0 <= shard < self.num_shards:
             raise StoreError(f"shard {shard} is out of range: the store has {self.num_shards} shards")
-        start = shard * self.shard_size
-        return start, min(start + self.shard_size, self.num_rows)
+        return self.layout.shard_rows(shard)
 
     def _shard_files(self, shard: int) -> dict[str, str]:
         return {n: mf.shard_file_key(n, shard, len(s)) for n, s in self.identity["shapes"].items()}
@@ -201,12 +192,6 @@ class StoreWriter:
                 out.add(shard)
         return out
 
-    def estimate_bytes(self) -> int:
-        i = self.identity
-        return mf.estimate_store_bytes(
-            i["num_rows"], i["num_views"], i["dim"], i["num_tokens"], i["num_params"], i["tokens"]
-        )
-
     def _check(self, name: str, value: Any, n: int) -> np.ndarray:
         shape = [n, *self.identity["shapes"][name][1:]]
         if name == "keys":
@@ -220,7 +205,7 @@ class StoreWriter:
             raise StoreError(f"write_shard: {name} has shape {list(arr.shape)}, expected {shape}")
         if name == "keys":
             return arr.astype(str)
-        return arr.astype(mf.DTYPES[name], copy=False)
+        return arr.astype(DTYPES[name], copy=False)
 
     def write_shard(
         self,
@@ -273,7 +258,7 @@ class StoreWriter:
             "rows": [start, stop],
             "files": files,
             "sha256": sha,
-            "keys_sha256": mf.keys_sha256(key_list),
+            "keys_sha256": keys_sha256(key_list),
             "skipped": [{"key": str(s["key"]), "reason": str(s["reason"])} for s in (skipped or [])],
             "counts": {"rows": n, "valid": n_valid, "skipped": n - n_valid},
             "written": mf.now_utc(),
@@ -316,7 +301,7 @@ class StoreWriter:
             commits.append(commit)
         keys = [str(k) for k in self.arrays["keys"][:]]
         manifest = mf.build_manifest(self.identity, commits, extra, cospress.__version__)
-        manifest["keys_sha256"] = mf.keys_sha256(keys)
+        manifest["keys_sha256"] = keys_sha256(keys)
         atomic_write_json(self.path / mf.MANIFEST_FILE, manifest)
         log.info(
             "store complete: %s (%d rows, %d skipped)",
@@ -325,143 +310,3 @@ class StoreWriter:
             len(manifest["skipped"]),
         )
         return manifest
-
-
-# ---- append ---------------------------------------------------------------------------------------
-@dataclass
-class AppendPlan:
-    """What an append adds to a complete store.
-
-    ``keys``/``labels`` are per row of the grown store (old rows, then ``""``/-1 padding up to the
-    next shard boundary, then the new rows); ``positions`` int64 [num_rows] is the source index of
-    each new row (-1 for old and padding rows).
-    """
-
-    path: Path
-    identity: dict
-    keys: list[str]
-    labels: list[int]
-    positions: np.ndarray
-    old_rows: int
-    old_shards: int
-    first_new_row: int
-
-    @property
-    def added(self) -> int:
-        return len(self.keys) - self.first_new_row
-
-
-def _append_source(old: dict, new: dict, real: list[str], source_keys: set[str]) -> dict:
-    """The source of an appended store: both inputs, the hash of its real (non-padding) keys."""
-    return {
-        "kind": "append",
-        # the new source names every image only when it holds the old ones too (a grown folder)
-        "spec": new.get("spec") if all(k in source_keys for k in real) else None,
-        "count": len(real),
-        "keys_sha256": mf.keys_sha256(real),
-        "parts": list(old.get("parts") or [old]) + [new],
-    }
-
-
-def plan_append(
-    path: str | os.PathLike,
-    identity: dict,
-    source_keys: list[str],
-    source_labels: list[int],
-    source_info: dict,
-    *,
-    shard_size: int,
-    num_views: int,
-    dim: int,
-    num_tokens: int,
-    num_params: int,
-    tokens: bool,
-) -> AppendPlan:
-    """Plan appending the keys of a source that a complete store lacks (keys it has are skipped).
-
-    Everything in the identity but the source must match the store's, else StoreError names the
-    fields. New rows start at the next shard boundary so no existing shard file is rewritten.
-    """
-    from cospress.store.reader import StoreReader
-
-    p = Path(path)
-    if not (p / mf.MANIFEST_FILE).is_file():
-        raise StoreError(
-            f"--append needs a complete store at {p} (no {mf.MANIFEST_FILE}): finish it with the command "
-            "that made it, or drop --append to create a new store"
-        )
-    reader = StoreReader(p)
-    old = reader.manifest
-    layout = {
-        "shard_size": shard_size,
-        "num_views": num_views,
-        "dim": dim,
-        "num_tokens": num_tokens,
-        "num_params": num_params,
-        "tokens": tokens,
-    }
-    ignore = {"source", "num_rows", "shapes"}
-    want = mf.full_identity(identity, num_rows=reader.num_rows, **layout)
-    have = {k: v for k, v in mf.run_identity(old).items() if k not in ignore}
-    have.update({k: old[k] for k in mf.LAYOUT_FIELDS if k not in ignore and k != "schema_version"})
-    diff = mf.identity_diff(have, {k: v for k, v in want.items() if k not in ignore | {"schema_version"}})
-    if diff:
-        raise StoreError(
-            f"cannot append to {p}: it was made with other settings: {'; '.join(diff)}; "
-            "append with the store's settings (cospress inspect shows them) or extract a new store"
-        )
-    old_keys = reader.keys()
-    pad_rows = {r for a, b in old.get("padding", []) for r in range(a, b)}
-    real = [k for i, k in enumerate(old_keys) if i not in pad_rows]
-    have_keys = set(real)
-    new = [(i, k) for i, k in enumerate(source_keys) if k not in have_keys]
-    old_rows = reader.num_rows
-    old_shards = reader.num_shards
-    start = old_shards * shard_size if new else old_rows
-    keys = old_keys + [""] * (start - old_rows) + [k for _, k in new]
-    labels = [int(x) for x in reader.labels()] + [-1] * (start - old_rows)
-    labels += [int(source_labels[i]) for i, _ in new]
-    positions = np.full(len(keys), -1, np.int64)
-    positions[start:] = [i for i, _ in new]
-    if not new:
-        ident = mf.full_identity(mf.run_identity(old), num_rows=old_rows, **layout)
-    else:
-        real_all = real + [k for _, k in new]
-        src = _append_source(old.get("source") or {}, source_info, real_all, set(source_keys))
-        ident = mf.full_identity({**identity, "source": src}, num_rows=len(keys), **layout)
-    return AppendPlan(p, ident, keys, labels, positions, old_rows, old_shards, start)
-
-
-def _resize_array(path: Path, name: str, num_rows: int) -> None:
-    """Grow an array along axis 0 by rewriting its zarr.json atomically (shard files untouched)."""
-    meta_path = path / name / "zarr.json"
-    meta = json.loads(meta_path.read_text())
-    if meta["shape"][0] != num_rows:
-        meta["shape"][0] = num_rows
-        atomic_write_json(meta_path, meta)
-
-
-def open_append(plan: AppendPlan) -> StoreWriter:
-    """Prepare a store for `plan`: new identity file and grown arrays (both atomic), the old
-    manifest kept; returns a writer that writes only the new shards and never an old one."""
-    p = plan.path
-    stored = StoreWriter._read_identity(p)
-    if stored != plan.identity:
-        # A different unfinished append may have left commits past the published shards: drop them.
-        for entry in (p / mf.COMMITS_DIR).iterdir():
-            shard = mf.parse_commit_name(entry.name)
-            if shard is not None and shard >= plan.old_shards:
-                entry.unlink()
-        atomic_write_json(p / mf.IDENTITY_FILE, plan.identity)
-    for name in plan.identity["shapes"]:
-        _resize_array(p, name, plan.identity["num_rows"])
-    writer = StoreWriter.open(p, plan.identity, create=False, **mf.layout_of(plan.identity))
-    writer.protected_shards = plan.old_shards
-    log.info(
-        "append to %s: %d new rows from row %d (%d padding rows)",
-        p,
-        plan.added,
-        plan.first_new_row,
-        plan.first_new_row - plan.old_rows,
-    )
-    return writer

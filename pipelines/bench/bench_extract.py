@@ -29,7 +29,7 @@ from bench_common import random_teacher_weights  # noqa: E402
 
 from cospress.data.sources import open_source  # noqa: E402
 from cospress.extract import ExtractConfig, run_extract  # noqa: E402
-from cospress.extract.run import ViewDataset  # noqa: E402
+from cospress.extract.reader import ViewDataset  # noqa: E402
 from cospress.models.teachers import build_teacher  # noqa: E402
 from cospress.runtime import autocast, autocast_dtype, pick_device, tune_malloc  # noqa: E402
 

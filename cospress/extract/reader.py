@@ -1,0 +1,109 @@
+"""Stage 1 reader: each store row's image with its stored views, in batches that never straddle a shard.
+
+Teacher batches always hold the same images whatever was already committed, so a resumed run
+computes bitwise the same features as an uninterrupted one (same machine, CPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cospress.data.device_decode import Encoded, worker_read
+from cospress.data.sources import Source
+from cospress.data.views import PARAM_NAMES, ViewPolicy, center_view_params, replay_view, sample_view_params
+from cospress.errors import BadImageError
+
+
+class ViewDataset(Dataset):
+    """Row -> the image's stored views, replayed at the teacher's resolution (decoded in workers).
+
+    An item is a dict: ``row``; ``params`` float32 [V, P] (the view params of the V stored views);
+    ``images`` uint8 [V, 3, size, size], or None with ``reason`` set for an unreadable image, or
+    None with ``encoded`` (the image's bytes) in bytes mode, decoded and replayed on the device.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        policy: ViewPolicy,
+        seed: int,
+        views: int,
+        center: bool,
+        size: int,
+        max_pixels: int,
+        positions: np.ndarray | None = None,
+        decode: str = "cpu",
+    ) -> None:
+        self.decode = decode
+        self.source, self.policy, self.seed = source, policy, seed
+        self.views, self.center, self.size, self.max_pixels = views, center, size, max_pixels
+        self.keys = source.keys()
+        self.positions = positions  # store row -> source index (--append); None: the same
+
+    def __len__(self) -> int:
+        return len(self.keys) if self.positions is None else len(self.positions)
+
+    def _params(self, key: str, width: int, height: int) -> np.ndarray:
+        """float32 [V, P]: the K seeded views (+ the centre view) of one image."""
+        params = [
+            sample_view_params(self.policy, self.seed, key, v, width, height) for v in range(self.views)
+        ]
+        if self.center:
+            params.append(center_view_params(width, height))
+        return np.stack(params).astype(np.float32)
+
+    def _skipped(self, row: int, reason: str) -> dict[str, Any]:
+        num_views = self.views + int(self.center)
+        return {
+            "row": row,
+            "images": None,
+            "params": np.zeros((num_views, len(PARAM_NAMES)), np.float32),
+            "reason": reason,
+        }
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        i = row if self.positions is None else int(self.positions[row])
+        key = self.keys[i]
+        try:
+            sample = worker_read(self.source, i, self.decode, self.max_pixels)
+        except BadImageError as e:
+            return self._skipped(row, str(e))
+        if isinstance(sample, Encoded):  # bytes mode: decode + replay happen in the main process
+            if sample.error:
+                return self._skipped(row, sample.error)
+            params = self._params(key, sample.width, sample.height)
+            return {"row": row, "images": None, "encoded": sample, "params": params, "reason": None}
+        params = self._params(key, *sample.image.size)
+        images = torch.stack([replay_view(sample.image, p, self.size) for p in params])
+        return {"row": row, "images": images, "params": params, "reason": None}
+
+
+def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return items
+
+
+def shard_batches(
+    shards: list[int], shard_rows: Callable[[int], tuple[int, int]], images_per_batch: int
+) -> Iterator[list[int]]:
+    """Row batches aligned to shard starts: a batch never straddles two shards."""
+    for s in shards:
+        start, stop = shard_rows(s)
+        for b in range(start, stop, images_per_batch):
+            yield list(range(b, min(b + images_per_batch, stop)))
+
+
+def view_loader(dataset: ViewDataset, batches: list[list[int]], workers: int, pin_memory: bool) -> DataLoader:
+    """A loader of ``batches`` (lists of rows); each batch is the list of its items."""
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -1,0 +1,161 @@
+"""Stage 1 writer: create or open the store, fill shard buffers, write and commit full shards in the
+background so the teacher keeps running while a shard is compressed and written."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cospress.config import save_config
+from cospress.errors import StoreError
+from cospress.extract.config import ExtractConfig
+from cospress.runtime import barrier
+from cospress.store import StoreLayout, StoreWriter
+from cospress.store.append import open_append, plan_append
+from cospress.utils import human_bytes
+
+log = logging.getLogger(__name__)
+
+
+class ShardBuffer:
+    """One shard's rows, filled batch by batch until every row has arrived.
+
+    cls float16 [n, V, D], tokens float16 [n, V, T, D] (None without tokens), views float32 [n, V, P],
+    valid uint8 [n], keys and labels [n], skipped [{key, reason}].
+    """
+
+    def __init__(self, layout: StoreLayout, shard: int, keys: list[str], labels: list[int]) -> None:
+        start, stop = layout.shard_rows(shard)
+        n, v, d = stop - start, layout.stored_views, layout.dim
+        self.start, self.remaining = start, n
+        self.cls = np.zeros((n, v, d), np.float16)
+        self.tokens = np.zeros((n, v, layout.num_tokens, d), np.float16) if layout.tokens else None
+        self.views = np.zeros((n, v, layout.num_params), np.float32)
+        self.valid = np.zeros(n, np.uint8)
+        self.keys = keys[start:stop]
+        self.labels = np.asarray(labels[start:stop], np.int64)
+        self.skipped: list[dict[str, str]] = []
+
+    def contents(self) -> dict[str, Any]:
+        """The keyword arguments of `StoreWriter.write_shard` for this shard."""
+        names = ("cls", "tokens", "views", "keys", "labels", "valid", "skipped")
+        return {name: getattr(self, name) for name in names}
+
+
+class ShardSink:
+    """The shard buffers of one rank; a thread writes and commits each one once it is full.
+
+    Use as a context manager: leaving it waits for the last shards and raises a write error.
+    """
+
+    def __init__(self, writer: StoreWriter, keys: list[str], labels: list[int]) -> None:
+        self.writer, self.keys, self.labels = writer, keys, labels
+        self.buffers: dict[int, ShardBuffer] = {}
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.thread = threading.Thread(target=self._run, daemon=True, name="cospress-shard-writer")
+        self.error: BaseException | None = None
+        self.seconds = 0.0  # spent writing, in the thread
+
+    def buffer(self, shard: int) -> ShardBuffer:
+        if shard not in self.buffers:
+            self.buffers[shard] = ShardBuffer(self.writer.layout, shard, self.keys, self.labels)
+        return self.buffers[shard]
+
+    def filled(self, shard: int, rows: int) -> None:
+        """``rows`` more rows of ``shard`` have arrived; a full shard goes to the writing thread."""
+        buf = self.buffers[shard]
+        buf.remaining -= rows
+        if buf.remaining == 0:
+            if self.error is not None:
+                raise self.error
+            self.queue.put((shard, self.buffers.pop(shard)))
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            shard, buf = item
+            if self.error is not None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                self.writer.write_shard(shard, **buf.contents())
+            except BaseException as e:  # surfaced by the main thread
+                self.error = e
+            self.seconds += time.perf_counter() - t0
+
+    def __enter__(self) -> ShardSink:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def check_free_disk(out: Path, need: int) -> None:
+    """StoreError when the disk of ``out`` has less than ``need`` bytes free."""
+    probe = out if out.exists() else out.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise StoreError(
+            f"not enough free disk for the store at {out}: needs up to {human_bytes(need)}, "
+            f"{human_bytes(free)} free; use --no-tokens, fewer --views, --limit, or another --out"
+        )
+
+
+@dataclass
+class OpenedStore:
+    """The store a run writes: its writer, the key and label of every row, and for an append the
+    source index of every row (-1 for the rows it already has)."""
+
+    writer: StoreWriter
+    keys: list[str]
+    labels: list[int]
+    positions: np.ndarray | None
+    estimated_bytes: int
+
+
+def open_store(
+    cfg: ExtractConfig, identity: dict, layout: StoreLayout, source: Any, teacher_name: str, is_main: bool
+) -> OpenedStore:
+    """Create (main rank) or open (other ranks, after a barrier) the store at ``cfg.out``.
+
+    ``layout`` is that of a new store of the source's rows; with ``cfg.append`` the store grows by
+    the source's keys it lacks.
+    """
+    out = Path(cfg.out)
+    keys, labels, plan = source.keys(), source.labels(), None
+    if cfg.append:
+        plan = plan_append(out, identity, keys, labels, identity["source"], layout)
+        keys, labels, layout = plan.keys, plan.labels, plan.layout  # per row of the grown store
+    estimate = layout.estimate_bytes()
+    if is_main:
+        log.info(
+            "store %s: %d images x %d views, teacher %s (dim %d, %d tokens) -> about %s before compression "
+            "(float16 embeddings compress only ~1.15x)",
+            out, len(keys), layout.stored_views, teacher_name, layout.dim,
+            layout.num_tokens if layout.tokens else 0, human_bytes(estimate),
+        )  # fmt: skip
+        if not (cfg.overwrite is False and (out / "manifest.json").exists()):
+            check_free_disk(out, estimate)
+        if plan is not None:
+            writer = open_append(plan)
+        else:
+            writer = StoreWriter.open(out, identity, layout, overwrite=cfg.overwrite, create=True)
+        save_config(cfg, out / "extract-config.yaml")
+    barrier()
+    if not is_main:
+        writer = StoreWriter.open(out, identity if plan is None else plan.identity, layout, create=False)
+        writer.protected_shards = 0 if plan is None else plan.old_shards
+    return OpenedStore(writer, keys, labels, None if plan is None else plan.positions, estimate)
