@@ -1,4 +1,4 @@
-"""The runtime every stage shares: device, precision, torchrun, seeds, worker counts, the allocator.
+"""The runtime every stage shares: device, precision, torchrun, seeds, the allocator.
 
 One process per device under torchrun: gloo on CPU, nccl on CUDA. Without ``WORLD_SIZE > 1`` in the
 environment nothing is initialised and every helper degrades to the single-process case.

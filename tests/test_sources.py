@@ -17,13 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cospress.data.sources import (
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_ROOT,
-    Source,
-    decode_image,
-    open_source,
-)
+from cospress.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT
+from cospress.data.sources import Source, decode_image, open_source
 from cospress.errors import BadImageError, SourceError
 from cospress.utils import keys_sha256
 

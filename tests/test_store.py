@@ -104,7 +104,7 @@ def test_roundtrip_random_shards_and_order(tmp_path, seed):
     n, shard = int(rng.integers(5, 40)), int(rng.integers(1, 9))
     data = _full_store(tmp_path / "s", n, shard, seed)
     r = StoreReader(tmp_path / "s")
-    assert (r.num_rows, r.num_views, r.dim, r.num_tokens, r.has_tokens) == (n, V, D, T, True)
+    assert (r.num_rows, r.stored_views, r.dim, r.num_tokens, r.has_tokens) == (n, V, D, T, True)
     assert r.param_names == [f"p{i}" for i in range(P)]
     assert r.keys() == data["keys"]
     np.testing.assert_array_equal(r.labels(), data["labels"])

@@ -193,7 +193,7 @@ def epoch_loader(
         epoch=epoch,
         batch_size=cfg.batch_size,
         views_per_image=cfg.views_per_image,
-        stored_views=data.reader.num_views,
+        stored_views=data.reader.stored_views,
         rank=ctx.rank,
         world=ctx.world,
     )
@@ -361,7 +361,7 @@ def feature_batches(
         epoch=epoch,
         batch_size=batch_size,
         views_per_image=views_per_image,
-        stored_views=reader.num_views,
+        stored_views=reader.stored_views,
     )
     for step in range(len(plan)):
         rws, views = plan.rows_views(step)

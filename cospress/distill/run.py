@@ -151,7 +151,7 @@ def open_train_data(cfg: DistillConfig, world: int) -> TrainData:
     use_tokens = bool(cfg.use_tokens and reader.has_tokens)
     if cfg.use_tokens and not reader.has_tokens:
         log.warning("the store keeps no tokens: the local and token terms are off (CLS only)")
-    check_batch(cfg.batch_size, cfg.views_per_image, reader.num_views, world)
+    check_batch(cfg.batch_size, cfg.views_per_image, reader.stored_views, world)
     keys = reader.keys()
     split = split_rows(keys, reader.valid(), cfg.val_fraction)
     images_per_batch = cfg.batch_size // cfg.views_per_image
@@ -181,7 +181,7 @@ def open_train_data(cfg: DistillConfig, world: int) -> TrainData:
     log.info(
         "store %s: %d rows (%d train, %d val), stored views=%d, Dt=%d, tokens=%s; source %s",
         reader.display, reader.num_rows, len(split.train), len(split.val),
-        reader.num_views, reader.dim, use_tokens, spec,
+        reader.stored_views, reader.dim, use_tokens, spec,
     )  # fmt: skip
     return data
 

@@ -58,11 +58,11 @@ class ViewDataset(Dataset):
         return np.stack(params).astype(np.float32)
 
     def _skipped(self, row: int, reason: str) -> dict[str, Any]:
-        num_views = self.views + int(self.center)
+        stored_views = self.views + int(self.center)
         return {
             "row": row,
             "images": None,
-            "params": np.zeros((num_views, len(PARAM_NAMES)), np.float32),
+            "params": np.zeros((stored_views, len(PARAM_NAMES)), np.float32),
             "reason": reason,
         }
 

@@ -66,7 +66,7 @@ class StoreReader:
         self.manifest = self._read_manifest()
         m = self.manifest
         self.layout = StoreLayout.from_manifest(m)
-        self.num_rows, self.num_views = self.layout.num_rows, self.layout.stored_views
+        self.num_rows, self.stored_views = self.layout.num_rows, self.layout.stored_views
         self.dim, self.num_tokens = self.layout.dim, self.layout.num_tokens
         self.has_tokens, self.num_params = self.layout.tokens, self.layout.num_params
         self.param_names = list(m.get("param_names") or [f"p{i}" for i in range(self.num_params)])
@@ -181,8 +181,10 @@ class StoreReader:
                 raise StoreError(
                     f"views must give the same number of view indices for each of the {r.size} rows"
                 )
-            if sel.size and (sel.min() < 0 or sel.max() >= self.num_views):
-                raise StoreError(f"view index out of range: the store has {self.num_views} views per row")
+            if sel.size and (sel.min() < 0 or sel.max() >= self.stored_views):
+                raise StoreError(
+                    f"view index out of range: the store has {self.stored_views} stored views per row"
+                )
         out: dict[str, Any] = {"rows": r}
         for name in ("cls", "views"):
             data = self._gather(name, [(int(i),) for i in uniq])[inv]  # one row = one inner chunk
@@ -199,7 +201,7 @@ class StoreReader:
         if sel is None:  # whole rows: one read per row covers its V chunks
             uniq, inv = np.unique(r, return_inverse=True)
             if not uniq.size:
-                return np.zeros((0, self.num_views, self.num_tokens, self.dim), np.float16)
+                return np.zeros((0, self.stored_views, self.num_tokens, self.dim), np.float16)
             return self._gather("tokens", [(int(i),) for i in uniq])[inv]
         pairs = np.stack([np.repeat(r, sel.shape[1]), sel.reshape(-1)], axis=1)
         if not pairs.size:

@@ -155,7 +155,7 @@ def online_rate(cfg: DistillConfig, store: str, steps: int) -> tuple[float, floa
     source_index = key_index(reader.keys(), lazy.source.keys(), rows, spec)
     plan = BatchPlan(
         rows, seed=cfg.seed, epoch=0, batch_size=cfg.batch_size,
-        views_per_image=cfg.views_per_image, stored_views=reader.num_views,
+        views_per_image=cfg.views_per_image, stored_views=reader.stored_views,
     )  # fmt: skip
     data = OnlineBatches(
         lazy, plan, source_index, cfg.student_size, ViewPolicy.from_dict(man["view_policy"]), man["seed"]

@@ -41,13 +41,13 @@ log = logging.getLogger("bench_gpu")
 
 FULL = dict(
     teacher="vit_base_patch14_dinov2", teacher_size=224, student="vit_tiny_patch16_224", student_size=224,
-    images=2000, image_wh=(500, 375), views=3, r=3, batch=255, step_batch=256, loss_b=256, loss_n=257,
+    images=2000, image_wh=(500, 375), views=3, views_per_image=3, batch=255, step_batch=256, loss_b=256, loss_n=257,
     loss_dt=768, loss_ds=192, global_n=1024, iters=20, workers=min(16, os.cpu_count() or 1),
     device="cuda", precision="bf16", decode_gpu="gpu", epochs=2, budget_s=420, compile=True,
 )  # fmt: skip
 SMOKE = dict(
     teacher="test_vit", teacher_size=32, student="test_vit", student_size=32,
-    images=48, image_wh=(64, 48), views=3, r=3, batch=12, step_batch=12, loss_b=4, loss_n=17,
+    images=48, image_wh=(64, 48), views=3, views_per_image=3, batch=12, step_batch=12, loss_b=4, loss_n=17,
     loss_dt=64, loss_ds=32, global_n=64, iters=3, workers=2,
     device="cpu", precision="fp32", decode_gpu="device", epochs=1, budget_s=110, compile=False,
 )  # fmt: skip
@@ -251,7 +251,7 @@ def bench_distill(
         shutil.rmtree(out)
     dcfg = DistillConfig(
         store=str(store), out=str(out), student=cfg["student"], student_size=cfg["student_size"],
-        epochs=cfg["epochs"], batch_size=cfg["batch"], views_per_image=cfg["r"], workers=cfg["workers"],
+        epochs=cfg["epochs"], batch_size=cfg["batch"], views_per_image=cfg["views_per_image"], workers=cfg["workers"],
         precision=cfg["precision"], device=str(device), decode=decode, compile=compiled, val_fraction=0.0,
         warmup_epochs=0.0,
     )  # fmt: skip

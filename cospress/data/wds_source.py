@@ -1,0 +1,150 @@
+"""WebDataset tar shards as a random-access source (``wds:PATTERN``): a member index per tar, read by byte range."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tarfile
+import threading
+from pathlib import PurePosixPath
+from typing import Any
+
+from cospress.data.base import Source
+from cospress.errors import BadImageError, SourceError
+
+log = logging.getLogger(__name__)
+
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def _wds_split(name: str) -> tuple[str, str] | None:
+    """(key, lower-case extension) of a tar member: the key runs to the first dot of the basename."""
+    d, _, base = name.rpartition("/")
+    if base.startswith(".") or "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+def _label_from(ext: str, data: bytes) -> int:
+    try:
+        if ext == "cls":
+            return int(data.decode().strip())
+        obj = json.loads(data)
+        for field in ("label", "cls"):
+            if isinstance(obj, dict) and isinstance(obj.get(field), (int, float)):
+                return int(obj[field])
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return -1
+
+
+def _open_binary(url: str):
+    if "://" in url and not url.startswith("file://"):
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return open(url.removeprefix("file://"), "rb")
+
+
+class WdsSource(Source):
+    """``wds:PATTERN``: uncompressed tar shards indexed once at open (member -> offset, size)."""
+
+    kind = "wds"
+
+    def __init__(self, spec: str, pattern: str) -> None:
+        from braceexpand import braceexpand
+
+        self.shards = list(braceexpand(pattern))
+        keys: list[str] = []
+        labels: list[int] = []
+        # per sample: (shard index, {extension: (offset, size)})
+        self._members: list[tuple[int, dict[str, tuple[int, int]]]] = []
+        for s, url in enumerate(self.shards):
+            self._index_shard(spec, s, url, keys, labels)
+        if not keys:
+            raise SourceError(f"{spec}: the shards hold no samples; check the pattern")
+        self._handles: dict[int, Any] = {}
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        super().__init__(spec, pattern, keys, labels)
+
+    def _index_shard(self, spec: str, s: int, url: str, keys: list[str], labels: list[int]) -> None:
+        try:
+            f = _open_binary(url)
+        except (OSError, ValueError) as e:
+            raise SourceError(f"{spec}: cannot open shard {url}: {e}; check the pattern") from None
+        where: dict[str, int] = {}
+        with f:
+            try:
+                tf = tarfile.open(fileobj=f, mode="r:")
+            except tarfile.TarError as e:
+                raise SourceError(
+                    f"{spec}: {url} is not an uncompressed tar ({e}); use .tar shards"
+                ) from None
+            for m in tf:
+                name = m.name
+                parts = PurePosixPath(name).parts
+                if name.startswith("/") or ".." in parts:
+                    raise SourceError(f"{spec}: unsafe member path {name!r} in {url}; rebuild the shard")
+                if not m.isfile():
+                    continue
+                split = _wds_split(name)
+                if split is None:
+                    continue
+                key, ext = split
+                row = where.get(key)
+                if row is None:
+                    row = where[key] = len(keys)
+                    keys.append(key)
+                    labels.append(-1)
+                    self._members.append((s, {}))
+                members = self._members[row][1]
+                if ext in members:
+                    raise SourceError(f"{spec}: duplicate member {name!r} in {url}; keys must be unique")
+                members[ext] = (m.offset_data, m.size)
+                if ext in ("cls", "json") and m.size <= 1 << 16 and (ext == "cls" or labels[row] < 0):
+                    f.seek(m.offset_data)
+                    labels[row] = _label_from(ext, f.read(m.size))
+
+    def _select(self, rows: list[int]) -> None:
+        super()._select(rows)
+        self._members = [self._members[r] for r in rows]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        with self._lock:
+            if self._pid != os.getpid():  # forked: never share file positions with the parent
+                self._handles, self._pid = {}, os.getpid()
+            f = self._handles.get(shard)
+            if f is None:
+                f = self._handles[shard] = _open_binary(self.shards[shard])
+            f.seek(offset)
+            return f.read(size)
+
+    def read_bytes(self, i: int) -> bytes:
+        shard, members = self._members[self._check_index(i)]
+        for ext in WDS_IMAGE_EXTENSIONS:
+            if ext in members:
+                try:
+                    return self._read(shard, *members[ext])
+                except OSError as e:
+                    raise BadImageError(f"unreadable: {e}") from None
+        raise BadImageError(f"not an image: sample has no {'/'.join(WDS_IMAGE_EXTENSIONS)} member")
+
+    def close(self) -> None:
+        with self._lock:
+            for f in self._handles.values():
+                f.close()
+            self._handles = {}
