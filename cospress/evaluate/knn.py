@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 
 from cospress.errors import ConfigError
+from cospress.runtime import import_faiss
+
+faiss = import_faiss()
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +121,17 @@ def topk_predictions(scores: np.ndarray, k: int = 5) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
-def accuracy_metrics(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """top1, top5 and mean per-class accuracy (in %) from ranked predictions [Q, >=1] and labels [Q]."""
+def accuracy_metrics(pred: np.ndarray, labels: np.ndarray, top5: bool = True) -> dict[str, float]:
+    """top1, top5 (unless top5 is False) and mean per-class accuracy (in %) from ranked
+    predictions [Q, >=1] and labels [Q]."""
     correct1 = pred[:, 0] == labels
-    correct5 = (pred[:, :5] == labels[:, None]).any(axis=1)
     classes = np.unique(labels)
     per_class = [correct1[labels == c].mean() for c in classes]
-    return {
-        "top1": float(100 * correct1.mean()),
-        "top5": float(100 * correct5.mean()),
-        "mean_per_class": float(100 * np.mean(per_class)),
-    }
+    out = {"top1": float(100 * correct1.mean())}
+    if top5:
+        out["top5"] = float(100 * (pred[:, :5] == labels[:, None]).any(axis=1).mean())
+    out["mean_per_class"] = float(100 * np.mean(per_class))
+    return out
 
 
 def knn_classify(
@@ -143,6 +145,7 @@ def knn_classify(
     """Accuracy of the weighted vote for every k in ks, from one search with k >= max(ks).
 
     bank_labels: [N] ints >= 0; query_labels: [Q]. Returns {k: {top1, top5, mean_per_class}}.
+    top5 is left out when the bank has 5 classes or fewer (it would always be 100%).
     A k larger than the search width is clipped (and reported under its requested value).
     """
     bank_labels = np.asarray(bank_labels, dtype=np.int64)
@@ -150,11 +153,12 @@ def knn_classify(
     if num_classes is None:
         num_classes = int(max(bank_labels.max(initial=0), query_labels.max(initial=0))) + 1
     neighbor_labels = np.where(result.idx >= 0, bank_labels[np.clip(result.idx, 0, None)], -1)
+    with_top5 = len(np.unique(bank_labels)) > 5
     out: dict[int, dict[str, float]] = {}
     for k in sorted(set(int(k) for k in ks)):
         kk = min(k, result.idx.shape[1])
         scores = vote(result.sims[:, :kk], neighbor_labels[:, :kk], num_classes, temperature)
-        out[k] = accuracy_metrics(topk_predictions(scores, 5), query_labels)
+        out[k] = accuracy_metrics(topk_predictions(scores, 5), query_labels, with_top5)
     return out
 
 

@@ -3,20 +3,23 @@
     python pipelines/bench/bench_knn.py --bank 100000 --queries 10000 --dim 384 --k 20 --out bench_knn.json
 
 Both search the same random L2-normalised bank; the script checks they agree on the neighbours and
-prints the time ratio. Use --device cuda to time torch on a GPU (FAISS uses a GPU when it sees one).
+prints the time ratio. faiss is imported as cospress imports it (`runtime.import_faiss`: its bundled
+OpenBLAS set to this CPU's kernels); run it with COSPRESS_FAISS_CORETYPE=0 to time faiss with
+OpenBLAS's own detection instead. Use --device cuda to time torch on a GPU (FAISS uses a GPU when it sees one).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 
-import faiss
 import numpy as np
 import torch
 
-from cospress.evaluate.knn import build_index, l2_normalize, search
+from cospress.evaluate.knn import build_index, faiss, l2_normalize, search
+from cospress.runtime import cpu_flags, openblas_coretype
 from cospress.utils import atomic_write_json
 
 
@@ -94,6 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
         "faiss_threads": faiss.omp_get_max_threads(),
         "machine": platform.processor() or platform.machine(),
         "versions": {"faiss": faiss.__version__, "torch": torch.__version__},
+        "openblas_coretype": openblas_coretype(cpu_flags())
+        if os.environ.get("COSPRESS_FAISS_CORETYPE") != "0"
+        else None,
     }
     print(
         f"bank {args.bank} x {args.dim}, {args.queries} queries, k={args.k}: "
