@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 import typing
 from typing import Any
 
@@ -27,11 +28,13 @@ def flag_names(f: dataclasses.Field) -> list[str]:
 
 
 def _flag_type(f: dataclasses.Field, hint: Any) -> Any:
-    """The type typer parses; lists, tuples and dicts arrive as text that the config coerces."""
+    """The type typer parses; lists, tuples, dicts and unions arrive as text that the config coerces."""
     if f.metadata.get("repeatable"):
         return list[str]
-    inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    return inner[0] if inner[0] in (bool, int, float, str) else str
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = inner[0] if len(inner) == 1 else str
+    return hint if hint in (bool, int, float, str) else str
 
 
 def _shown_default(f: dataclasses.Field, flag: str) -> str | bool:

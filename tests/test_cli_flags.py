@@ -7,6 +7,7 @@ that no longer loads fails here.
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 import typer
@@ -18,7 +19,7 @@ from cospress.config import load_config, save_config, to_dict
 from cospress.distill import DistillConfig
 from cospress.evaluate import EvalConfig
 from cospress.extract import ExtractConfig
-from cospress.flags import CLI_ONLY
+from cospress.flags import CLI_ONLY, config_parameters
 
 STAGES = {"extract-teacher": ExtractConfig, "distill": DistillConfig, "knn-eval": EvalConfig}
 
@@ -81,6 +82,21 @@ def test_help_lists_every_flag_with_its_default(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
+def test_list_and_mapping_fields_take_text_the_config_parses(name: str) -> None:
+    """A list[int] field must not become an int flag: `--ood-classes 5,6` is text split by the config."""
+    hints = typing.get_type_hints(STAGES[name])
+    params = {p.name: p for p in config_parameters(STAGES[name])}
+    for f in dataclasses.fields(STAGES[name]):
+        hint = hints[f.name]
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        container = typing.get_origin(hint) in (list, tuple, dict) or any(
+            typing.get_origin(a) in (list, tuple, dict) for a in inner
+        )
+        if container and not f.metadata.get("repeatable"):
+            assert params[f.name].annotation is str, f"{f.name}: {params[f.name].annotation}"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
 def test_yaml_keys_are_the_field_names(name: str, tmp_path) -> None:
     cls = STAGES[name]
     cfg = load_config(cls, None, {})
@@ -93,8 +109,8 @@ def test_yaml_keys_are_the_field_names(name: str, tmp_path) -> None:
 
 def test_flags_win_over_the_file_and_the_file_over_defaults(tmp_path) -> None:
     (tmp_path / "c.yaml").write_text("epochs: 7\nlr: 0.01\nstudent-kwargs: '{\"depth\": 2}'\n")
-    cfg = load_config(DistillConfig, tmp_path / "c.yaml", {"lr": 0.5, "views_per_image": None})
-    assert (cfg.epochs, cfg.lr, cfg.views_per_image, cfg.student_kwargs) == (7, 0.5, 3, {"depth": 2})
+    cfg = load_config(DistillConfig, tmp_path / "c.yaml", {"lr": 0.5, "batch_size": None})
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.student_kwargs) == (7, 0.5, 192, {"depth": 2})
 
 
 def test_an_unknown_yaml_key_is_a_one_line_error(tmp_path) -> None:
