@@ -244,11 +244,12 @@ def verify_cmd(
         bad = reader.verify()
     if bad:
         for b in bad:
+            what = f"shard {b['shard']} array {b['array']}" if b.get("shard") is not None else b["file"]
             console.print(
-                f"[red]corrupted[/] shard {b.get('shard')} array {b.get('array')}: "
+                f"[red]corrupted[/] {what}: "
                 f"expected sha256 {str(b.get('expected'))[:12]}..., got {str(b.get('actual'))[:12]}..."
             )
-        console.print(f"[bold red]verify failed:[/] {len(bad)} corrupted shard file(s) in {reader.display}")
+        console.print(f"[bold red]verify failed:[/] {len(bad)} corrupted file(s) in {reader.display}")
         raise typer.Exit(1)
     console.print(
         f"[green]ok[/] {reader.display}: every shard checksum matches ({time.perf_counter() - t0:.1f}s)"
@@ -260,7 +261,9 @@ def verify_cmd(
 def distill_cmd(cfg: DistillConfig, show_progress: bool) -> None:
     """Stage 2: train the CosPress compressor and the student from a store (no teacher needed)."""
     from cospress.distill import run_distill
+    from cospress.distill.run import prepare
 
+    cfg = prepare(cfg)  # settings checked against the store before the progress bar starts
     with progress_bar(f"distill ({cfg.method})", show_progress) as update:
         summary = run_distill(cfg, progress=update)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -287,12 +290,13 @@ def export_cmd(
 
 
 # --------------------------------------------------------------------------- knn-eval
-@stage_command("knn-eval", EvalConfig, progress=False)
+@stage_command("knn-eval", EvalConfig)
 def knn_eval_cmd(cfg: EvalConfig, show_progress: bool) -> None:
-    """FAISS kNN accuracy, kNN OOD detection, teacher-student fidelity and robustness; a report."""
+    """FAISS kNN accuracy, kNN OOD detection, teacher-student fidelity and (--robustness) robustness; a report."""
     from cospress.evaluate import run_knn_eval
 
-    report = run_knn_eval(cfg)
+    with progress_bar("knn-eval robustness", show_progress and cfg.robustness) as update:
+        report = run_knn_eval(cfg, progress=update)
     rows = [("top1", report.get("top1")), ("auroc", report.get("auroc")), ("fpr95", report.get("fpr95"))]
     fid = report.get("fidelity") or {}
     rows += [(f"fidelity {k}", v) for k, v in fid.items() if isinstance(v, (int, float))]
@@ -356,6 +360,24 @@ def import_wds_cmd(
 
     manifest = _store_job("import-wds", progress, import_wds, src, out, overwrite=overwrite)
     _table("import-wds", [("store", out), ("rows", manifest["counts"]["rows"])])
+
+
+@app.command("publish")
+def publish_cmd(
+    store: str = typer.Argument(..., help="A finished local store."),
+    url: str = typer.Argument(..., help="Destination: an fsspec URL (s3://, gs://, ...) or a folder."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace another store (or other files) at URL."
+    ),
+    progress: bool = PROGRESS,
+) -> None:
+    """Upload a finished store, manifest last (resumable: files already there are kept), then verify it."""
+    from cospress.store.publish import publish_store
+
+    info = _store_job("publish", progress, publish_store, store, url, overwrite=overwrite)
+    sent = f"{info['sent']} ({info['bytes_sent']:,} bytes) / {info['already_there']}"
+    rows = [("store", info["url"]), ("files sent / already there", sent)]
+    _table("publish", rows + [("verified", f"{info['shards_verified']} shards, every checksum matches")])
 
 
 def main(argv: list[str] | None = None) -> None:

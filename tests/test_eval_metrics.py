@@ -53,6 +53,19 @@ def test_knn_matches_brute_force(kind):
     assert len(accs) > 1
 
 
+def test_top5_left_out_for_five_classes_or_fewer():
+    from cospress.evaluate.report import markdown
+
+    for num_classes, has_top5 in ((3, False), (5, False), (6, True)):
+        bank, bank_labels = clustered(20, num_classes, 16, noise=1.0, seed=0)
+        queries, labels = clustered(5, num_classes, 16, noise=1.0, seed=1)
+        res = knn.search(knn.build_index(bank), queries, 10)
+        got = knn.knn_classify(res, bank_labels, labels, (1, 10), temperature=0.07)
+        assert all(("top5" in m) == has_top5 for m in got.values()), num_classes
+        report = {"config": {"model": "m"}, "knn": {str(k): m for k, m in got.items()}, "main_k": 10}
+        assert ("top-5" in markdown(report)) == has_top5
+
+
 def test_knn_search_sorted_and_clipped():
     bank, _ = clustered(5, 2, 8, noise=0.5, seed=1)
     result = knn.search(knn.build_index(bank), bank, k=50)

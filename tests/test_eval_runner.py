@@ -68,17 +68,22 @@ def test_run_knn_eval_end_to_end(folders, tmp_path, caplog):
         cache_dir=str(tmp_path / "cache"),
         ood_k=5,
         fidelity_teacher="random:test_vit@32",
+        robustness=True,
         robustness_max=8,
         attack_max=4,
+        memory_budget_mb=1,  # 1 MB of activations: batches of 1 or 2 images
         crop_pct=1.0,
     )
-    report = run_knn_eval(cfg)
+    seen = []
+    report = run_knn_eval(cfg, progress=lambda done, total: seen.append((done, total)))
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
     assert set(on_disk["knn"]) == {"1", "5", "20"}
     assert on_disk["main_k"] == 20  # the dino protocol's headline k, given in --k
     assert on_disk["top1"] == report["top1"] == on_disk["knn"]["20"]["top1"]
     for k, m in on_disk["knn"].items():
-        assert 0 <= m["top1"] <= m["top5"] <= 100, k
+        assert 0 <= m["top1"] <= 100 and "top5" not in m, k  # 3 bank classes: top-5 is always 100%
+    assert on_disk["classes"] == ["class_0", "class_1", "class_2", "class_3"]
+    assert on_disk["batch_sizes"]["attack"] < 4  # sized to the 1 MB budget, not --batch-size
     assert on_disk["counts"]["bank"] == 36  # class 3 removed from the bank
     assert on_disk["counts"]["test_in_distribution"] == 15
     assert set(on_disk["ood"]) == {"max_cos", "knn5"}
@@ -92,6 +97,7 @@ def test_run_knn_eval_end_to_end(folders, tmp_path, caplog):
     attack = rob["attack"]
     assert list(attack) == ["1/255", "2/255", "4/255"]
     assert attack["1/255"]["cos_distance"] < attack["4/255"]["cos_distance"]
+    assert seen[-1] == (25 * 8 + 3 * 4, 25 * 8 + 3 * 4)  # progress counts the robustness images
     for name in (
         "report.md",
         "config.yaml",
@@ -102,12 +108,11 @@ def test_run_knn_eval_end_to_end(folders, tmp_path, caplog):
     ):
         assert (tmp_path / "out" / name).is_file(), name
     assert "kNN classification" in (tmp_path / "out" / "report.md").read_text()
+    assert "top-5" not in (tmp_path / "out" / "report.md").read_text()
 
     # a rerun hits the embedding cache and gives the same numbers
     caplog.set_level("INFO", logger="cospress.evaluate.embed")
-    again = run_knn_eval(
-        EvalConfig(**{**cfg.__dict__, "robustness": False, "attack": False, "out": str(tmp_path / "out2")})
-    )
+    again = run_knn_eval(EvalConfig(**{**cfg.__dict__, "robustness": False, "out": str(tmp_path / "out2")}))
     assert "embedding cache hit" in caplog.text
     assert again["knn"] == report["knn"] and again["ood"] == report["ood"]
     assert again["data"]["test"]["cache_hit"] is True
@@ -143,8 +148,6 @@ def test_student_folder_and_self_fidelity(folders, tmp_path):
             test=f"folder:{test}",
             protocol="cospress",
             fidelity_teacher=str(tmp_path / "run"),  # itself: perfect fidelity
-            robustness=False,
-            attack=False,
             workers=0,
             cache_dir="none",
             out=str(tmp_path / "out"),
@@ -218,8 +221,6 @@ def test_bank_from_store(folders, tmp_path):
         bank_store=str(store),
         test=f"folder:{test}",
         k=[5],
-        robustness=False,
-        attack=False,
         workers=0,
         cache_dir="none",
         out=str(tmp_path / "out"),
@@ -231,3 +232,97 @@ def test_bank_from_store(folders, tmp_path):
     assert abs(report["top1"] - direct["top1"]) <= 25.0
     with pytest.raises(ConfigError, match="dim"):
         run_knn_eval(EvalConfig(**{**cfg.__dict__, "model": "random:test_efficientnet@32"}))
+
+
+def _eval(tmp_path, train, test, weights, **kw):
+    cfg = dict(
+        model=f"teacher:test_vit@32={weights}",
+        train=f"folder:{train}",
+        test=f"folder:{test}",
+        k=[1],
+        fidelity_teacher="none",
+        workers=0,
+        cache_dir="none",
+        crop_pct=1.0,
+        out=str(tmp_path / "out"),
+    )
+    return run_knn_eval(EvalConfig(**{**cfg, **kw}))
+
+
+def test_robustness_off_by_default(folders, tmp_path):
+    root, train, test, weights = folders
+    assert EvalConfig().robustness is False and EvalConfig().attack is True
+    report = _eval(tmp_path, train, test, weights)
+    assert "robustness" not in report and "robustness" not in report["timings"]
+
+
+def test_labels_matched_by_class_name(folders, tmp_path):
+    """A test folder without one of the bank's classes: labels are matched by name, not position."""
+    import shutil
+
+    root, train, _, weights = folders
+    test = tmp_path / "test"
+    for name in ("class_0", "class_2", "class_3"):  # class_1 missing: positions 1, 2 would shift
+        shutil.copytree(train / name, test / name)
+    report = _eval(tmp_path, train, test, weights)
+    assert report["top1"] == 100.0  # each query finds itself in the bank (k = 1)
+    assert report["counts"]["test_in_distribution"] == 36
+
+    # --ood-classes by name or by number of the bank's class list: the same split
+    by_name = _eval(tmp_path, train, test, weights, ood_classes=["class_3"])
+    by_number = _eval(tmp_path, train, test, weights, ood_classes=["3"])
+    for r in (by_name, by_number):
+        assert r["top1"] == 100.0 and r["counts"]["bank"] == 36
+        assert r["counts"]["test_in_distribution"] == 24 and r["counts"]["ood:heldout_classes"] == 12
+    assert by_name["knn"] == by_number["knn"] and by_name["ood"] == by_number["ood"]
+
+
+def test_test_class_the_bank_lacks(folders, tmp_path):
+    import shutil
+
+    root, train, _, weights = folders
+    test = tmp_path / "test"
+    shutil.copytree(train / "class_0", test / "class_0")
+    shutil.copytree(train / "class_2", test / "zebra")
+    with pytest.raises(ConfigError, match="test classes zebra .* not in the bank"):
+        _eval(tmp_path, train, test, weights)
+    report = _eval(tmp_path, train, test, weights, ood_classes=["zebra"])  # named: near-OOD
+    assert report["top1"] == 100.0 and report["counts"]["ood:heldout_classes"] == 12
+    with pytest.raises(ConfigError, match="'giraffe' is no class"):
+        _eval(tmp_path, train, test, weights, ood_classes=["giraffe"])
+    with pytest.raises(ConfigError, match="classes 0-3"):
+        _eval(tmp_path, train, test, weights, ood_classes=["7"])
+
+
+def test_cache_key_holds_precision_and_device(folders, tmp_path):
+    _, train, _, weights = folders
+    from cospress.data.sources import open_source
+
+    model = models.load_model(f"teacher:test_vit@32={weights}").model
+    src = open_source(f"folder:{train}")
+    kw = dict(workers=0, crop_pct=1.0, cache_dir=tmp_path / "cache")
+    fp32 = embed.embed_source(model, src, precision="fp32", **kw)
+    bf16 = embed.embed_source(model, src, precision="bf16", **kw)
+    assert not bf16.cache_hit and not np.array_equal(fp32.features, bf16.features)
+    assert embed.embed_source(model, src, precision="bf16", **kw).cache_hit
+    rows = np.arange(len(src))
+    keys = {
+        embed._cache_key(model, src, rows, 1.0, {}, "cpu", c) for c in [("cpu", "fp32"), ("cuda", "fp32")]
+    }
+    assert len(keys) == 2
+
+
+def test_batches_fit_the_memory_budget():
+    from cospress.evaluate import robustness
+
+    small = models.load_model("random:test_efficientnet@32").model
+    large = models.load_model("random:test_efficientnet@64").model
+    total32, _ = robustness.activation_bytes(small, 32)
+    total64, _ = robustness.activation_bytes(large, 64)
+    assert total64 == pytest.approx(4 * total32, rel=0.1)  # activations scale with the pixels
+    e32, a32 = robustness.batch_sizes(small, 32, 64, cap=10_000)
+    e64, a64 = robustness.batch_sizes(large, 64, 64, cap=10_000)
+    assert a32 == pytest.approx(4 * a64, rel=0.2) and a64 <= e64
+    assert a64 * total64 <= 64 * 2**20  # the attack batch's activations fit the budget
+    assert robustness.batch_sizes(large, 64, 1, cap=8)[1] == 1
+    assert robustness.batch_sizes(large, 64, 10_000, cap=8) == (8, 8)

@@ -21,8 +21,10 @@ class EvalConfig:
     train: str | None = setting(None, help="Bank source (data-source syntax).")
     test: str = setting("", help="Query source.")
     ood: list[str] = setting(help="Out-of-distribution source (repeatable).", factory=list, repeatable=True)
-    ood_classes: list[int] = setting(
-        help="Classes of --test held out as near-OOD, e.g. 5,6,7,8,9.", factory=list, shown="none"
+    ood_classes: list[str] = setting(
+        help="Classes held out as near-OOD: names (Sandal,Shirt) or numbers in the bank's class list (5,6).",
+        factory=list,
+        shown="none",
     )
     k: list[int] | None = setting(None, help="k values, e.g. 10,20,200.", shown="the protocol's")
     temperature: float | None = setting(None, help="Vote temperature.", shown="the protocol's")
@@ -30,7 +32,11 @@ class EvalConfig:
     bank_store: str | None = setting(
         None, help="Use a store's cached teacher CLS as the bank instead of --train."
     )
-    batch_size: int = setting(256, help="Images per forward.")
+    batch_size: int = setting(256, help="Images per forward, at most (see --memory-budget-mb).")
+    memory_budget_mb: int = setting(
+        1024,
+        help="Activation memory of one batch (MB): embedding, corruption and attack batches are sized to it.",
+    )
     out: str = setting("eval", help="Report folder.")
     workers: int = workers_setting("decode + eval transform")
     limit_train: int | None = setting(None, help="Deterministic subset of the bank.")
@@ -44,8 +50,12 @@ class EvalConfig:
         None, help="Teacher for fidelity; none to skip.", shown="the teacher recorded with the student"
     )
     fidelity_max: int = setting(2000, help="Test images used for fidelity.")
-    robustness: bool = setting(True, help="kNN under corruptions.")
-    attack: bool = setting(True, help="kNN under a feature-space PGD attack.")
+    robustness: bool = setting(
+        False, help="Also kNN under corruptions and (with --attack) a feature PGD attack; slow."
+    )
+    attack: bool = setting(
+        True, help="With --robustness: the PGD attack too (--no-attack: corruptions only)."
+    )
     robustness_max: int = setting(1000, help="Images for robustness.")
     attack_max: int = setting(256, help="Images attacked with PGD.")
     seed: int = setting(0, help="Seed of subsets and corruptions.")
@@ -74,6 +84,8 @@ def validate(cfg: EvalConfig) -> None:
         raise ConfigError(f"--crop-pct must be in (0, 1], got {cfg.crop_pct}")
     if cfg.k is not None and (not cfg.k or min(cfg.k) < 1):
         raise ConfigError("--k takes positive integers, e.g. --k 10,20")
+    if cfg.memory_budget_mb < 1:
+        raise ConfigError("--memory-budget-mb must be at least 1")
     if cfg.ood_k < 1:
         raise ConfigError("--ood-k must be at least 1")
     if cfg.decode not in DECODE_CHOICES:

@@ -2,7 +2,7 @@
 
 Embedding = eval transform (:mod:`cospress.evaluate.images`) -> model -> CLS -> L2 normalisation.
 Results are cached on disk under a key of the model fingerprint, the source's keys hash, the rows,
-the transform and any corruption. With ``decode="device"`` (or auto / gpu on CUDA) the images are
+the transform, the device type, the precision and any corruption. With ``decode="device"`` (or auto / gpu on CUDA) the images are
 decoded and resized in batches on the compute device. Corrupted inputs (robustness) always take
 the CPU path: the corruptions work on PIL images.
 """
@@ -29,6 +29,7 @@ from cospress.errors import ConfigError
 from cospress.evaluate.config import DEFAULT_CACHE_DIR, EvalConfig
 from cospress.evaluate.images import EvalImages, collate_encoded, eval_transform_tensor
 from cospress.evaluate.knn import l2_normalize
+from cospress.evaluate.labels import ClassMap
 from cospress.runtime import autocast, autocast_dtype
 from cospress.store.reader import StoreReader
 from cospress.utils import atomic_write_bytes, atomic_write_json, sha256_json
@@ -51,8 +52,15 @@ class Embeddings:
 
 
 def _cache_key(
-    model: Any, source: Any, rows: np.ndarray, crop_pct: float, extra: dict, decode: str = "cpu"
+    model: Any,
+    source: Any,
+    rows: np.ndarray,
+    crop_pct: float,
+    extra: dict,
+    decode: str = "cpu",
+    compute: tuple[str, str] = ("cpu", "fp32"),
 ) -> str:
+    """The cache name of an embedding; compute = (device type, precision actually used)."""
     desc = source.describe()
     transform = {"size": model.input_size, "crop_pct": crop_pct, "resize": "bicubic-short"}
     if decode != "cpu":  # device-decoded pixels differ slightly: never mixed with CPU-path caches
@@ -65,6 +73,8 @@ def _cache_key(
             "source_count": len(source),
             "rows": sha256_json(rows.tolist()),
             "transform": transform,
+            "device": compute[0],  # bf16 and fp32, CPU and CUDA embeddings differ: never mixed
+            "precision": compute[1],
             **extra,
         }
     )
@@ -105,7 +115,10 @@ def embed_source(
     extra = {"corruption": corruption, "severity": severity, "seed": seed} if corruption and severity else {}
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir).expanduser() / _cache_key(model, source, rows, crop_pct, extra, decode)
+        dtype = autocast_dtype(precision, device)
+        compute = (device.type, "fp32" if dtype is None else str(dtype).removeprefix("torch."))
+        key = _cache_key(model, source, rows, crop_pct, extra, decode, compute)
+        cache = Path(cache_dir).expanduser() / key
         if (cache.with_suffix(".json")).is_file() and cache.with_suffix(".npy").is_file():
             meta = json.loads(cache.with_suffix(".json").read_text())
             feats = np.load(cache.with_suffix(".npy"))
@@ -198,39 +211,60 @@ def bank_from_store(url: str) -> tuple[np.ndarray, np.ndarray, dict]:
 # ---------------------------------------------------------------------------------------------- the run's sets
 
 
-def embed_bank(
-    cfg: EvalConfig, model: Any, emb_kw: dict, held: np.ndarray, data: dict
-) -> tuple[np.ndarray, np.ndarray]:
-    """The kNN bank (features, labels): from a store's cached teacher features or by embedding
-    ``cfg.train``; unlabelled rows and the held-out OOD classes ``held`` are left out."""
+@dataclass
+class BankSource:
+    """The bank before embedding: a source to embed, or a store's cached teacher features.
+
+    labels: [N] the source's own labels (-1 unlabelled); names: its class names (None if unknown).
+    """
+
+    spec: str
+    labels: np.ndarray
+    names: list[str] | None
+    src: Any = None  # the source of --train
+    features: np.ndarray | None = None  # [N, D] normalised, from --bank-store
+    entry: dict = field(default_factory=dict)
+
+
+def open_bank(cfg: EvalConfig, model: Any) -> BankSource:
+    """The bank of ``cfg``: ``--train`` opened (not yet embedded), or ``--bank-store`` read."""
     if cfg.bank_store:
-        bank, bank_labels, manifest = bank_from_store(cfg.bank_store)
-        _check_store_bank(manifest, model, bank)
-        data["train"] = {
-            "store": cfg.bank_store,
-            "source": manifest.get("source"),
-            "teacher": manifest.get("teacher"),
-        }
+        feats, labels, manifest = bank_from_store(cfg.bank_store)
+        _check_store_bank(manifest, model, feats)
+        source = manifest.get("source") or {}
+        entry = {"store": cfg.bank_store, "source": source, "teacher": manifest.get("teacher")}
+        return BankSource(cfg.bank_store, labels, source.get("class_names"), features=feats, entry=entry)
+    src = open_source(cfg.train, limit=cfg.limit_train)
+    labels = np.asarray(src.labels(), dtype=np.int64)
+    return BankSource(str(cfg.train), labels, src.class_names(), src=src)
+
+
+def embed_bank(
+    bank: BankSource, model: Any, emb_kw: dict, classes: ClassMap, data: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """The kNN bank (features, labels): ``bank`` embedded (or its store features); unlabelled
+    rows and the held-out OOD classes ``classes.held`` are left out."""
+    if bank.src is not None:
+        emb = embed_source(model, bank.src, **emb_kw)
+        feats, labels = emb.features[emb.valid], bank.labels[emb.valid]
+        data["train"] = _data_entry(bank.src, emb)
     else:
-        train_src = open_source(cfg.train, limit=cfg.limit_train)
-        emb = embed_source(model, train_src, **emb_kw)
-        bank = emb.features[emb.valid]
-        bank_labels = np.asarray(train_src.labels(), dtype=np.int64)[emb.valid]
-        data["train"] = _data_entry(train_src, emb)
-    keep = (bank_labels >= 0) & ~np.isin(bank_labels, held)
-    if (bank_labels < 0).any():
-        log.warning("bank: %d unlabelled rows left out", int((bank_labels < 0).sum()))
-    bank, bank_labels = bank[keep], bank_labels[keep]
-    if len(bank) == 0:
+        feats, labels = bank.features, bank.labels
+        data["train"] = bank.entry
+    keep = (labels >= 0) & ~np.isin(labels, classes.held)
+    if (labels < 0).any():
+        log.warning("bank: %d unlabelled rows left out", int((labels < 0).sum()))
+    if not keep.any():
         raise ConfigError(
             "the bank has no labelled rows of in-distribution classes; check --train / --ood-classes"
         )
-    return bank, bank_labels
+    return feats[keep], labels[keep]
 
 
 @dataclass
 class Queries:
-    """The embedded test images: src, emb, labels [N] (-1 unlabelled); heldout / id_mask: bool [N]."""
+    """The embedded test images: src, emb, labels [N] in the bank's numbering (-1: none);
+    heldout / id_mask: bool [N]."""
 
     src: Any
     emb: Embeddings
@@ -239,13 +273,15 @@ class Queries:
     id_mask: np.ndarray  # valid, labelled rows of the bank's classes: the kNN queries
 
 
-def embed_queries(cfg: EvalConfig, model: Any, emb_kw: dict, held: np.ndarray, data: dict) -> Queries:
-    """Embed ``cfg.test``; its rows of the classes in ``held`` become an OOD set."""
-    src = open_source(cfg.test, limit=cfg.limit_test)
+def embed_queries(
+    cfg: EvalConfig, src: Any, model: Any, emb_kw: dict, classes: ClassMap, data: dict
+) -> Queries:
+    """Embed the test source ``src``; its labels are mapped into the bank's numbering by class
+    name, and its rows of held-out classes become an OOD set."""
     emb = embed_source(model, src, **emb_kw)
     data["test"] = _data_entry(src, emb)
-    labels = np.asarray(src.labels(), dtype=np.int64)
-    heldout = emb.valid & np.isin(labels, held)
+    labels, held = classes.map_test(np.asarray(src.labels(), dtype=np.int64))
+    heldout = emb.valid & held
     id_mask = emb.valid & (labels >= 0) & ~heldout
     if not id_mask.any():
         raise ConfigError(f"{cfg.test} has no labelled in-distribution images to evaluate")

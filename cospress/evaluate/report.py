@@ -54,15 +54,14 @@ def _md_knn(report: dict) -> list[str]:
     knn = report.get("knn") or {}
     if not knn:
         return []
+    cols = [c for c in ("top1", "top5", "mean_per_class") if any(c in m for m in knn.values())]
+    names = {"top1": "top-1 %", "top5": "top-5 %", "mean_per_class": "mean per-class %"}
     return [
         f"## kNN classification (T = {report.get('temperature')}, headline k = {report.get('main_k')})",
         "",
-        "| k | top-1 % | top-5 % | mean per-class % |",
-        "|---|---|---|---|",
-        *(
-            f"| {k} | {_fmt(m['top1'])} | {_fmt(m['top5'])} | {_fmt(m['mean_per_class'])} |"
-            for k, m in knn.items()
-        ),
+        "| k | " + " | ".join(names[c] for c in cols) + " |",
+        "|---|" + "---|" * len(cols),
+        *(f"| {k} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |" for k, m in knn.items()),
         "",
     ]
 
@@ -187,6 +186,8 @@ def _plot_knn(plt: Any, report: dict, data: PlotData) -> Any:
     ks = [int(k) for k in knn]
     fig, ax = plt.subplots(figsize=(4.8, 3.6))
     for metric, style in (("top1", "-o"), ("top5", "-s"), ("mean_per_class", "--^")):
+        if metric not in knn[str(ks[0])]:
+            continue  # no top-5 for a bank of 5 classes or fewer
         ax.plot(ks, [knn[str(k)][metric] for k in ks], style, label=metric, alpha=0.85)
     ax.set(xlabel="k", ylabel="accuracy %", title=f"kNN accuracy vs k (T = {report.get('temperature')})")
     if len(ks) > 1 and max(ks) / max(min(ks), 1) >= 10:

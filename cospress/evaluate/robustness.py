@@ -126,3 +126,42 @@ def feature_pgd(
                 delta = (x + delta).clamp(0, 1) - x
             delta = delta.detach()
     return (x + delta).detach()
+
+
+def activation_bytes(model: torch.nn.Module, size: int) -> tuple[int, int]:
+    """(sum, largest) of the fp32 bytes of every leaf module's output for one size x size image.
+
+    The sum is what a backward keeps per image; the largest bounds what a forward holds at once.
+    Measured with one forward of a zero image (hooks count the outputs; no gradients).
+    """
+    sizes: list[int] = []
+
+    def hook(_module: torch.nn.Module, _inputs: object, output: object) -> None:
+        outs = output if isinstance(output, (tuple, list)) else (output,)
+        sizes.append(sum(4 * o.numel() for o in outs if isinstance(o, torch.Tensor)))
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(sizes), max(sizes, default=0)
+
+
+def batch_sizes(model: torch.nn.Module, size: int, budget_mb: float, cap: int) -> tuple[int, int]:
+    """(images per corruption batch, images per attack batch) that fit ``budget_mb`` of activations.
+
+    A forward holds about 4 of its largest activations per image (plus the fp32 input); the
+    attack's forward + backward keeps every activation and its gradient (2 x the sum). Both are at
+    least 1 and at most ``cap``.
+    """
+    total, largest = activation_bytes(model, size)
+    budget = budget_mb * 2**20
+    forward = 4 * largest + 4 * 3 * size * size
+    backward = 2 * total + 4 * largest
+    fit = lambda per_image: max(1, min(cap, int(budget // max(per_image, 1))))  # noqa: E731
+    return fit(forward), fit(backward)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +19,22 @@ import torch
 
 from cospress.config import save_config, to_dict
 from cospress.data.device_decode import resolve_decode
+from cospress.data.sources import open_source
 from cospress.evaluate import fidelity as fid
 from cospress.evaluate import knn, ood, robustness
 from cospress.evaluate.config import EvalConfig, validate
 from cospress.evaluate.embed import (
+    BankSource,
     Embeddings,
     Queries,
     embed_bank,
     embed_ood_sets,
     embed_queries,
     embed_source,
+    open_bank,
 )
 from cospress.evaluate.images import load_pixels
+from cospress.evaluate.labels import ClassMap, match_classes
 from cospress.evaluate.models import LoadedModel, load_model, pixel_features_fn
 from cospress.evaluate.report import PlotData, write_report
 from cospress.runtime import pick_device, seed_everything, tune_malloc
@@ -38,28 +42,32 @@ from cospress.runtime import pick_device, seed_everything, tune_malloc
 log = logging.getLogger(__name__)
 
 ATTACK_EPS = (1 / 255, 2 / 255, 4 / 255)
+Progress = Callable[[int, int], None]  # (passes done, passes in all)
 
 
-def run_knn_eval(cfg: EvalConfig) -> dict:
-    """Evaluate a model by kNN; write the report into cfg.out and return it as a dict."""
+def run_knn_eval(cfg: EvalConfig, progress: Progress | None = None) -> dict:
+    """Evaluate a model by kNN; write the report into cfg.out and return it as a dict.
+
+    progress(done, total) counts the robustness images (a corruption pass or an attack batch each call).
+    """
     tune_malloc()
     validate(cfg)
     timer, t_all = _Timer(), time.perf_counter()
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     ks, main_k, temperature = _protocol(cfg)
-    emb_kw = _embed_kwargs(cfg, device)
     data: dict[str, Any] = {}  # what was embedded: {"train" | "test" | "oodI": description}
 
     with timer("load_model"):
         loaded = load_model(cfg.model, device)
     model = loaded.model
-    held = np.asarray(sorted(set(cfg.ood_classes)), dtype=np.int64)
+    emb_kw, attack_batch = _embed_kwargs(cfg, model, device)
+    bank_src, test_src, classes = _open_sets(cfg, model)
     with timer("embed_train"):
-        bank, bank_labels = embed_bank(cfg, model, emb_kw, held, data)
+        bank, bank_labels = embed_bank(bank_src, model, emb_kw, classes, data)
     with timer("embed_test"):
-        queries = embed_queries(cfg, model, emb_kw, held, data)
-    num_classes = int(max(bank_labels.max(), queries.labels.max())) + 1
+        queries = embed_queries(cfg, test_src, model, emb_kw, classes, data)
+    num_classes = classes.num_classes
 
     with timer("knn"):
         index = knn.build_index(bank, kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, seed=cfg.seed)
@@ -82,12 +90,13 @@ def run_knn_eval(cfg: EvalConfig) -> dict:
                 cfg, teacher_spec, model, queries, emb_kw, loaded.meta
             )
 
-    classifier = _Classifier(index, bank_labels, main_k, temperature, num_classes)
-    rob = _robustness(cfg, model, queries, classifier, emb_kw, timer)
-    if rob:
-        report["robustness"] = rob
+    if cfg.robustness:
+        classifier = _Classifier(index, bank_labels, main_k, temperature, num_classes)
+        plan = _RobustnessPlan(cfg, queries, emb_kw, attack_batch, progress or (lambda done, total: None))
+        report["robustness"] = _robustness(plan, model, classifier, timer)
 
     report.update(config=to_dict(cfg), model=_model_entry(cfg, loaded), data=data, counts=counts)
+    report.update(classes=classes.names, batch_sizes={"embed": emb_kw["batch_size"], "attack": attack_batch})
     report.update(device=str(device), timings={**timer, "total": time.perf_counter() - t_all})
     _write(cfg, report, plots)
     return report
@@ -115,11 +124,20 @@ def _protocol(cfg: EvalConfig) -> tuple[list[int], int, float]:
     return ks, main_k, temperature
 
 
-def _embed_kwargs(cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
-    """The keyword arguments of every :func:`embed_source` call of the run."""
+def _embed_kwargs(cfg: EvalConfig, model: Any, device: torch.device) -> tuple[dict[str, Any], int]:
+    """(the keyword arguments of every :func:`embed_source` call of the run, the attack's batch):
+    batch sizes fit ``cfg.memory_budget_mb`` of activations at the model's input size."""
     cache_dir = None if (cfg.cache_dir or "").lower() in ("", "none") else cfg.cache_dir
-    return dict(
-        batch_size=cfg.batch_size,
+    embed_batch, attack_batch = robustness.batch_sizes(
+        model, model.input_size, cfg.memory_budget_mb, cfg.batch_size
+    )
+    if embed_batch < cfg.batch_size:
+        log.info(
+            "batches of %d images (%d for the attack) fit --memory-budget-mb %d at %d px",
+            embed_batch, attack_batch, cfg.memory_budget_mb, model.input_size,
+        )  # fmt: skip
+    kwargs = dict(
+        batch_size=embed_batch,
         workers=cfg.workers,
         device=device,
         precision=cfg.precision,
@@ -128,6 +146,22 @@ def _embed_kwargs(cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
         seed=cfg.seed,
         decode=resolve_decode(cfg.decode, device),
     )
+    return kwargs, attack_batch
+
+
+def _open_sets(cfg: EvalConfig, model: Any) -> tuple[BankSource, Any, ClassMap]:
+    """(the bank, the test source, how their classes match), before anything is embedded."""
+    bank_src = open_bank(cfg, model)
+    test_src = open_source(cfg.test, limit=cfg.limit_test)
+    classes = match_classes(
+        bank_src.names,
+        bank_src.labels,
+        test_src.class_names(),
+        np.asarray(test_src.labels(), dtype=np.int64),
+        cfg.ood_classes,
+        (bank_src.spec, cfg.test),
+    )
+    return bank_src, test_src, classes
 
 
 def _subset(rows: np.ndarray, cap: int, seed: int) -> np.ndarray:
@@ -247,26 +281,46 @@ class _Classifier:
         return float(100 * (pred == labels).mean())
 
 
-def _robustness(
-    cfg: EvalConfig, model: Any, queries: Queries, classifier: _Classifier, emb_kw: dict, timer: _Timer
-) -> dict[str, Any]:
-    """kNN accuracy under corruptions and under the feature attack, on subsets of the test images."""
-    rob: dict[str, Any] = {}
+@dataclass
+class _RobustnessPlan:
+    """What the robustness passes need besides the model and the classifier."""
+
+    cfg: EvalConfig
+    queries: Queries
+    emb_kw: dict
+    attack_batch: int
+    progress: Progress
+    done: int = 0
+    total: int = 0
+
+    def step(self, images: int) -> None:
+        self.done += images
+        self.progress(self.done, self.total)
+
+
+def _robustness(plan: _RobustnessPlan, model: Any, classifier: _Classifier, timer: _Timer) -> dict[str, Any]:
+    """kNN accuracy under corruptions (and the feature attack with cfg.attack), on test subsets."""
+    cfg, queries = plan.cfg, plan.queries
     id_rows = np.flatnonzero(queries.id_mask)
-    if cfg.robustness:
-        with timer("robustness"):
-            rows = _subset(id_rows, cfg.robustness_max, cfg.seed)
-            rob.update(_corruptions(model, queries, rows, classifier, emb_kw))
+    rows = _subset(id_rows, cfg.robustness_max, cfg.seed)
+    attack_rows = _subset(id_rows, min(cfg.attack_max, cfg.robustness_max), cfg.seed + 1)
+    passes = len(robustness.CORRUPTIONS) * len(robustness.SEVERITIES)
+    plan.total = passes * len(rows) + (len(ATTACK_EPS) * len(attack_rows) if cfg.attack else 0)
+    log.info(
+        "robustness: %d corruption passes of %d images%s",
+        passes, len(rows), f", then the attack on {len(attack_rows)} images" if cfg.attack else "",
+    )  # fmt: skip
+    with timer("robustness"):
+        rob = _corruptions(model, queries, rows, classifier, plan)
     if cfg.attack:
         with timer("attack"):
-            rows = _subset(id_rows, min(cfg.attack_max, cfg.robustness_max), cfg.seed + 1)
-            rob["attack"] = _attack(model, queries, rows, classifier, cfg)
-            rob["attack_images"] = int(len(rows))
+            rob["attack"] = _attack(model, queries, attack_rows, classifier, plan)
+            rob["attack_images"] = int(len(attack_rows))
     return rob
 
 
 def _corruptions(
-    model: Any, queries: Queries, rows: np.ndarray, classifier: _Classifier, emb_kw: dict
+    model: Any, queries: Queries, rows: np.ndarray, classifier: _Classifier, plan: _RobustnessPlan
 ) -> dict[str, Any]:
     """kNN top-1 of test ``rows`` clean and under each corruption at each severity."""
     labels = queries.labels[rows]
@@ -278,8 +332,9 @@ def _corruptions(
     for name in robustness.CORRUPTIONS:
         results[name] = {}
         for sev in robustness.SEVERITIES:
-            emb = embed_source(model, queries.src, rows, corruption=name, severity=sev, **emb_kw)
+            emb = embed_source(model, queries.src, rows, corruption=name, severity=sev, **plan.emb_kw)
             results[name][str(sev)] = top1(emb)
+            plan.step(len(rows))
         log.info("robustness %s: %s", name, results[name])
     values = [v for by_sev in results.values() for v in by_sev.values()]
     clean = Embeddings(queries.emb.features[rows], queries.emb.valid[rows], rows)
@@ -292,13 +347,16 @@ def _corruptions(
 
 
 def _attack(
-    model: Any, queries: Queries, rows: np.ndarray, classifier: _Classifier, cfg: EvalConfig
+    model: Any, queries: Queries, rows: np.ndarray, classifier: _Classifier, plan: _RobustnessPlan
 ) -> dict[str, dict[str, float]]:
-    """Feature-space PGD-L-inf at each of ATTACK_EPS: {"N/255": eps, mean 1 - cos, kNN top-1 %}."""
+    """Feature-space PGD-L-inf at each of ATTACK_EPS: {"N/255": eps, mean 1 - cos, kNN top-1 %}.
+
+    Batches of plan.attack_batch images: a forward + backward in fp32 keeps every activation."""
+    cfg = plan.cfg
     f = pixel_features_fn(model)
     device = next(model.parameters()).device
     out: dict[str, dict[str, float]] = {}
-    batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+    batches = [rows[i : i + plan.attack_batch] for i in range(0, len(rows), plan.attack_batch)]
     for eps in ATTACK_EPS:
         dists, feats = [], []
         for b in batches:
@@ -308,6 +366,7 @@ def _attack(
                 fa, fc = f(adv).float(), f(x).float()
             dists.append(robustness.cosine_distance(fa, fc).cpu().numpy())
             feats.append(knn.l2_normalize(fa.cpu().numpy()))
+            plan.step(len(b))
         name = f"{round(eps * 255)}/255"
         out[name] = {
             "eps": eps,
