@@ -244,12 +244,11 @@ def verify_cmd(
         bad = reader.verify()
     if bad:
         for b in bad:
-            what = f"shard {b['shard']} array {b['array']}" if b.get("shard") is not None else b["file"]
             console.print(
-                f"[red]corrupted[/] {what}: "
+                f"[red]corrupted[/] shard {b.get('shard')} array {b.get('array')}: "
                 f"expected sha256 {str(b.get('expected'))[:12]}..., got {str(b.get('actual'))[:12]}..."
             )
-        console.print(f"[bold red]verify failed:[/] {len(bad)} corrupted file(s) in {reader.display}")
+        console.print(f"[bold red]verify failed:[/] {len(bad)} corrupted shard file(s) in {reader.display}")
         raise typer.Exit(1)
     console.print(
         f"[green]ok[/] {reader.display}: every shard checksum matches ({time.perf_counter() - t0:.1f}s)"
@@ -261,9 +260,7 @@ def verify_cmd(
 def distill_cmd(cfg: DistillConfig, show_progress: bool) -> None:
     """Stage 2: train the CosPress compressor and the student from a store (no teacher needed)."""
     from cospress.distill import run_distill
-    from cospress.distill.run import prepare
 
-    cfg = prepare(cfg)  # settings checked against the store before the progress bar starts
     with progress_bar(f"distill ({cfg.method})", show_progress) as update:
         summary = run_distill(cfg, progress=update)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -360,24 +357,6 @@ def import_wds_cmd(
 
     manifest = _store_job("import-wds", progress, import_wds, src, out, overwrite=overwrite)
     _table("import-wds", [("store", out), ("rows", manifest["counts"]["rows"])])
-
-
-@app.command("publish")
-def publish_cmd(
-    store: str = typer.Argument(..., help="A finished local store."),
-    url: str = typer.Argument(..., help="Destination: an fsspec URL (s3://, gs://, ...) or a folder."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace another store (or other files) at URL."
-    ),
-    progress: bool = PROGRESS,
-) -> None:
-    """Upload a finished store, manifest last (resumable: files already there are kept), then verify it."""
-    from cospress.store.publish import publish_store
-
-    info = _store_job("publish", progress, publish_store, store, url, overwrite=overwrite)
-    sent = f"{info['sent']} ({info['bytes_sent']:,} bytes) / {info['already_there']}"
-    rows = [("store", info["url"]), ("files sent / already there", sent)]
-    _table("publish", rows + [("verified", f"{info['shards_verified']} shards, every checksum matches")])
 
 
 def main(argv: list[str] | None = None) -> None:
