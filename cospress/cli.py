@@ -244,11 +244,12 @@ def verify_cmd(
         bad = reader.verify()
     if bad:
         for b in bad:
+            what = f"shard {b['shard']} array {b['array']}" if b.get("shard") is not None else b["file"]
             console.print(
-                f"[red]corrupted[/] shard {b.get('shard')} array {b.get('array')}: "
+                f"[red]corrupted[/] {what}: "
                 f"expected sha256 {str(b.get('expected'))[:12]}..., got {str(b.get('actual'))[:12]}..."
             )
-        console.print(f"[bold red]verify failed:[/] {len(bad)} corrupted shard file(s) in {reader.display}")
+        console.print(f"[bold red]verify failed:[/] {len(bad)} corrupted file(s) in {reader.display}")
         raise typer.Exit(1)
     console.print(
         f"[green]ok[/] {reader.display}: every shard checksum matches ({time.perf_counter() - t0:.1f}s)"

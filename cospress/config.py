@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 from cospress.errors import ConfigError
-from cospress.utils import atomic_write_bytes
+from cospress.utils import atomic_write_bytes, redact_config
 
 C = TypeVar("C")
 
@@ -153,6 +153,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically)."""
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """Write the resolved config as YAML (atomically), URLs redacted (`cospress.utils.redact_config`):
+    no credentials or signed-URL query strings in the file."""
+    text = yaml.safe_dump(redact_config(to_dict(cfg)), sort_keys=False)
     atomic_write_bytes(path, text.encode())

@@ -208,6 +208,8 @@ def test_schema_1_1_store_with_old_source_hash_reads_verifies_and_appends(tmp_pa
         doc = json.loads((s / name).read_text())
         doc["schema_version"] = "1.1"
         doc["source"] = {**doc["source"], "keys_sha256": old_hash}
+        for newer in ("metadata_sha256", "arrays"):  # schema 1.3 fields: a 1.1 store has none
+            doc.pop(newer, None)
         (s / name).write_text(json.dumps(doc, indent=2) + "\n")
     r = StoreReader(s)
     assert r.manifest["schema_version"] == "1.1" and r.verify() == []

@@ -8,6 +8,7 @@ import http.server
 import json
 import multiprocessing as mp
 import pickle
+import re
 import threading
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import pytest
 
 from cospress.errors import StoreError
 from cospress.store import SCHEMA_VERSION, StoreLayout, StoreReader, StoreWriter, make_identity
-from cospress.store.manifest import full_identity, redact_url, shard_file_key
+from cospress.store.manifest import full_identity, shard_file_key
+from cospress.utils import redact_url
+from tests.helpers import run_cli
 
 V, D, T, P = 3, 8, 4, 5
 
@@ -219,6 +222,81 @@ def test_verify_detects_a_flipped_byte_in_each_array(tmp_path):
         f.write_bytes(original)
     f.unlink()  # a missing file counts as bad
     assert [(b["shard"], b["array"], b["actual"]) for b in r.verify()] == [(1, "valid", None)]
+
+
+def _edit_json(path: Path, edit) -> None:
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc, indent=2))
+
+
+def test_changed_metadata_is_named_by_verify_and_refused_on_read(tmp_path):
+    """verify hashes every metadata file (schema 1.3); a reader checks dtype, shape and codecs."""
+    p = tmp_path / "s"
+    data = _full_store(p, 9, 4, seed=3)
+    meta = p / "cls" / "zarr.json"
+    original = meta.read_text()
+    assert set(StoreReader(p).manifest["metadata_sha256"]) == {
+        "zarr.json", "cospress-store.json", *(f"{a}/zarr.json" for a in ("cls", "tokens", "views", "keys", "labels", "valid")),
+        *(f"commits/shard-00000{s}.json" for s in range(3)),
+    }  # fmt: skip
+    meta.write_text(original.replace('"data_type": "float16"', '"data_type": "int16"'))
+    r = StoreReader(p)  # opens: verify and inspect still run
+    assert [(b["file"], b["shard"]) for b in r.verify()] == [("cls/zarr.json", None)]
+    with pytest.raises(StoreError, match=r"cls/zarr.json has data_type int16, the manifest says float16"):
+        r.read_rows([0])
+    proc = run_cli("verify", str(p), check=False)
+    assert proc.returncode == 1 and "corrupted cls/zarr.json" in proc.stdout + proc.stderr
+    # a codec change is refused too; so are changed commits and identity, by verify
+    meta.write_text(original.replace('"clevel": 1', '"clevel": 5'))
+    with pytest.raises(StoreError, match=r"cls/zarr.json has codecs .*not the manifest's"):
+        StoreReader(p).read_rows([0])
+    meta.write_text(original)
+    _edit_json(
+        p / "commits" / "shard-000001.json", lambda c: c.update(counts={"rows": 4, "valid": 4, "skipped": 0})
+    )
+    _edit_json(p / "cospress-store.json", lambda c: c.update(seed=99))
+    bad = StoreReader(p).verify()
+    assert sorted(b["file"] for b in bad) == ["commits/shard-000001.json", "cospress-store.json"]
+    _assert_equal(StoreReader(p).read_rows(np.arange(9)), data, np.arange(9))
+
+
+def test_store_of_schema_1_2_still_verifies_and_reads(tmp_path):
+    """A 1.2 manifest has no metadata hashes or array encodings: verify covers the shard files, and a
+    reader still checks each array's dtype and shape against the manifest."""
+    p = tmp_path / "s"
+    data = _full_store(p, 7, 3, seed=4)
+
+    def as_1_2(m: dict) -> None:
+        m.pop("metadata_sha256"), m.pop("arrays")
+        m["schema_version"] = "1.2"
+
+    _edit_json(p / "manifest.json", as_1_2)
+    r = StoreReader(p)
+    assert r.verify() == [] and r.manifest["schema_version"] == "1.2"
+    _assert_equal(r.read_rows(np.arange(7)), data, np.arange(7))
+    _edit_json(p / "views" / "zarr.json", lambda m: m.update(data_type="float64"))
+    with pytest.raises(StoreError, match=r"views/zarr.json has data_type float64, the manifest says float32"):
+        StoreReader(p).keys()
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("padding", "rows 3-5", "'padding'"),
+        ("padding", [[5, 2]], "'padding'"),
+        ("skipped", [{"key": 3}], "'skipped'"),
+        ("source", "folder:x", "'source' must be an object"),
+        ("source", {"spec": 7}, "'source'.'spec'"),
+        ("teacher", {"name": "t", "grid": [3]}, "'teacher'.'grid'"),
+    ],
+)
+def test_manifest_fields_are_validated(tmp_path, field, value, words):
+    p = tmp_path / "s"
+    _full_store(p, 7, 3, seed=5)
+    _edit_json(p / "manifest.json", lambda m: m.update({field: value}))
+    with pytest.raises(StoreError, match="manifest.json is malformed: " + re.escape(words)):
+        StoreReader(p)
 
 
 def test_unknown_major_is_refused_newer_minor_is_read(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cospress.errors import BadImageError, SourceError
-from cospress.utils import keys_sha256
+from cospress.utils import keys_sha256, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +114,14 @@ class Source:
     def __init__(self, spec: str, root: str, keys: list[str], labels: list[int]) -> None:
         self.spec = spec
         self.root = root
+        self.shown = redact_text(spec)  # the spec as written and logged: no URL credentials or query
         self._keys = list(keys)
         self._labels = [int(x) for x in labels]
         self.limit: int | None = None
         seen: set[str] = set()
         for k in self._keys:
             if k in seen:
-                raise SourceError(f"duplicate key {k!r} in {spec}: every sample needs a unique key")
+                raise SourceError(f"duplicate key {k!r} in {self.shown}: every sample needs a unique key")
             seen.add(k)
 
     def __len__(self) -> int:
@@ -149,9 +150,9 @@ class Source:
     def describe(self) -> dict[str, Any]:
         names = self.class_names()
         return {
-            "spec": self.spec,
+            "spec": self.shown,
             "kind": self.kind,
-            "root": self.root,
+            "root": redact_text(self.root),
             "count": len(self),
             "limit": self.limit,
             "keys_sha256": keys_sha256(self._keys),
@@ -165,11 +166,11 @@ class Source:
 
     def _check_index(self, i: int) -> int:
         if not -len(self) <= i < len(self):
-            raise IndexError(f"sample {i} out of range for {self.spec} ({len(self)} samples)")
+            raise IndexError(f"sample {i} out of range for {self.shown} ({len(self)} samples)")
         return i % len(self)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.spec!r}, {len(self)} samples)"
+        return f"{type(self).__name__}({self.shown!r}, {len(self)} samples)"
 
 
 def apply_limit(src: Source, limit: int | None) -> Source:

@@ -27,6 +27,7 @@ from cospress.data.base import (
 from cospress.data.fashion_mnist import FASHION_MNIST_ROOT, FashionMnistSource
 from cospress.data.wds_source import WdsSource
 from cospress.errors import BadImageError, SourceError
+from cospress.utils import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def open_source(spec: str, limit: int | None = None, root: str | None = None) ->
     scheme, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise SourceError(
-            f"cannot read source {spec!r}: use folder:PATH, wds:PATTERN or fashion-mnist:train|test"
+            f"cannot read source {redact_text(spec)!r}: use folder:PATH, wds:PATTERN or fashion-mnist:train|test"
         )
 
     def join(p: str) -> str:
@@ -115,6 +116,6 @@ def open_source(spec: str, limit: int | None = None, root: str | None = None) ->
         src = FashionMnistSource(spec, split, at or root or FASHION_MNIST_ROOT)
     else:
         raise SourceError(
-            f"unknown source scheme {scheme!r} in {spec!r}: use folder:PATH, wds:PATTERN or fashion-mnist:train|test"
+            f"unknown source scheme {scheme!r} in {redact_text(spec)!r}: use folder:PATH, wds:PATTERN or fashion-mnist:train|test"
         )
     return apply_limit(src, limit)

@@ -12,6 +12,7 @@ from typing import Any
 
 from cospress.data.base import Source
 from cospress.errors import BadImageError, SourceError
+from cospress.utils import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +62,25 @@ class WdsSource(Source):
         labels: list[int] = []
         # per sample: (shard index, {extension: (offset, size)})
         self._members: list[tuple[int, dict[str, tuple[int, int]]]] = []
+        shown = redact_text(spec)  # errors never print a URL's credentials or query
         for s, url in enumerate(self.shards):
-            self._index_shard(spec, s, url, keys, labels)
+            self._index_shard(shown, s, url, keys, labels)
         if not keys:
-            raise SourceError(f"{spec}: the shards hold no samples; check the pattern")
+            raise SourceError(f"{shown}: the shards hold no samples; check the pattern")
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
         self._lock = threading.Lock()
         super().__init__(spec, pattern, keys, labels)
 
     def _index_shard(self, spec: str, s: int, url: str, keys: list[str], labels: list[int]) -> None:
+        """Index the members of shard ``s`` at ``url``; ``spec`` is the redacted spec, for errors."""
         try:
             f = _open_binary(url)
         except (OSError, ValueError) as e:
-            raise SourceError(f"{spec}: cannot open shard {url}: {e}; check the pattern") from None
+            raise SourceError(
+                f"{spec}: cannot open shard {redact_text(url)}: {redact_text(str(e))}; check the pattern"
+            ) from None
+        url = redact_text(url)  # from here on, only for messages
         where: dict[str, int] = {}
         with f:
             try:
@@ -140,7 +146,7 @@ class WdsSource(Source):
                 try:
                     return self._read(shard, *members[ext])
                 except OSError as e:
-                    raise BadImageError(f"unreadable: {e}") from None
+                    raise BadImageError(f"unreadable: {redact_text(str(e))}") from None
         raise BadImageError(f"not an image: sample has no {'/'.join(WDS_IMAGE_EXTENSIONS)} member")
 
     def close(self) -> None:

@@ -11,11 +11,10 @@ import datetime as _dt
 import json
 import re
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from cospress.store.layout import StoreLayout
 from cospress.store.schema import FORMAT_NAME, SCHEMA_VERSION, shorten
-from cospress.utils import keys_sha256
+from cospress.utils import keys_sha256, redact_config
 
 IDENTITY_FILE = "cospress-store.json"
 MANIFEST_FILE = "manifest.json"
@@ -64,25 +63,6 @@ def parse_commit_name(name: str) -> int | None:
 
 def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def redact_url(url: str) -> str:
-    """``url`` without credentials (``user:password@``) and without query string or fragment."""
-    s = str(url)
-    if "://" not in s:
-        return s
-    parts = urlsplit(s)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-_URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
-_URL_QUERY = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s?#'\"]*)[?#][^\s'\"]*")
-
-
-def redact_text(text: str) -> str:
-    """``text`` with credentials and query strings removed from every URL in it (for errors and logs)."""
-    return _URL_QUERY.sub(r"\1", _URL_CREDENTIALS.sub(r"\1", str(text)))
 
 
 def _field_values(name: str, old: Any, new: Any) -> tuple[Any, Any]:
@@ -189,7 +169,7 @@ def build_manifest(identity: dict, commits: list[dict], extra: dict | None, vers
         "counts": counts,
         "cospress_version": version,
         "created": now_utc(),
-        "extra": dict(extra or {}),
+        "extra": redact_config(dict(extra or {})),
     }
     if padding:
         counts["padding"] = sum(b - a for a, b in padding)
@@ -236,6 +216,8 @@ MANIFEST_ONLY_FIELDS = (
     "created",
     "extra",
     "padding",
+    "arrays",
+    "metadata_sha256",
 )
 
 
@@ -244,7 +226,7 @@ def full_identity(identity: dict, layout: StoreLayout) -> dict:
     full = {
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
-        **run_identity(identity),
+        **redact_config(run_identity(identity)),  # a source URL's credentials and query never stored
         **layout.to_manifest(),
     }
     return json.loads(json.dumps(full))  # plain JSON types, as they will read back

@@ -24,10 +24,16 @@ from zarr.core.sync import sync as zarr_sync
 from cospress.errors import StoreError
 from cospress.store import manifest as mf
 from cospress.store.layout import StoreLayout
+from cospress.store.metadata import check_array
 from cospress.store.remote import FileCacheStore, check_range_support, is_local
 from cospress.store.schema import validate_manifest
+from cospress.utils import redact_config, redact_text, redact_url
 
 log = logging.getLogger(__name__)
+
+
+def _mismatch(shard: int | None, array: str | None, file: str, expected: str, actual: str | None) -> dict:
+    return {"shard": shard, "array": array, "file": file, "expected": expected, "actual": actual}
 
 
 class StoreReader:
@@ -44,15 +50,20 @@ class StoreReader:
         self.url = str(url)
         self.cache_dir = cache_dir
         self.storage_options = dict(storage_options or {})
-        self.display = mf.redact_url(self.url)
+        self.display = redact_url(self.url)
+        self._opened: dict[str, zarr.Array] | None = None
+        self._guarded(self._open)
+
+    def _guarded(self, step: Callable[[], Any]) -> Any:
+        """``step()``, with any error but a StoreError turned into a one-line StoreError."""
         try:
-            self._open()
+            return step()
         except StoreError:
             raise
         except Exception as e:
             # fsspec / aiohttp errors may quote the URL with its credentials: never show them
             raise StoreError(
-                f"cannot read the store {self.display}: {mf.redact_text(f'{type(e).__name__}: {e}')}; "
+                f"cannot read the store {self.display}: {redact_text(f'{type(e).__name__}: {e}')}; "
                 "check the URL, the network and the credentials (storage options)"
             ) from None
 
@@ -74,7 +85,6 @@ class StoreReader:
         self.num_shards = len(m["shards"])
         if self.url.startswith(("http://", "https://")):
             check_range_support(self._fs, self._path(mf.shard_file_key("cls", 0, 3)), self.display)
-        self._arrays = self._open_arrays()
         self._direct: dict[str, Any] = {}
         self._keys: list[str] | None = None
         self._cols: tuple[np.ndarray, np.ndarray] | None = None
@@ -118,16 +128,27 @@ class StoreReader:
         tag = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
         return FileCacheStore(store, os.path.join(self.cache_dir, tag))
 
+    @property
+    def _arrays(self) -> dict[str, zarr.Array]:
+        """The arrays, opened on first use and checked against the manifest (dtype, shape, codecs):
+        `verify` and `summary` still run on a store whose metadata was changed; reads refuse it."""
+        if self._opened is None:
+            self._opened = self._guarded(self._open_arrays)
+        return self._opened
+
     def _open_arrays(self) -> dict[str, zarr.Array]:
         store = self._zarr_store()
         try:
-            return {
+            arrays = {
                 name: zarr.open_array(store=store, path=name, mode="r") for name in self.manifest["shapes"]
             }
-        except (FileNotFoundError, KeyError, ValueError) as e:
+        except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
             raise StoreError(
                 f"{self.display}: an array cannot be opened ({type(e).__name__}: {e}); the store is corrupted: re-extract or re-upload it"
             ) from None
+        for name, arr in arrays.items():  # dtype, shape and codecs as the manifest says
+            check_array(name, arr.metadata.to_dict(), self.manifest, self.display)
+        return arrays
 
     # ---- whole-store columns ------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -306,15 +327,17 @@ class StoreReader:
             return None
         except Exception as e:
             raise StoreError(
-                f"cannot read {mf.redact_url(path)} of {self.display}: "
-                f"{mf.redact_text(f'{type(e).__name__}: {e}')}; check the network and retry"
+                f"cannot read {redact_url(path)} of {self.display}: "
+                f"{redact_text(f'{type(e).__name__}: {e}')}; check the network and retry"
             ) from None
         return h.hexdigest()
 
     def verify(self, progress: Callable[[int, int], None] | None = None) -> list[dict]:
-        """Recompute the sha256 of every shard file; returns the mismatches (missing files included).
+        """Recompute the sha256 of every shard file and (schema 1.3 on) every metadata file: each
+        array's zarr.json, the group's, the identity, the commits; returns the mismatches.
 
-        Each bad entry: {shard, array, expected, actual} (actual None when the file is missing).
+        Each bad entry: {shard, array, file, expected, actual} (actual None when the file is missing;
+        shard and array None for a metadata file).
         ``progress(done, total)`` is called after each shard.
         """
         bad = []
@@ -322,15 +345,18 @@ class StoreReader:
         for done, entry in enumerate(shards, 1):
             for name, expected in entry["sha256"].items():
                 ndim = len(self.manifest["shapes"][name])
-                actual = self._hash_file(self._path(mf.shard_file_key(name, entry["shard"], ndim)))
+                rel = mf.shard_file_key(name, entry["shard"], ndim)
+                actual = self._hash_file(self._path(rel))
                 if actual != expected:
-                    bad.append(
-                        {"shard": entry["shard"], "array": name, "expected": expected, "actual": actual}
-                    )
+                    bad.append(_mismatch(entry["shard"], name, rel, expected, actual))
             if progress is not None:
                 progress(done, len(shards))
+        for rel, expected in self.manifest.get("metadata_sha256", {}).items():  # schema 1.3 on
+            actual = self._hash_file(self._path(rel))
+            if actual != expected:
+                bad.append(_mismatch(None, None, rel, expected, actual))
         if bad:
-            log.warning("%s: %d shard files do not match the manifest", self.display, len(bad))
+            log.warning("%s: %d files do not match the manifest", self.display, len(bad))
         return bad
 
     def summary(self) -> dict:
@@ -340,7 +366,7 @@ class StoreReader:
         disk = None
         if is_local(self.url):
             disk = sum(f.stat().st_size for f in Path(self._root).rglob("*") if f.is_file())
-        return {
+        out = {
             "url": self.display,
             "schema_version": m.get("schema_version"),
             "cospress_version": m.get("cospress_version"),
@@ -364,3 +390,4 @@ class StoreReader:
             "estimated_bytes": self.layout.estimate_bytes(),
             "bytes_on_disk": disk,
         }
+        return redact_config(out)  # an older store may hold a source URL with its credentials

@@ -11,8 +11,7 @@ from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
 from cospress.errors import StoreError
-from cospress.store.manifest import redact_url
-from cospress.utils import atomic_write_bytes
+from cospress.utils import atomic_write_bytes, redact_url
 
 
 def is_local(url: str) -> bool:

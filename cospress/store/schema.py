@@ -14,7 +14,9 @@ from cospress.store.layout import StoreLayout
 # 1.1: appended stores (padding rows, counts.padding).
 # 1.2: a source's keys_sha256 is `cospress.utils.keys_sha256` (newline-joined keys), like the
 #      store's and the shards'; 1.1 sources hold the sha256 of the key list's JSON.
-SCHEMA_VERSION = "1.2"
+# 1.3: the manifest holds `metadata_sha256` (every zarr.json, the identity, the commits) and
+#      `arrays` (each array's encoding); the identity may hold `decode` (the decode path).
+SCHEMA_VERSION = "1.3"
 FORMAT_NAME = "cospress-store"
 
 _INT = (int,)
@@ -113,6 +115,75 @@ def _check_shards(doc: dict) -> None:
             raise ValueError(f"shards[{i}].'sha256' must hold one hex sha256 per array")
 
 
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_hex(v: Any) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None
+
+
+def _check_source(src: Any, where: str = "'source'") -> None:
+    if not isinstance(src, dict):
+        raise ValueError(f"{where} must be an object, got {type(src).__name__}")
+    if src.get("spec") is not None and not isinstance(src["spec"], str):
+        raise ValueError(f"{where}.'spec' must be a string or null")
+    if "count" in src and not _is_int(src["count"]):
+        raise ValueError(f"{where}.'count' must be an integer >= 0, got {shorten(src['count'])}")
+    if "keys_sha256" in src and not isinstance(src["keys_sha256"], str):
+        raise ValueError(f"{where}.'keys_sha256' must be a string")
+    parts = src.get("parts", [])
+    if not isinstance(parts, list):
+        raise ValueError(f"{where}.'parts' must be a list")
+    for i, part in enumerate(parts):
+        _check_source(part, f"{where}.parts[{i}]")
+
+
+def _check_teacher_grid(doc: dict) -> None:
+    grid = doc["teacher"].get("grid")
+    if grid is None:
+        return
+    ok = isinstance(grid, list) and len(grid) == 2 and all(_is_int(g, 1) for g in grid)
+    if not ok or (doc["num_tokens"] > 0 and grid[0] * grid[1] != doc["num_tokens"]):
+        raise ValueError(f"'teacher'.'grid' {shorten(grid)} is not [h, w] with h x w = num_tokens")
+
+
+def _check_run_fields(doc: dict) -> None:
+    """The optional fields of an identity: ``source``, ``teacher.grid``, ``decode``."""
+    if "source" in doc:
+        _check_source(doc["source"])
+    _check_teacher_grid(doc)
+    if "decode" in doc and not isinstance(doc["decode"], str):
+        raise ValueError("'decode' must be a string")
+
+
+def _check_manifest_extras(doc: dict) -> None:
+    """``padding``, ``skipped`` and, from schema 1.3, ``metadata_sha256`` and ``arrays``."""
+    n = doc["num_rows"]
+    padding = doc.get("padding", [])
+    if not isinstance(padding, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(_is_int(v) for v in p) and p[0] < p[1] <= n
+        for p in padding
+    ):
+        raise ValueError(f"'padding' {shorten(padding)} must be a list of [start, stop] row ranges")
+    skipped = doc.get("skipped", [])
+    if not isinstance(skipped, list) or not all(
+        isinstance(x, dict) and isinstance(x.get("key"), str) and isinstance(x.get("reason"), str)
+        for x in skipped
+    ):
+        raise ValueError("'skipped' must be a list of {key, reason} strings")
+    hashes = doc.get("metadata_sha256", {})
+    if not isinstance(hashes, dict) or not all(isinstance(k, str) and _is_hex(h) for k, h in hashes.items()):
+        raise ValueError("'metadata_sha256' must map file names to hex sha256s")
+    arrays = doc.get("arrays")
+    if arrays is not None and (
+        not isinstance(arrays, dict)
+        or set(arrays) != set(doc["shapes"])
+        or not all(isinstance(a, dict) for a in arrays.values())
+    ):
+        raise ValueError("'arrays' must hold one object per array of 'shapes'")
+
+
 def validate_identity(doc: Any, where: str) -> dict:
     """Check an identity (``cospress-store.json`` or an export sidecar): required keys, types, layout.
 
@@ -122,6 +193,7 @@ def validate_identity(doc: Any, where: str) -> dict:
         _check_fields(doc, _IDENTITY_SCHEMA, "")
         check_schema_version(doc["schema_version"], where)
         _check_layout(doc)
+        _check_run_fields(doc)
     except ValueError as e:
         raise StoreError(f"{where} is malformed: {e}; re-upload or re-extract the store") from None
     return doc
@@ -138,7 +210,9 @@ def validate_manifest(doc: Any, where: str) -> dict:
     try:
         _check_fields(doc, _MANIFEST_SCHEMA, "")
         _check_layout(doc)
+        _check_run_fields(doc)
         _check_shards(doc)
+        _check_manifest_extras(doc)
     except ValueError as e:
         raise StoreError(
             f"{where}/manifest.json is malformed: {e}; re-upload or re-extract the store"

@@ -23,6 +23,7 @@ import cospress
 from cospress.errors import StoreError
 from cospress.store import manifest as mf
 from cospress.store.layout import DTYPES, FILL_VALUES, StoreLayout, array_chunks
+from cospress.store.metadata import array_encoding, metadata_files
 from cospress.store.schema import FORMAT_NAME, check_schema_version
 from cospress.store.shardio import ShardLayout, encode_shard
 from cospress.utils import atomic_write_bytes, atomic_write_json, keys_sha256, sha256_file
@@ -302,6 +303,12 @@ class StoreWriter:
         keys = [str(k) for k in self.arrays["keys"][:]]
         manifest = mf.build_manifest(self.identity, commits, extra, cospress.__version__)
         manifest["keys_sha256"] = keys_sha256(keys)
+        manifest["arrays"] = {
+            name: array_encoding(json.loads((self.path / name / "zarr.json").read_text()))
+            for name in self.identity["shapes"]
+        }
+        files = metadata_files(manifest, mf.commit_key, mf.IDENTITY_FILE)
+        manifest["metadata_sha256"] = {rel: sha256_file(self.path / rel) for rel in files}
         atomic_write_json(self.path / mf.MANIFEST_FILE, manifest)
         log.info(
             "store complete: %s (%d rows, %d skipped)",

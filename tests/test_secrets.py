@@ -1,0 +1,159 @@
+"""No credentials or signed-URL query strings in what cospress writes or logs (issue 16, point 2).
+
+A WebDataset source is served over HTTP on 127.0.0.1 by a server that answers only requests with the
+right basic-auth credentials and the signature in the query, so a run that reads must use the real
+URL; every file of the store, the config copies, the CLI output and `inspect` / `verify` must hold
+neither the password nor the signature.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import json
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cospress.utils import redact_config, redact_text
+from tests.helpers import make_tiny_teacher_weights, run_cli
+
+USER, PASSWORD, SIGNATURE = "alice", "pw-s3cr3t-token", "sig-s3cr3t-0123456789"
+SECRETS = (PASSWORD, SIGNATURE)
+
+
+def _make_tar(path: Path, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            img = Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            for name, data in (
+                (f"s{seed}_{i:03d}.png", buf.getvalue()),
+                (f"s{seed}_{i:03d}.cls", b"%d" % (i % 3)),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+class _AuthRangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves files of ``root`` with byte ranges, only to requests that carry the credentials and
+    the signature (as a signed S3 URL behind basic auth would)."""
+
+    root: Path
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _authorised(self) -> bool:
+        want = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        return self.headers.get("Authorization") == want and f"X-Amz-Signature={SIGNATURE}" in self.path
+
+    def _serve(self, body: bool) -> None:
+        path = self.root / self.path.split("?", 1)[0].lstrip("/")
+        if not self._authorised():
+            self.send_error(403)
+            return
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        rng = self.headers.get("Range")
+        status = 200
+        if rng and rng.startswith("bytes="):
+            a, _, b = rng[6:].partition("-")
+            start, stop = int(a), min(int(b) + 1 if b else len(data), len(data))
+            data, status = data[start:stop], 206
+            content_range = f"bytes {start}-{stop - 1}/{path.stat().st_size}"
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Accept-Ranges", "bytes")
+        if status == 206:
+            self.send_header("Content-Range", content_range)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._serve(True)
+
+    def do_HEAD(self) -> None:
+        self._serve(False)
+
+
+@pytest.fixture(scope="module")
+def secret_source(tmp_path_factory):
+    """(wds spec with credentials and a signed query, the served folder)."""
+    root = tmp_path_factory.mktemp("www")
+    _make_tar(root / "shard-000.tar", 5, 0)
+    _make_tar(root / "shard-001.tar", 4, 1)
+    handler = type("Handler", (_AuthRangeHandler,), {"root": root})
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    spec = (
+        f"wds:http://{USER}:{PASSWORD}@127.0.0.1:{port}/shard-{{000..001}}.tar"
+        f"?X-Amz-Credential=AKIA%2F20250101&X-Amz-Signature={SIGNATURE}"
+    )
+    try:
+        yield spec, root
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _assert_clean(text: str, where: str) -> None:
+    for s in SECRETS:
+        assert s not in text, f"{where} holds the secret {s!r}"
+
+
+def test_redaction_helpers():
+    assert (
+        redact_text("wds:https://u:pw@h.example/a-{0..3}.tar?X-Amz-Signature=z#f")
+        == "wds:https://h.example/a-{0..3}.tar"
+    )
+    assert (
+        redact_text("error: cannot open s3://k:p@b/x.tar?sig=1 (403)")
+        == "error: cannot open s3://b/x.tar (403)"
+    )
+    assert redact_config({"data": "wds:http://u:p@h/a?s=1", "n": [1, "x"], "k": None}) == {
+        "data": "wds:http://h/a",
+        "n": [1, "x"],
+        "k": None,
+    }
+    assert redact_text("folder:/local/a@b/c") == "folder:/local/a@b/c"
+
+
+def test_extract_from_a_signed_url_writes_and_logs_no_secret(secret_source, tmp_path):
+    spec, _ = secret_source
+    weights = make_tiny_teacher_weights(tmp_path / "test_vit.safetensors", img_size=32)
+    out = tmp_path / "store"
+    args = ["--teacher", "test_vit", "--weights", str(weights), "--image-size", "32", "--views", "2"]
+    args += ["--shard-size", "4", "--workers", "0", "--precision", "fp32", "--no-progress"]
+    proc = run_cli("extract-teacher", "--data", spec, *args, "--out", str(out))
+    logs = proc.stdout + proc.stderr
+    inspect = run_cli("inspect", str(out), "--json")
+    verify = run_cli("verify", str(out))
+    # the reader used the real URL (the server refuses any other) and read every image
+    summary = json.loads(inspect.stdout)
+    assert summary["counts"]["rows"] == 9 and summary["skipped"] == 0
+    assert summary["source"]["spec"].startswith("wds:http://127.0.0.1:")
+    for name, text in (("extract log", logs), ("inspect", inspect.stdout + inspect.stderr)):
+        _assert_clean(text, name)
+    _assert_clean(verify.stdout + verify.stderr, "verify")
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert any(f.name == "extract-config.yaml" for f in files)
+    for f in files:
+        _assert_clean(f.read_bytes().decode("latin-1"), str(f.relative_to(out)))
+    # an error that names a shard URL does not print the secrets either
+    bad = spec.replace("shard-{000..001}", "missing-{000..001}")
+    fail = run_cli("extract-teacher", "--data", bad, *args, "--out", str(tmp_path / "s2"), check=False)
+    assert fail.returncode == 2 and "cannot open shard http://127.0.0.1:" in fail.stdout + fail.stderr
+    _assert_clean(fail.stdout + fail.stderr, "the error of a missing shard")
