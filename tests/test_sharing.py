@@ -450,6 +450,54 @@ def test_import_refuses_pickles_tampering_and_bad_sidecars(tmp_path):
         import_wds(w, tmp_path / "t4")
 
 
+def _npy_with_header(shape: tuple, dtype: str = "<f2", data: bytes = b"\0" * 64) -> bytes:
+    """.npy bytes whose header declares ``shape`` whatever data follows (a crafted member)."""
+    from numpy.lib import format as npy_format
+
+    buf = io.BytesIO()
+    npy_format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue() + data
+
+
+def _replace_first_sample(w: Path, side: str, members: dict[str, bytes]) -> None:
+    tar = w / "shard-000000.tar"
+    with tarfile.open(tar, "w") as t:
+        for suffix, data in members.items():
+            info = tarfile.TarInfo(f"team%2Fimg%2E0000%2Ejpg.{suffix}")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    (w / SIDECAR).write_text(side.replace(json.loads(side)["shards"][0]["sha256"], mf_sha(tar)))
+
+
+def test_import_checks_npy_headers_and_member_sizes_before_reading(tmp_path):
+    """A member declaring shape (2**42,) is refused from its header (no allocation); a member larger
+    than a sample can be is refused before it is read."""
+    make_store(tmp_path / "s", "team", 4, 2, seed=11)
+    w = tmp_path / "w"
+    export_wds(str(tmp_path / "s"), w, samples_per_shard=10)
+    side = (w / SIDECAR).read_text()
+    meta = json.dumps(
+        {"key": "team/img.0000.jpg", "label": 1, "valid": True, "views": [[0.0] * P] * V}
+    ).encode()
+    good_tokens = _npy_with_header((V, T, D), data=b"\0" * (V * T * D * 2))
+    huge = _npy_with_header((2**42,))
+    _replace_first_sample(w, side, {"cls.npy": huge, "tokens.npy": good_tokens, "json": meta})
+    with pytest.raises(StoreError, match=r"cls.npy is float16 \[4398046511104\], expected float16 \[3, 8\]"):
+        import_wds(w, tmp_path / "t1")
+    big = _npy_with_header((V, D), data=b"\0" * (V * D * 2 + (1 << 17)))
+    _replace_first_sample(w, side, {"cls.npy": big, "tokens.npy": good_tokens, "json": meta})
+    with pytest.raises(StoreError, match=r"cls.npy' is \d+ bytes, more than the \d+ a sample of this store"):
+        import_wds(w, tmp_path / "t2")
+    short = _npy_with_header((V, D), data=b"\0" * 10)
+    _replace_first_sample(w, side, {"cls.npy": short, "tokens.npy": good_tokens, "json": meta})
+    with pytest.raises(StoreError, match="cls.npy holds 10 data bytes, not 48"):
+        import_wds(w, tmp_path / "t3")
+    wrong = _npy_with_header((V, D), dtype="<i2", data=b"\0" * (V * D * 2))
+    _replace_first_sample(w, side, {"cls.npy": wrong, "tokens.npy": good_tokens, "json": meta})
+    with pytest.raises(StoreError, match=r"cls.npy is int16 \[3, 8\], expected float16"):
+        import_wds(w, tmp_path / "t4")
+
+
 # --------------------------------------------------------------------------- verify, malformed, partial
 def test_cli_verify_detects_a_flipped_byte_in_any_shard(tmp_path):
     make_store(tmp_path / "s", "team", 9, 3, seed=12)

@@ -10,8 +10,10 @@ One sample per store row (append padding left out), in row order::
 since WebDataset splits member names at the first dot; the json keeps the original key.
 ``cospress-wds.json`` (written last) holds the store identity, each tar's name, sample count and
 sha256, and the skipped inputs, so `import_wds` rebuilds a store of the same identity. Import never
-unpickles (``np.load(allow_pickle=False)``), reads members in memory (nothing is extracted to
-disk) and refuses absolute paths, ``..`` and non-regular members.
+unpickles (each ``.npy`` header is read and checked against the identity's shape and float16 before
+any data), reads members in memory (nothing is extracted to disk), refuses a member larger than a
+sample of the store can hold before reading it, and refuses absolute paths, ``..`` and non-regular
+members.
 """
 
 from __future__ import annotations
@@ -178,8 +180,21 @@ def _safe_member(member: tarfile.TarInfo, tar: Path) -> None:
         raise StoreError(f"{tar} holds {name[:80]!r}, which is not a regular file; refusing to import it")
 
 
-def _samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(encoded key, {suffix: bytes}) per sample, in member order, read in memory."""
+_NPY_HEADER_MAX = 1 << 16  # np.save writes headers of ~128 bytes; format 1.0 allows up to 64 KiB
+
+
+def member_limits(ident: dict) -> dict[str, int]:
+    """The most bytes each member of a sample of a store with identity ``ident`` can hold."""
+    v, dim, t, p = ident["num_views"], ident["dim"], ident["num_tokens"], ident["num_params"]
+    limits = {"cls.npy": _NPY_HEADER_MAX + v * dim * 2, "json": (1 << 20) + v * p * 32}
+    if ident["tokens"]:
+        limits["tokens.npy"] = _NPY_HEADER_MAX + v * t * dim * 2
+    return limits
+
+
+def _samples(tar_path: Path, limits: dict[str, int]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(encoded key, {suffix: bytes}) per sample, in member order, read in memory: only the members
+    named in ``limits``, each refused before it is read when larger than its limit."""
     key: str | None = None
     members: dict[str, bytes] = {}
     with tarfile.open(tar_path, "r:") as tar:
@@ -193,6 +208,13 @@ def _samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                 if key is not None:
                     yield key, members
                 key, members = k, {}
+            if suffix not in limits:
+                continue  # not a member of a cospress export: never read
+            if member.size > limits[suffix]:
+                raise StoreError(
+                    f"{tar_path}: member {base[:80]!r} is {member.size} bytes, more than the {limits[suffix]} "
+                    "a sample of this store can hold; refusing to import it: export the store again"
+                )
             f = tar.extractfile(member)
             members[suffix] = f.read() if f is not None else b""
     if key is not None:
@@ -200,13 +222,29 @@ def _samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def _load_npy(raw: bytes, shape: list[int], what: str) -> np.ndarray:
+    """The float16 array of shape ``shape`` in .npy bytes ``raw``; the header is read and checked
+    first, so a crafted header (a huge shape, an object dtype) allocates nothing and unpickles nothing."""
+    from numpy.lib import format as npy_format
+
+    f = io.BytesIO(raw)
     try:
-        a = np.load(io.BytesIO(raw), allow_pickle=False)
+        version = npy_format.read_magic(f)
+        read_header = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f"unsupported .npy format version {version}")
+        got, fortran, dtype = read_header[version](f, max_header_size=_NPY_HEADER_MAX)
     except ValueError as e:
         raise StoreError(f"{what} is not a plain .npy array ({e}); export the store again") from None
-    if a.dtype != np.float16 or list(a.shape) != shape:
-        raise StoreError(f"{what} is {a.dtype} {list(a.shape)}, expected float16 {shape}; export again")
-    return a
+    if dtype.hasobject:
+        raise StoreError(f"{what} is not a plain .npy array (object dtype); export the store again")
+    if dtype.str[1:] != "f2" or list(got) != shape or fortran:
+        raise StoreError(
+            f"{what} is {dtype} {str(list(got))[:60]}, expected float16 {shape}; export the store again"
+        )
+    data = raw[f.tell() :]
+    if len(data) != int(np.prod(shape)) * 2:
+        raise StoreError(f"{what} holds {len(data)} data bytes, not {int(np.prod(shape)) * 2}; export again")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(np.float16)
 
 
 class _ShardFiller:
@@ -302,7 +340,7 @@ def import_wds(
     count = 0
     for s in doc["shards"]:
         n = 0
-        for enc, files in _samples(src / s["name"]):
+        for enc, files in _samples(src / s["name"], member_limits(ident)):
             row = _parse_sample(enc, files, ident, str(src / s["name"]))
             if row["key"] in seen:
                 raise StoreError(f"{src}: key {row['key'][:80]!r} appears twice; export the store again")
