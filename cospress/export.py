@@ -77,7 +77,7 @@ def export_student(
         "cospress_version": cospress.__version__,
         "checkpoint": which,
         "step": int(meta.get("step", 0) or 0),
-        "run": str(run.resolve()),
+        "run": run.resolve().name,  # the run folder's name: no local path in a file that is shared
     }
     atomic_write_json(out / STUDENT_JSON, desc)
     log.info("exported %s (%s, step %s) to %s", info.get("timm_name"), which, desc["step"], out)

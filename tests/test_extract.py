@@ -126,6 +126,40 @@ def test_rerun_is_a_noop_and_mismatch_is_refused(reference_store, images, weight
     assert json.loads((out / "manifest.json").read_text())["seed"] == 1
 
 
+def test_resume_with_another_decode_is_refused_and_old_stores_still_append(
+    reference_store, images, weights, tmp_path
+):
+    """The identity records the resolved decode path: a resume with another one would mix decoders in
+    one store and is refused; a store written before it was recorded still resumes, verifies and appends."""
+    out = tmp_path / "store"
+    shutil.copytree(reference_store, out)
+    assert json.loads((out / "cospress-store.json").read_text())["decode"] == "cpu"
+    (out / "manifest.json").unlink()  # an unfinished store: its last shard not committed
+    (out / "commits" / "shard-000004.json").unlink()
+    proc = run_cli(*_args(images, weights, out, "--decode", "device"), check=False)
+    assert proc.returncode == 2 and "decode path (store: cpu, this run: device:cpu)" in proc.stderr
+    run_cli(*_args(images, weights, out, "--decode", "cpu"))
+    _assert_same(_arrays(reference_store), _arrays(out))
+    # as a schema 1.2 store: no decode in the identity, no metadata fields in the manifest
+    for name in ("cospress-store.json", "manifest.json"):
+        doc = json.loads((out / name).read_text())
+        for key in ("decode", "metadata_sha256", "arrays"):
+            doc.pop(key, None)
+        (out / name).write_text(json.dumps({**doc, "schema_version": "1.2"}, indent=2))
+    assert run_cli("verify", str(out)).returncode == 0
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    (data / "class_3").mkdir()
+    shutil.copy(next((data / "class_0").glob("*.png")), data / "class_3" / "new.png")
+    args = _args(data, weights, out, "--append", "--decode", "cpu")
+    run_cli(*args)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (
+        manifest["decode"] == "cpu" and manifest["keys_sha256"] and "class_3/new.png" in _arrays(out)["keys"]
+    )
+    assert run_cli("verify", str(out)).returncode == 0
+
+
 def _commits(store: Path) -> int:
     return len(list((store / "commits").glob("*.json"))) if (store / "commits").exists() else 0
 

@@ -157,3 +157,22 @@ def test_extract_from_a_signed_url_writes_and_logs_no_secret(secret_source, tmp_
     fail = run_cli("extract-teacher", "--data", bad, *args, "--out", str(tmp_path / "s2"), check=False)
     assert fail.returncode == 2 and "cannot open shard http://127.0.0.1:" in fail.stdout + fail.stderr
     _assert_clean(fail.stdout + fail.stderr, "the error of a missing shard")
+
+
+def test_export_records_no_local_path(tmp_path):
+    """student.json names the run folder, not its absolute local path (exported students are shared)."""
+    import torch
+
+    from cospress import checkpoint as ckpt
+    from cospress.export import export_student
+
+    run = tmp_path / "private-home" / "my-run"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(
+        json.dumps({"student": {"timm_name": "test_vit"}, "teacher": {"name": "t"}})
+    )
+    ckpt.save_weights(ckpt.paths(run, "last")[0], {"student.w": torch.zeros(2)}, {"step": "3"})
+    info = export_student(run, tmp_path / "exp", which="last")
+    text = (tmp_path / "exp" / "student.json").read_text()
+    assert json.loads(text)["run"] == "my-run" == info["run"]
+    assert str(tmp_path) not in text and "private-home" not in text

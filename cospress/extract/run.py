@@ -60,10 +60,12 @@ def _extract(cfg: ExtractConfig, ctx: DistContext, progress: Callable[[int, int]
     teacher = load_teacher(cfg, ctx.device)
     amp = autocast_dtype(cfg.precision, ctx.device)
     policy = cfg.policy()
+    decode = resolve_decode(cfg.decode, ctx.device)
     identity = make_identity(
         teacher=teacher.describe(), view_policy=policy.to_dict(), policy_fingerprint=policy.fingerprint(),
         k=cfg.views, center_view=cfg.center_view, seed=cfg.seed, source=source.describe(),
         param_names=PARAM_NAMES, precision=str(amp).replace("torch.", "") if amp else "float32",
+        decode=decode if decode == "cpu" else f"{decode}:{ctx.device.type}",
     )  # fmt: skip
     layout = StoreLayout(
         num_rows=len(source), shard_size=cfg.shard_size, stored_views=cfg.stored_views, dim=teacher.dim,
@@ -80,7 +82,7 @@ def _extract(cfg: ExtractConfig, ctx: DistContext, progress: Callable[[int, int]
     total = sum(writer.shard_rows(s)[1] - writer.shard_rows(s)[0] for s in pending)
     dataset = ViewDataset(
         source, policy, cfg.seed, cfg.views, cfg.center_view, teacher.input_size, cfg.max_pixels,
-        store.positions, resolve_decode(cfg.decode, ctx.device),
+        store.positions, decode,
     )  # fmt: skip
     batches = list(shard_batches(pending, writer.shard_rows, max(1, cfg.batch_size // cfg.stored_views)))
     loader = view_loader(dataset, batches, cfg.workers, pin_memory=ctx.device.type == "cuda")

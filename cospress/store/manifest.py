@@ -28,6 +28,7 @@ FIELD_LABELS = {
     "k": "K (random views per image)",
     "center_view": "centre view",
     "seed": "seed",
+    "decode": "decode path",
     "source": "source keys",
     "param_names": "view parameter names",
     "shard_size": "shard size",
@@ -67,6 +68,8 @@ def now_utc() -> str:
 
 def _field_values(name: str, old: Any, new: Any) -> tuple[Any, Any]:
     """The values that matter for comparing one identity field (e.g. the teacher's fingerprint)."""
+    if name == "decode" and (old is None or new is None):
+        return None, None  # a store written before the decode path was recorded: not compared
     if name == "teacher" and isinstance(old, dict) and isinstance(new, dict):
         if "fingerprint" in old and "fingerprint" in new:
             return old["fingerprint"], new["fingerprint"]
@@ -101,12 +104,15 @@ def make_identity(
     source: dict,
     param_names: list[str] | tuple[str, ...],
     precision: str | None = None,
+    decode: str | None = None,
 ) -> dict:
     """The run part of a store identity: what makes two extractions the same run.
 
     ``teacher`` is ``FeatureModel.describe()`` (with ``fingerprint``), ``view_policy`` is
     ``ViewPolicy.to_dict()``, ``source`` is ``Source.describe()`` (with ``keys_sha256``), ``k`` the
-    views per image extracted, ``precision`` the teacher's autocast dtype (stage 1 records it).
+    views per image extracted, ``precision`` the teacher's autocast dtype and ``decode`` the resolved
+    decode path (``cpu``: PIL in workers, ``device:cuda``: nvjpeg, ``device:cpu``); stage 1 records
+    both, so a resume with another decode is refused rather than mixing two decoders in one store.
     `full_identity` adds the layout fields.
     """
     # Keys in the order stage 1 has always written them, so identity files stay byte-identical.
@@ -119,6 +125,8 @@ def make_identity(
     }
     if precision is not None:
         identity["precision"] = str(precision)
+    if decode is not None:
+        identity["decode"] = str(decode)
     identity["view_policy"] = dict(view_policy)
     identity["policy_fingerprint"] = str(policy_fingerprint)
     identity["k"] = int(k)
