@@ -74,21 +74,24 @@ def _main(
         "aiohttp",
         "faiss",
         "faiss.loader",
+        "botocore",
+        "aiobotocore",
+        "s3fs",
     ):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
 class RateColumn(ProgressColumn):
-    """Items per second since the task started."""
+    """Items per second since the task started (images unless the task names its ``unit``)."""
 
     def render(self, task: Any) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.0f} img/s" if speed else "- img/s", style="cyan")
+        speed, unit = task.finished_speed or task.speed, task.fields.get("unit", "img")
+        return Text(f"{speed:,.0f} {unit}/s" if speed else f"- {unit}/s", style="cyan")
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, enabled: bool = True) -> Iterator[Any]:
-    """Yields ``update(done, total)``: a rich bar with images/s (rank 0 only, TTY or not)."""
+def progress_bar(description: str, enabled: bool = True, unit: str = "img") -> Iterator[Any]:
+    """Yields ``update(done, total)``: a rich bar with ``unit``/s (rank 0 only, TTY or not)."""
     rank = int(os.environ.get("RANK", 0))
     if not enabled or rank != 0:
         yield lambda done, total: None
@@ -102,7 +105,7 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Any]:
         TimeRemainingColumn(),
     ]
     with Progress(*columns, console=console, transient=False, refresh_per_second=4) as bar:
-        task = bar.add_task(description, total=None)
+        task = bar.add_task(description, total=None, unit=unit)
 
         def update(done: int, total: int, **fields: Any) -> None:
             bar.update(task, completed=done, total=total)
@@ -303,9 +306,11 @@ def knn_eval_cmd(cfg: EvalConfig, show_progress: bool) -> None:
 
 
 # --------------------------------------------------------------------------- merge / WebDataset
-def _store_job(name: str, show_progress: bool, job: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run a store job with a progress bar, user errors as one line."""
-    with user_errors(), progress_bar(name, show_progress) as update:
+def _store_job(
+    name: str, show_progress: bool, job: Callable[..., Any], *args: Any, unit: str = "img", **kwargs: Any
+) -> Any:
+    """Run a store job with a progress bar (``unit``/s), user errors as one line."""
+    with user_errors(), progress_bar(name, show_progress, unit) as update:
         return job(*args, progress=update, **kwargs)
 
 
@@ -358,6 +363,24 @@ def import_wds_cmd(
 
     manifest = _store_job("import-wds", progress, import_wds, src, out, overwrite=overwrite)
     _table("import-wds", [("store", out), ("rows", manifest["counts"]["rows"])])
+
+
+@app.command("publish")
+def publish_cmd(
+    store: str = typer.Argument(..., help="A finished local store."),
+    url: str = typer.Argument(..., help="Destination: an fsspec URL (s3://, gs://, ...) or a folder."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace another store (or other files) at URL."
+    ),
+    progress: bool = PROGRESS,
+) -> None:
+    """Upload a finished store, manifest last (resumable: files already there are kept), then verify it."""
+    from cospress.store.publish import publish_store
+
+    info = _store_job("publish", progress, publish_store, store, url, unit="file", overwrite=overwrite)
+    sent = f"{info['sent']} ({info['bytes_sent']:,} bytes) / {info['already_there']}"
+    rows = [("store", info["url"]), ("files sent / already there", sent)]
+    _table("publish", rows + [("verified", f"{info['shards_verified']} shards, every checksum matches")])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -77,3 +77,49 @@ def run_cli(
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def extract_tiny_store(images: Path, weights: Path, out: Path, **settings) -> Path:
+    """Stage 1 with the tiny test_vit teacher at 32 px: 4 views, shards of 5 rows, on the CPU;
+    ``settings`` are further ExtractConfig fields (``append=True``)."""
+    from cospress.extract import ExtractConfig, run_extract
+
+    cfg = ExtractConfig(
+        data=f"folder:{images}", teacher="test_vit", weights=str(weights), image_size=32, views=4,
+        shard_size=5, batch_size=16, workers=0, precision="fp32", device="cpu", out=str(out), **settings,
+    )  # fmt: skip
+    run_extract(cfg)
+    return out
+
+
+def distill_train_losses(store: str, out: Path, images: Path, cache: str | None) -> list[dict]:
+    """One epoch of stage 2 from ``store`` (a tiny test_vit student); the train lines of metrics.jsonl."""
+    import json
+
+    from cospress.distill import DistillConfig, run_distill
+
+    cfg = DistillConfig(
+        store=store, out=str(out), data=f"folder:{images}", cache_dir=cache, student="test_vit",
+        student_size=32, epochs=1, batch_size=12, views_per_image=3, workers=0, precision="fp32",
+        device="cpu", val_fraction=0.25, warmup_epochs=0.5, temperatures=[0.02, 0.1], seed=0,
+    )  # fmt: skip
+    run_distill(cfg)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if x.get("phase") == "train"]
+
+
+def assert_same_losses(a: list[dict], b: list[dict]) -> None:
+    """Two runs' train lines give the same loss terms step by step."""
+    import pytest
+
+    assert len(a) == len(b) >= 2
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss/local", "loss/global", "loss/tokens", "loss/cls", "loss/total"):
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), (x["step"], key)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one ``error:`` line of a CLI run that failed with exit code 2 (and no traceback)."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]

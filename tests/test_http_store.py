@@ -18,9 +18,16 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from cospress.errors import StoreError  # noqa: E402
-from cospress.extract import ExtractConfig, run_extract  # noqa: E402
 from cospress.store import StoreReader  # noqa: E402
-from tests.helpers import make_image_folder, make_tiny_teacher_weights, run_cli  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    assert_same_losses,
+    distill_train_losses,
+    error_line,
+    extract_tiny_store,
+    make_image_folder,
+    make_tiny_teacher_weights,
+    run_cli,
+)
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 pytestmark = pytest.mark.skipif(
@@ -94,19 +101,7 @@ def store(tmp_path_factory, images, served) -> tuple[Path, str]:
     """A store extracted with a tiny random-init teacher; (local path, its HTTP URL)."""
     weights = make_tiny_teacher_weights(tmp_path_factory.mktemp("w") / "t.safetensors", img_size=32)
     root, base = served
-    out = root / "store"
-    cfg = ExtractConfig(
-        data=f"folder:{images}", teacher="test_vit", weights=str(weights), image_size=32, views=4,
-        shard_size=5, batch_size=16, workers=0, precision="fp32", device="cpu", out=str(out),
-    )  # fmt: skip
-    run_extract(cfg)
-    return out, f"{base}/store"
-
-
-def _error_line(proc: subprocess.CompletedProcess) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
+    return extract_tiny_store(images, weights, root / "store"), f"{base}/store"
 
 
 def test_cli_inspect_and_verify_over_http(store, tmp_path):
@@ -151,7 +146,7 @@ def test_verify_over_http_finds_a_flipped_byte_and_refuses_a_partial_upload(stor
     text = " ".join(proc.stderr.split())
     assert "corrupted shard 2 array tokens" in text and "verify failed: 1 corrupted" in text
     (copy / "manifest.json").unlink()  # as if the upload stopped before its last file
-    line = _error_line(run_cli("verify", f"{base}/flipped", check=False))
+    line = error_line(run_cli("verify", f"{base}/flipped", check=False))
     assert "has no manifest.json" in line and "finish the upload" in line
 
 
@@ -166,7 +161,7 @@ def test_server_without_ranges_is_a_clear_cli_error_without_credentials(store):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         url = f"http://alice:s3cr3t-pw@127.0.0.1:{srv.server_address[1]}"
-        line = _error_line(run_cli("inspect", url, check=False))
+        line = error_line(run_cli("inspect", url, check=False))
         assert "does not support byte ranges" in line and "s3cr3t-pw" not in line and "alice" not in line
     finally:
         srv.shutdown()
@@ -182,7 +177,7 @@ def test_credentials_never_appear_in_errors(store, served):
     msg = str(e.value)
     assert "cannot read the store http://127.0.0.1" in msg and "hunter2" not in msg and "abc123" not in msg
     proc = run_cli("verify", url, check=False)
-    line = _error_line(proc)
+    line = error_line(proc)
     assert "hunter2" not in proc.stderr + proc.stdout and "abc123" not in proc.stderr and "bob" not in line
     # and credentials in a URL nginx serves (no auth configured) still read, without being shown
     host = base.removeprefix("http://")
@@ -195,25 +190,7 @@ def test_credentials_never_appear_in_errors(store, served):
 
 def test_distill_over_http_equals_local(store, images, tmp_path):
     local, url = store
-    try:
-        from cospress.distill import DistillConfig, run_distill
-    except ImportError as e:  # pragma: no cover - stage 2 not importable
-        pytest.skip(f"cospress.distill is not importable yet: {e}")
-
-    def run(src: str, out: Path, cache: str | None) -> list[dict]:
-        cfg = DistillConfig(
-            store=src, out=str(out), data=f"folder:{images}", cache_dir=cache, student="test_vit",
-            student_size=32, epochs=1, batch_size=12, views_per_image=3, workers=0, precision="fp32",
-            device="cpu", val_fraction=0.25, warmup_epochs=0.5, temperatures=[0.02, 0.1], seed=0,
-        )  # fmt: skip
-        run_distill(cfg)
-        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        return [x for x in lines if x.get("phase") == "train"]
-
-    a = run(str(local), tmp_path / "local", None)
-    b = run(url, tmp_path / "http", str(tmp_path / "cache"))
-    assert len(a) == len(b) >= 2
+    a = distill_train_losses(str(local), tmp_path / "local", images, None)
+    b = distill_train_losses(url, tmp_path / "http", images, str(tmp_path / "cache"))
     assert any((tmp_path / "cache").rglob("cls/c/*/0/0"))  # the targets came over HTTP, via the cache
-    for x, y in zip(a, b, strict=True):
-        for key in ("loss/local", "loss/global", "loss/tokens", "loss/cls", "loss/total"):
-            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), (x["step"], key)
+    assert_same_losses(a, b)
