@@ -99,6 +99,8 @@ class StoreReader:
         try:
             raw = self._fs.cat_file(self._path(mf.MANIFEST_FILE))
         except FileNotFoundError:
+            if not self._fs.exists(self._root):  # e.g. a bucket that does not exist
+                raise StoreError(f"nothing is at {self.display}: check the path or URL") from None
             what = (
                 "it is incomplete"
                 if self._fs.exists(self._path(mf.IDENTITY_FILE))
