@@ -264,7 +264,9 @@ def verify_cmd(
 def distill_cmd(cfg: DistillConfig, show_progress: bool) -> None:
     """Stage 2: train the CosPress compressor and the student from a store (no teacher needed)."""
     from cospress.distill import run_distill
+    from cospress.distill.run import prepare
 
+    cfg = prepare(cfg)  # settings checked against the store before the progress bar starts
     with progress_bar(f"distill ({cfg.method})", show_progress) as update:
         summary = run_distill(cfg, progress=update)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -92,8 +92,8 @@ def read_export(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
     """(description, bare timm state dict) of a student.
 
     ``path`` is an export folder (student.json + student.safetensors), a distill run folder holding
-    one in ``export/``, or a distill run folder itself (run.json + best.safetensors, else
-    last.safetensors; the description is run.json's ``student`` plus its ``teacher``).
+    one in ``export/``, or a distill run folder itself (run.json + the ``best`` checkpoint, else
+    ``last``, found through :func:`cospress.checkpoint.paths`; the description is run.json's ``student`` plus its ``teacher``).
     """
     import safetensors.torch
 

@@ -19,7 +19,7 @@ from cospress.fused_kl import (
     similarity_kl_lean,
     triton_available,
 )
-from cospress.models.features import Features
+from cospress.models.features import Features, resample_tokens
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,20 @@ def _check_weights(weights: Mapping[str, float] | None, names: Sequence[str]) ->
     return out
 
 
+Grids = tuple[tuple[int, int], tuple[int, int]]
+
+
+def on_grid(features: Features, grids: Grids | None) -> Features:
+    """``features`` with its tokens moved from ``grids[0]`` (the teacher's) to ``grids[1]`` (the student's).
+
+    Area pooling down, bilinear up (:func:`~cospress.models.features.resample_tokens`); the same
+    object when ``grids`` is None, the grids are equal or there are no tokens.
+    """
+    if grids is None or tuple(grids[0]) == tuple(grids[1]) or features.tokens.shape[1] == 0:
+        return features
+    return Features(features.cls, resample_tokens(features.tokens, tuple(grids[0]), tuple(grids[1])))
+
+
 def cospress_loss(
     teacher: Features,
     compressed: Features,
@@ -116,16 +130,21 @@ def cospress_loss(
     use_tokens: bool = True,
     weights: Mapping[str, float] | None = None,
     impl: str | None = None,
+    grids: Grids | None = None,
 ) -> dict[str, torch.Tensor]:
     """The CosPress objective as named terms: {"local", "global", "tokens", "cls", "total"}.
 
     teacher: cls [B, Dt], tokens [B, T, Dt]; compressed = h(teacher): cls [B, Ds], tokens [B, T, Ds];
-    student: cls [B, Ds], tokens [B, T, Ds] (same T as compressed).
-    - local: similarity_kl over each image's CLS + patch tokens [B, 1 + T, .], teacher vs compressed.
+    student: cls [B, Ds], tokens [B, S, Ds]. T = S unless ``grids`` = (teacher grid, student grid)
+    says how the two token maps are laid out.
+    - local: similarity_kl over each image's CLS + patch tokens [B, 1 + T, .], teacher vs compressed,
+      on the teacher's native grid (the student plays no part in it, so nothing is resampled).
     - global: similarity_kl over the CLS vectors of the batch as one set; global_teacher_cls [G, Dt]
       and global_compressed_cls [G, Ds] (e.g. the all-gathered batch under DDP) replace the local
       batch when given (both or neither).
-    - tokens: mean over images of 1 - cos(flatten(student all tokens), flatten(sg(compressed all tokens))).
+    - tokens: mean over images of 1 - cos(flatten(student all tokens), flatten(sg(compressed all tokens)));
+      with ``grids``, the compressed tokens are first moved to the student's grid (:func:`on_grid`:
+      area pooling down, bilinear up): only this target is resampled.
     - cls: mean over images of 1 - cos(student CLS, sg(compressed CLS)).
     The compressor learns only from local + global, the student only from tokens + cls (stop-gradient
     on the compressed side of the cosines). With use_tokens=False (a store without tokens) the
@@ -141,13 +160,13 @@ def cospress_loss(
 
     terms: dict[str, torch.Tensor] = {"global": similarity_kl(gt[None], gz[None], temperatures, impl=impl)}
     if use_tokens:
-        s_all, c_all = student.all_tokens(), compressed.all_tokens()
+        terms["local"] = similarity_kl(teacher.all_tokens(), compressed.all_tokens(), temperatures, impl=impl)
+        s_all, c_all = student.all_tokens(), on_grid(compressed, grids).all_tokens()
         if s_all.shape != c_all.shape:
             raise ValueError(
                 f"student and compressed token maps differ: student {tuple(s_all.shape)} vs compressed "
                 f"{tuple(c_all.shape)} (CLS + tokens); match the student's token grid and dim to the store's"
             )
-        terms["local"] = similarity_kl(teacher.all_tokens(), c_all, temperatures, impl=impl)
         terms["tokens"] = _one_minus_cos(s_all.flatten(1), c_all.detach().flatten(1))
     else:
         terms["local"] = zero
@@ -172,12 +191,14 @@ def feature_distill_loss(
     target: Features,
     use_tokens: bool = True,
     weights: Mapping[str, float] | None = None,
+    grids: Grids | None = None,
 ) -> dict[str, torch.Tensor]:
     """Baseline feature distillation: {"cls", "tokens", "total"}.
 
-    pred: cls [B, D], tokens [B, T, D] (e.g. student + linear head into the teacher space); target: the
-    same shapes (the teacher; treated as a constant, detached). The tokens term uses the whole map,
-    CLS + patches [B, 1 + T, D].
+    pred: cls [B, D], tokens [B, S, D] (e.g. student + head into the teacher space); target: cls [B, D],
+    tokens [B, T, D] (the teacher; treated as a constant, detached), T = S unless ``grids`` = (target
+    grid, pred grid): then the target tokens are moved to the pred's grid (:func:`on_grid`). The
+    tokens term uses the whole map, CLS + patches [B, 1 + S, D].
     - cosine: cls = mean of 1 - cos(pred CLS, target CLS); tokens = mean over images of
       1 - cos(flatten(pred map), flatten(target map)).
     - mse / smooth-l1: mean over all elements of the CLS vectors, and of the token maps.
@@ -188,7 +209,7 @@ def feature_distill_loss(
     w = _check_weights(weights, ("cls", "tokens"))
     pairs = {"cls": (pred.cls, target.cls.detach())}
     if use_tokens:
-        pairs["tokens"] = (pred.all_tokens(), target.all_tokens().detach())
+        pairs["tokens"] = (pred.all_tokens(), on_grid(target, grids).all_tokens().detach())
     out: dict[str, torch.Tensor] = {}
     for name, (p, t) in pairs.items():
         if p.shape != t.shape:

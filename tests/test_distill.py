@@ -189,7 +189,7 @@ def test_cospress_run_writes_config_metrics_and_checkpoints(cospress_run):
     assert {k.split(".")[0] for k in weights} == {"student", "compressor"}
     assert not any("module." in k or "_orig_mod" in k for k in weights)
     assert "student.cls_token" in weights  # bare timm names under student.
-    raw = torch.load(out / "last.state.pt", weights_only=True)
+    raw = torch.load(ckpt.paths(out, "last")[1], weights_only=True)
     assert raw["step"] == summary["steps"] and raw["epoch"] == 2 and raw["position"] == 0
     assert raw["format_version"] == ckpt.FORMAT_VERSION and raw["config"]["method"] == "cospress"
     assert "state" in raw["optimizer"] and "torch" in raw["rng"]
@@ -219,11 +219,35 @@ def test_compressor_learns_only_from_kl_and_student_only_from_cosine():
     assert torch.allclose(terms["total"], terms["local"] + terms["global"] + terms["tokens"] + terms["cls"])
 
 
+def test_joint_and_compressor_first_share_the_native_grid_local_term():
+    from cospress.distill.model import DistillModel, compute_losses
+    from cospress.losses import similarity_kl
+    from cospress.models.features import Features
+    from cospress.models.students import build_student
+
+    torch.manual_seed(0)
+    model = DistillModel(build_student("test_vit", 32), "cospress", dt=16)
+    grid_s = tuple(model.student.grid)
+    images = torch.randint(0, 255, (6, 3, 32, 32), dtype=torch.uint8)
+    teacher = Features(cls=torch.randn(6, 16), tokens=torch.randn(6, 25, 16))  # a 5x5 teacher grid
+    w = dict.fromkeys(("local", "global", "tokens", "cls"), 1.0)
+    terms = compute_losses(
+        model, images, teacher, method="cospress", temperatures=[0.05, 0.1], weights=w, use_tokens=True,
+        grids=((5, 5), grid_s),
+    )  # fmt: skip
+    t_all = teacher.all_tokens()
+    # fit_compressor's local term: the KL between the native tokens and h of them
+    native = similarity_kl(t_all, model.compressor(t_all), [0.05, 0.1])
+    torch.testing.assert_close(terms["local"], native, rtol=1e-5, atol=1e-7)
+    assert grid_s != (5, 5) and np.isfinite(float(terms["tokens"]))
+
+
 @pytest.mark.parametrize("method", ["cosine", "mse", "smooth-l1"])
 def test_baselines_train_a_head_into_the_teacher_space(store, tmp_path, method):
     summary = run_distill(tiny_cfg(store[0], tmp_path / "run", method=method, epochs=1))
     weights, _ = ckpt.load_checkpoint(tmp_path / "run", "last")
-    assert weights["head.weight"].shape == (16, 64)  # Ds=64 -> Dt=16
+    assert weights["head.1.weight"].shape == (16, 64)  # LayerNorm(Ds=64) -> Linear Ds -> Dt=16 (Proteus)
+    assert weights["head.0.weight"].shape == (64,)
     assert "compressor.net.0.weight" not in weights
     assert set(k for k in summary["last"] if k.startswith("loss/")) == {
         "loss/cls",

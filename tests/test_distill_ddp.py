@@ -8,6 +8,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from cospress import checkpoint as ckpt  # noqa: E402
 from cospress import runtime
 from cospress.distill.model import DistillModel, compute_losses  # noqa: E402
 from cospress.models.features import Features  # noqa: E402
@@ -127,4 +128,4 @@ def test_torchrun_two_ranks_through_the_cli(tmp_path):
     train = [r for r in rows if r.get("phase") == "train"]
     steps = [r["step"] for r in train]
     assert steps and steps == list(range(steps[0], steps[0] + len(steps)))  # rank 0 alone writes metrics
-    assert (out / "last.safetensors").exists()
+    assert ckpt.exists(out, "last")

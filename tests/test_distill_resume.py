@@ -1,4 +1,5 @@
-"""A distill run killed with SIGKILL and resumed ends with bitwise the same weights as an uninterrupted run."""
+"""A distill run killed with SIGKILL (between steps, or inside a checkpoint save) and resumed ends with
+bitwise the same weights as an uninterrupted run."""
 
 import os
 
@@ -11,6 +12,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from cospress import checkpoint as ckpt  # noqa: E402
@@ -32,27 +34,54 @@ run_distill(cfg, progress=lambda done, total: time.sleep(delay))
 
 def _state_step(out: Path) -> int:
     try:
-        return int(torch.load(out / "last.state.pt", weights_only=True)["step"])
-    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
+        return int(torch.load(ckpt.paths(out, "last")[1], weights_only=True)["step"])
+    except (FileNotFoundError, RuntimeError, EOFError, KeyError, ckpt.CheckpointError):
         return -1
 
 
-def test_sigkill_then_resume_gives_the_same_weights(tmp_path):
-    url, _ = make_store(tmp_path, n=20, shard_size=7)
-    kw = dict(epochs=2, save_every=1, val_fraction=0.2)
+KW = dict(epochs=2, save_every=1, val_fraction=0.2)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(store url, the uninterrupted run's folder, its steps)."""
+    tmp = tmp_path_factory.mktemp("resume")
+    url, _ = make_store(tmp, n=20, shard_size=7)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # float sums depend on the thread count: match the subprocesses
     try:
-        ref = run_distill(tiny_cfg(url, tmp_path / "ref", **kw))
+        ref = run_distill(tiny_cfg(url, tmp / "ref", **KW))
     finally:
         torch.set_num_threads(threads)
-    steps = ref["steps"]
-    assert steps >= 6
+    assert ref["steps"] >= 6
+    return url, tmp / "ref", ref["steps"]
 
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **extra}
+
+
+def _resume_and_compare(cfg: dict, ref: Path, steps: int) -> None:
+    cfg = {**cfg, "resume": True}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cfg), "0"], env=_env(), timeout=300)
+    assert done.returncode == 0
+    out = Path(cfg["out"])
+    a, _ = ckpt.load_checkpoint(ref, "last")
+    b, state = ckpt.load_checkpoint(out, "last")
+    assert state["step"] == steps and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["phase"] == "train"] == list(
+        range(1, steps + 1)
+    )  # no duplicate steps
+    assert len([r for r in rows if r["phase"] == "val"]) == 2
+
+
+def test_sigkill_then_resume_gives_the_same_weights(reference, tmp_path):
+    url, ref, steps = reference
     out = tmp_path / "killed"
-    cfg = to_dict(tiny_cfg(url, out, workers=1, **kw))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(cfg), "0.4"], env=env)
+    cfg = to_dict(tiny_cfg(url, out, workers=1, **KW))
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(cfg), "0.4"], env=_env())
     try:
         deadline = time.time() + 120
         while _state_step(out) < 2 and time.time() < deadline and proc.poll() is None:
@@ -63,16 +92,17 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path):
         proc.wait(timeout=30)
     killed_at = _state_step(out)
     assert 2 <= killed_at < steps
+    _resume_and_compare(cfg, ref, steps)
 
-    cfg["resume"] = True
-    done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cfg), "0"], env=env, timeout=300)
-    assert done.returncode == 0
-    a, _ = ckpt.load_checkpoint(tmp_path / "ref", "last")
-    b, state = ckpt.load_checkpoint(out, "last")
-    assert state["step"] == steps and a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["phase"] == "train"] == list(
-        range(1, steps + 1)
-    )  # no duplicate steps
-    assert len([r for r in rows if r["phase"] == "val"]) == 2
+
+# saves of this run, in order: steps 1, 2, 3 (--save-every 1), best + last at the end of epoch 0, ...
+@pytest.mark.parametrize("hook", ["weights:2", "state:4", "pointer:5", "weights:7"])
+def test_sigkill_inside_a_save_then_resume_gives_the_same_weights(reference, tmp_path, hook):
+    url, ref, steps = reference
+    out = tmp_path / "killed"
+    cfg = to_dict(tiny_cfg(url, out, workers=0, **KW))
+    env = _env(**{ckpt.KILL_HOOK_ENV: hook})
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cfg), "0"], env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL  # killed inside the save, at the hook
+    assert ckpt.exists(out, "last")  # a complete checkpoint is always there to resume from
+    _resume_and_compare(cfg, ref, steps)

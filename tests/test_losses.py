@@ -204,6 +204,30 @@ def test_cospress_without_tokens_and_shape_errors():
         cospress_loss(s.teacher, s.compressed, bad, (0.1,))
 
 
+def test_mismatched_grids_local_term_on_native_tokens_target_pooled():
+    # teacher 4x4 tokens, student 2x2: the local term is the teacher-vs-h(t) KL on all 1 + 16 native
+    # tokens (exactly the value with no student at all); only the token-cosine target is pooled
+    s = _Setup(t=16)
+    student = Features(s.student.cls, torch.randn(6, 4, 8, requires_grad=True))
+    temps = (0.05, 0.1)
+    out = cospress_loss(s.teacher, s.compressed, student, temps, grids=((4, 4), (2, 2)))
+    native = similarity_kl(s.teacher.all_tokens(), s.compressed.all_tokens(), temps)
+    assert torch.equal(out["local"], native)
+    pooled = s.compressed.tokens.view(6, 2, 2, 2, 2, 8).mean(dim=(2, 4)).reshape(6, 4, 8)
+    target = torch.cat([s.compressed.cls[:, None], pooled], dim=1).flatten(1)
+    want = (1 - torch.cosine_similarity(student.all_tokens().flatten(1), target, dim=-1)).mean()
+    assert torch.allclose(out["tokens"], want, atol=1e-6)
+    assert float(s.grads(out["tokens"], list(s.h.parameters()))[0].abs().sum()) == 0  # target detached
+    # the baselines: the teacher's tokens are the target, pooled to the prediction's grid
+    pred = Features(torch.randn(6, 12), torch.randn(6, 4, 12))
+    base = feature_distill_loss("mse", pred, s.teacher, grids=((4, 4), (2, 2)))
+    t_pooled = s.teacher.tokens.view(6, 2, 2, 2, 2, 12).mean(dim=(2, 4)).reshape(6, 4, 12)
+    want_t = torch.nn.functional.mse_loss(pred.all_tokens(), torch.cat([s.teacher.cls[:, None], t_pooled], 1))
+    assert torch.allclose(base["tokens"], want_t)
+    with pytest.raises(ValueError, match="differ"):
+        cospress_loss(s.teacher, s.compressed, student, temps)  # no grids: 16 vs 4 tokens
+
+
 # ------------------------------------------------------------------------------------------ baselines
 
 

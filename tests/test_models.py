@@ -270,3 +270,20 @@ def test_resample_tokens():
     torch.testing.assert_close(down[0, :, 0], torch.tensor([0.5, 2.5, 0.5, 2.5]))
     with pytest.raises(ValueError):
         resample_tokens(x, (3, 3), (2, 2))
+
+
+def test_resample_tokens_downsamples_by_area():
+    # 8x8 -> 2x2: each output token is the mean of its 4x4 block, so every source token counts
+    # (bilinear without antialiasing would average only the 2x2 centre of each block)
+    x = torch.randn(2, 64, 3)
+    down = resample_tokens(x, (8, 8), (2, 2))
+    blocks = x.view(2, 2, 4, 2, 4, 3).mean(dim=(2, 4)).reshape(2, 4, 3)
+    torch.testing.assert_close(down, blocks)
+    # a constant map stays exactly constant, whatever the (uneven) ratio: 7x7 -> 4x4, 16x16 -> 4x4
+    for grid in ((7, 7), (16, 16), (7, 5)):
+        const = torch.full((1, grid[0] * grid[1], 2), 0.75)
+        assert torch.equal(resample_tokens(const, grid, (4, 4)), torch.full((1, 16, 2), 0.75))
+    # mixed: one axis shrinks (area), the other grows (bilinear)
+    cols = torch.arange(2.0).repeat(4).view(1, 8, 1)  # 4x2 map, value = column index
+    mixed = resample_tokens(cols, (4, 2), (2, 4))
+    torch.testing.assert_close(mixed.view(2, 4), torch.tensor([[0.0, 0.25, 0.75, 1.0]] * 2))

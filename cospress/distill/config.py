@@ -49,7 +49,11 @@ class DistillConfig:
     )
     epochs: int = setting(5, help="Training epochs.")
     batch_size: int = setting(192, help="Views per global batch (all ranks together).")
-    views_per_image: int = setting(3, help="R: views of each image in a batch, drawn from the store's K.")
+    views_per_image: int | None = setting(
+        None,
+        help="R: views of each image in a batch, drawn from the store's stored views.",
+        shown="min(3, the store's stored views)",
+    )
     lr: float = setting(5e-4, help="AdamW learning rate.")
     min_lr: float = setting(1e-5, help="Final learning rate of the cosine schedule.")
     weight_decay: float = setting(0.05, help="AdamW weight decay (not on norms, biases, pos / cls tokens).")

@@ -2,7 +2,7 @@
 
 ``DistillModel`` wraps the student and either the compressor h (cospress) or a linear head (baselines);
 ``compute_losses`` returns one step's named loss terms and ``train_step`` takes one optimizer step;
-``teacher_features`` turns a batch's cached targets into fp32 ``Features`` on the student's token grid;
+``teacher_features`` turns a batch's cached targets into fp32 ``Features`` on the teacher's own grid;
 ``param_groups`` / ``Schedule`` (``lr_at``) are the AdamW groups and the warm-up + cosine schedule;
 ``make_optimizer`` builds AdamW, after ``fit_compressor`` fits h from the store features alone when asked.
 """
@@ -21,7 +21,7 @@ from torch import nn
 
 from cospress import runtime
 from cospress.distill.data import TrainData, feature_batches
-from cospress.models.features import Features, resample_tokens
+from cospress.models.features import Features
 from cospress.runtime import autocast
 
 __all__ = [
@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 # ============================================================================ model + losses
 class DistillModel(nn.Module):
-    """The trained modules: ``student`` and either ``compressor`` (cospress) or ``head`` (baselines).
+    """The trained modules: ``student`` and either ``compressor`` (cospress) or ``head`` (baselines:
+    LayerNorm -> Linear Ds -> Dt, as Proteus).
 
     ``forward(images uint8 [B, 3, S, S], teacher Features(cls [B, Dt], tokens [B, T, Dt]) fp32)``
     returns (student Features [B, *, Ds] fp32, h(teacher) Features [B, *, Ds] or head(student)
@@ -59,7 +60,7 @@ class DistillModel(nn.Module):
         if method == "cospress":
             self.compressor = Compressor(dt, ds, compressor_kind)
         else:
-            self.head = nn.Linear(ds, dt)
+            self.head = nn.Sequential(nn.LayerNorm(ds), nn.Linear(ds, dt))
 
     def forward(self, images: torch.Tensor, teacher: Features) -> tuple[Features, Features]:
         with autocast(images.device, self.amp_dtype):
@@ -83,10 +84,14 @@ def compute_losses(
     weights: dict[str, float],
     use_tokens: bool,
     frozen_compressor: bool = False,
+    grids: tuple[tuple[int, int], tuple[int, int]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One step's named loss terms (fp32) for this rank's part of a global batch; "total" is weighted.
 
-    images [b, 3, S, S] uint8; teacher Features(cls [b, Dt], tokens [b, T, Dt]) on the student's grid.
+    images [b, 3, S, S] uint8; teacher Features(cls [b, Dt], tokens [b, T, Dt]) on the teacher's grid;
+    ``grids`` = (teacher grid, student grid) when they differ. The local term is computed on the
+    teacher's native tokens; only the student's token-cosine target (h(t) tokens, or the teacher's
+    tokens for the baselines) is moved to the student's grid (area pooling down, bilinear up).
     For cospress the global term uses the CLS of all ranks (all-gathered with gradients), so after
     DDP's gradient mean every rank holds the single-process gradient of the global batch.
     With a frozen (pre-fitted) compressor only the cosine terms are computed.
@@ -95,7 +100,7 @@ def compute_losses(
 
     s, z = model(images, teacher)
     if method == "cospress" and frozen_compressor:
-        terms = losses.feature_distill_loss("cosine", s, z, use_tokens=use_tokens)  # target detached
+        terms = losses.feature_distill_loss("cosine", s, z, use_tokens=use_tokens, grids=grids)  # detached
         names = ("tokens", "cls")
     elif method == "cospress":
         gt = runtime.all_gather_no_grad(teacher.cls)
@@ -108,31 +113,25 @@ def compute_losses(
             global_teacher_cls=gt,
             global_compressed_cls=gz,
             use_tokens=use_tokens,
+            grids=grids,
         )
         names = ("local", "global", "tokens", "cls")
     else:
-        terms = losses.feature_distill_loss(method, z, teacher, use_tokens=use_tokens)
+        terms = losses.feature_distill_loss(method, z, teacher, use_tokens=use_tokens, grids=grids)
         names = ("tokens", "cls")
     out = {k: terms[k].float() for k in names}
     out["total"] = sum(weights[k] * out[k] for k in names)
     return out
 
 
-def _resample(tokens: torch.Tensor, grid_from: tuple[int, int], grid_to: tuple[int, int]) -> torch.Tensor:
-    """[B, h*w, D] -> [B, h'*w', D], bilinear on the token grid (identity when the grids match)."""
-    if tuple(grid_from) == tuple(grid_to) or tokens.shape[1] == 0:
-        return tokens
-    return resample_tokens(tokens, tuple(grid_from), tuple(grid_to))
-
-
-def teacher_features(batch: dict[str, Any], device: torch.device, grid_t: tuple, grid_s: tuple) -> Features:
-    """Cached targets of a batch as fp32 Features on ``device``, tokens on the student's grid."""
+def teacher_features(batch: dict[str, Any], device: torch.device) -> Features:
+    """Cached targets of a batch as fp32 Features on ``device``, tokens on the teacher's own grid."""
     cls = batch["cls"].to(device, non_blocking=True).float()
     tok = batch.get("tokens")
     if tok is None:
         tokens = cls.new_zeros((cls.shape[0], 0, cls.shape[1]))
     else:
-        tokens = _resample(tok.to(device, non_blocking=True).float(), grid_t, grid_s)
+        tokens = tok.to(device, non_blocking=True).float()
     return Features(cls=cls, tokens=tokens)
 
 
@@ -214,12 +213,12 @@ def train_step(
     teacher: Features,
     lr: float,
     cfg: Any,
-    *,
     use_tokens: bool,
+    grids: tuple[tuple[int, int], tuple[int, int]] | None = None,
 ) -> dict[str, float]:
     """One optimizer step on this rank's part of a global batch; returns the loss terms averaged over ranks.
 
-    ``model``: the DistillModel or its DDP wrapper; images / teacher as :func:`compute_losses`.
+    ``model``: the DistillModel or its DDP wrapper; images / teacher / grids as :func:`compute_losses`.
     """
     for g in opt.param_groups:
         g["lr"] = lr
@@ -232,6 +231,7 @@ def train_step(
         weights={"local": cfg.w_local, "global": cfg.w_global, "tokens": cfg.w_tokens, "cls": cfg.w_cls},
         use_tokens=use_tokens,
         frozen_compressor=bool(cfg.compressor_first),
+        grids=grids,
     )
     opt.zero_grad(set_to_none=True)
     terms["total"].backward()

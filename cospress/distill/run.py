@@ -9,13 +9,15 @@ of the source image at the student's size, and trains. Methods:
   first, then frozen.
 - ``cosine`` / ``mse`` / ``smooth-l1``: the student + a linear head Ds -> Dt regressing the teacher.
 
-Teacher tokens are resampled bilinearly to the student's grid when the grids differ (in the
-teacher space, before h). The global term is computed on the CLS vectors of the whole global batch,
+When the teacher's token grid differs from the student's, the local term still runs on the teacher's
+native tokens; only the student's token-cosine target (h(t), or the teacher for the baselines) is
+moved to the student's grid (area pooling down, bilinear up). The global term is computed on the CLS vectors of the whole global batch,
 all-gathered across DDP ranks with gradients.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -64,7 +66,7 @@ def run_distill(cfg: DistillConfig, progress: Callable[[int, int], None] | None 
     rank calls this; torch.distributed is initialised (and torn down) here unless already initialised.
     """
     runtime.tune_malloc()
-    validate(cfg)
+    cfg = prepare(cfg)
     was_init = torch.distributed.is_available() and torch.distributed.is_initialized()
     ctx = runtime.init_distributed(cfg.device)
     try:
@@ -83,8 +85,8 @@ def train(
     # set-up data
     data = open_train_data(cfg, ctx.world)
     schedule = Schedule.for_run(cfg, data.steps_per_epoch)
-    # set-up model (the same init on every rank)
-    model = build_model(cfg, data, device)
+    # set-up model (the same init on every rank; then seed + rank, so drop-path masks differ per rank)
+    model = build_model(cfg, data, device, rank=ctx.rank)
     # resume
     at, state = resume(cfg, out, model)
     if ctx.is_main:
@@ -96,10 +98,10 @@ def train(
             save_run, out=out, model=model, opt=opt, cfg=cfg, at=at, schedule=schedule, enabled=ctx.is_main
         )
         if state is not None:
-            restore_optimizer(opt, state)
+            restore_optimizer(opt, state, rank=ctx.rank)
         elif cfg.compressor_first:
             save("last")  # the fitted compressor survives a kill
-        dmodel = _ddp(model, ctx)
+        dmodel, grids = _ddp(model, ctx), (data.grid_t, tuple(model.student.grid))
         # the loop
         t_start, views_done, last = time.perf_counter(), 0, {}
         while at.epoch < cfg.epochs:
@@ -108,9 +110,9 @@ def train(
             for batch in loader:
                 t_data = time.perf_counter() - t0
                 lr = schedule(at.step)
-                teacher = teacher_features(batch, device, data.grid_t, model.student.grid)
+                teacher = teacher_features(batch, device)
                 images = device_images(batch, cfg.student_size, device)
-                losses = train_step(dmodel, opt, images, teacher, lr, cfg, use_tokens=data.use_tokens)
+                losses = train_step(dmodel, opt, images, teacher, lr, cfg, data.use_tokens, grids)
                 at.step, at.position = at.step + 1, int(batch["step"]) + 1
                 views_done += cfg.batch_size
                 last = train_row(at, lr, losses, cfg.batch_size, t_data, time.perf_counter() - t0)
@@ -136,6 +138,34 @@ def train(
 
 
 # --------------------------------------------------------------------------- set-up
+def prepare(cfg: DistillConfig) -> DistillConfig:
+    """Check the settings against the store before anything starts (the CLI calls this before its
+    progress bar); returns ``cfg`` with ``views_per_image`` resolved (None: min(3, stored views)).
+
+    A store read from a URL needs ``--data``: the image source recorded in a published store is not
+    opened (it could point a reader anywhere).
+    """
+    from cospress.store.reader import StoreReader
+    from cospress.store.remote import is_local
+
+    validate(cfg)
+    if not cfg.data and not is_local(str(cfg.store)):
+        raise ConfigError(
+            "the store is read from a URL: pass --data with its image source "
+            "(the source recorded in a published store is not opened)"
+        )
+    reader = StoreReader(cfg.store, cache_dir=cfg.cache_dir)
+    views = cfg.views_per_image
+    if views is None:
+        views = min(3, reader.stored_views)
+        log.info(
+            "views per image (R): %d = min(3, the store's %d stored views); set --views-per-image to change it",
+            views, reader.stored_views,
+        )  # fmt: skip
+    check_batch(cfg.batch_size, views, reader.stored_views, runtime.dist_info()[1])
+    return dataclasses.replace(cfg, views_per_image=views)
+
+
 def open_train_data(cfg: DistillConfig, world: int) -> TrainData:
     """Open the store and its image source, check the batch shape, split the rows, pick the kNN rows."""
     from cospress.data.sources import open_source
@@ -193,14 +223,16 @@ def _teacher_grid(reader: Any) -> tuple[int, int]:
     return (int(grid[0]), int(grid[1]))
 
 
-def build_model(cfg: DistillConfig, data: TrainData, device: torch.device) -> DistillModel:
-    """The student + compressor (or head), seeded with ``cfg.seed`` so every rank builds the same init."""
+def build_model(cfg: DistillConfig, data: TrainData, device: torch.device, rank: int = 0) -> DistillModel:
+    """The student + compressor (or head), seeded with ``cfg.seed`` so every rank builds the same init;
+    the RNGs are then seeded with ``cfg.seed + rank`` for the rest (drop-path masks, any other draw)."""
     from cospress.models.students import build_student
     from cospress.models.timm_features import set_attention
 
     runtime.seed_everything(cfg.seed)
     student = build_student(cfg.student, cfg.student_size, cfg.pretrained, **parse_kwargs(cfg.student_kwargs))
     model = DistillModel(student, cfg.method, data.reader.dim, cfg.compressor).to(device)
+    runtime.seed_everything(cfg.seed + rank)
     model.amp_dtype = runtime.autocast_dtype(cfg.precision, device)
     kernel = set_attention(student, cfg.attention, device)
     if kernel != "n/a":
@@ -210,7 +242,10 @@ def build_model(cfg: DistillConfig, data: TrainData, device: torch.device) -> Di
         log.info("the student is compiled with torch.compile (the first steps are slow)")
     if data.use_tokens and tuple(student.grid) != data.grid_t:
         log.info(
-            "teacher tokens %s are resampled bilinearly to the student's grid %s", data.grid_t, student.grid
+            "teacher grid %s, student grid %s: the local term runs on the teacher's grid, the token target "
+            "is pooled (area) or interpolated (bilinear) to the student's",
+            data.grid_t,
+            tuple(student.grid),
         )
     return model
 

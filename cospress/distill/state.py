@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from cospress import checkpoint as ckpt
+from cospress import runtime
 from cospress.config import save_config, to_dict
 from cospress.distill.config import DistillConfig, parse_kwargs
 from cospress.distill.model import Schedule
@@ -123,7 +124,7 @@ def resume(cfg: DistillConfig, out: Path, model: nn.Module) -> tuple[RunState, d
         return RunState(), None
     if not cfg.resume:
         raise ConfigError(
-            f"{out} already holds a run (last.safetensors); pass --resume to continue it or choose another --out"
+            f"{out} already holds a run (a last checkpoint); pass --resume to continue it or choose another --out"
         )
     weights, state = ckpt.load_checkpoint(out, "last")
     load_model_weights(model, weights)
@@ -143,10 +144,17 @@ def resume(cfg: DistillConfig, out: Path, model: nn.Module) -> tuple[RunState, d
     return at, state
 
 
-def restore_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """The optimizer state and the RNG states of a checkpoint (after the optimizer is built)."""
+def restore_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any], rank: int = 0) -> None:
+    """The optimizer state and the RNG states of a checkpoint (after the optimizer is built).
+
+    The checkpoint holds rank 0's RNG states; other ranks seed theirs from (seed, rank, step) so
+    that their drop-path masks stay different from rank 0's after a resume.
+    """
     opt.load_state_dict(state["optimizer"])
     ckpt.set_rng_state(state["rng"])
+    if rank:
+        seed = int(state.get("config", {}).get("seed", 0))
+        runtime.seed_everything((seed + rank + 1_000_003 * int(state["step"])) % 2**63)
 
 
 # --------------------------------------------------------------------------- header

@@ -37,9 +37,11 @@ class Features:
 def resample_tokens(
     tokens: torch.Tensor, grid_from: tuple[int, int], grid_to: tuple[int, int]
 ) -> torch.Tensor:
-    """Bilinearly resample a row-major token map [B, h*w, D] to [B, h'*w', D] (align_corners=False).
+    """Resample a row-major token map [B, h*w, D] to [B, h'*w', D]: area down, bilinear up.
 
-    Identity (the same tensor) when the grids are equal.
+    An axis that shrinks is averaged over its source cells (``adaptive_avg_pool2d``: every source
+    token counts, and a constant map stays exactly constant); an axis that grows is interpolated
+    bilinearly (``align_corners=False``). Identity (the same tensor) when the grids are equal.
     """
     (h, w), (h2, w2) = tuple(grid_from), tuple(grid_to)
     if (h, w) == (h2, w2):
@@ -51,5 +53,9 @@ def resample_tokens(
     dtype = x.dtype
     if dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
         x = x.float()
-    x = torch.nn.functional.interpolate(x, size=(h2, w2), mode="bilinear", align_corners=False)
+    down = (min(h, h2), min(w, w2))
+    if down != (h, w):
+        x = torch.nn.functional.adaptive_avg_pool2d(x, down)
+    if down != (h2, w2):
+        x = torch.nn.functional.interpolate(x, size=(h2, w2), mode="bilinear", align_corners=False)
     return x.to(dtype).flatten(2).transpose(1, 2)

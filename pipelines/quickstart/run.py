@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from cospress import checkpoint
+
 TEACHER = "efficientnet_lite0"
 TEACHER_ARCH = "tf_efficientnet_lite0"  # the timm architecture behind the built-in teacher
 TEACHER_SIZE = 112
@@ -111,7 +113,7 @@ def stage_commands(out: Path, size: dict, workers: int) -> dict[str, list[str]]:
 def distill_finished(run: Path, epochs: int) -> bool:
     """True when the run's best checkpoint exists and its last epoch has been validated."""
     metrics = run / "metrics.jsonl"
-    if not (run / "best.safetensors").is_file() or not metrics.is_file():
+    if not checkpoint.exists(run, "best") or not metrics.is_file():
         return False
     for line in metrics.read_text().splitlines():
         try:

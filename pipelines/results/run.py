@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from cospress import checkpoint
+
 METHODS = {
     "cospress": ["--method", "cospress"],
     "cospress-compressor-first": ["--method", "cospress", "--compressor-first", "--compressor-epochs", "3"],
@@ -126,8 +128,8 @@ def main() -> None:
         for seed in a.seeds.split(","):
             run = out / f"{method}-s{seed}"
             if not (run / "export" / "student.json").exists():
-                if not (run / "best.safetensors").exists():
-                    extra = ["--resume"] if (run / "last.state.pt").exists() else []
+                if not checkpoint.exists(run, "best"):
+                    extra = ["--resume"] if checkpoint.exists(run, "last") else []
                     cli(
                         "distill",
                         "--store",
