@@ -34,7 +34,7 @@ class EvalConfig:
     )
     batch_size: int = setting(256, help="Images per forward, at most (see --memory-budget-mb).")
     memory_budget_mb: int = setting(
-        1024,
+        512,
         help="Activation memory of one batch (MB): embedding, corruption and attack batches are sized to it.",
     )
     out: str = setting("eval", help="Report folder.")
