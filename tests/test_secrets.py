@@ -176,3 +176,33 @@ def test_export_records_no_local_path(tmp_path):
     text = (tmp_path / "exp" / "student.json").read_text()
     assert json.loads(text)["run"] == "my-run" == info["run"]
     assert str(tmp_path) not in text and "private-home" not in text
+
+
+def test_distill_and_knn_eval_from_a_signed_url_write_and_log_no_secret(secret_source, tmp_path):
+    """Stage 2 and knn-eval read the same source by its secret URL; their run folder, report,
+    embedding cache and logs hold neither secret (config.yaml, run.json, checkpoint state, report.json)."""
+    spec, _ = secret_source
+    weights = make_tiny_teacher_weights(tmp_path / "test_vit.safetensors", img_size=32)
+    store, run, report, cache = (tmp_path / n for n in ("store", "run", "eval", "cache"))
+    common = ["--workers", "0", "--precision", "fp32", "--device", "cpu"]
+    run_cli(
+        "extract-teacher", "--data", spec, "--teacher", "test_vit", "--weights", str(weights),
+        "--image-size", "32", "--views", "2", "--shard-size", "4", "--no-progress", *common, "--out", str(store),
+    )  # fmt: skip
+    distill = run_cli(
+        "-v", "distill", "--store", str(store), "--data", spec, "--student", "test_vit", "--student-size", "32",
+        "--epochs", "1", "--batch-size", "6", "--views-per-image", "2", "--val-fraction", "0.3",
+        "--temperatures", "0.05,0.1", "--no-progress", *common, "--out", str(run),
+    )  # fmt: skip
+    evaluate = run_cli(
+        "-v", "knn-eval", "--model", str(run), "--train", spec, "--test", spec, "--k", "2",
+        "--crop-pct", "1.0", "--fidelity-teacher", "none", "--cache-dir", str(cache), *common, "--out", str(report),
+    )  # fmt: skip
+    assert json.loads((report / "report.json").read_text())["counts"]
+    for proc, name in ((distill, "distill log"), (evaluate, "knn-eval log")):
+        _assert_clean(proc.stdout + proc.stderr, name)
+    for folder in (run, report, cache):
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        assert files, folder
+        for f in files:
+            _assert_clean(f.read_bytes().decode("latin-1"), str(f.relative_to(tmp_path)))

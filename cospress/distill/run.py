@@ -191,7 +191,7 @@ def open_train_data(cfg: DistillConfig, world: int) -> TrainData:
             "lower batch_size or val_fraction, or use a larger store"
         )
     source = open_source(spec)
-    source_index = key_index(keys, source.keys(), np.concatenate([split.train, split.val]), spec)
+    source_index = key_index(keys, source.keys(), np.concatenate([split.train, split.val]), source.shown)
     labels = reader.labels()
     bank = np.random.default_rng([cfg.seed, 0xBA2C]).permutation(split.train)
     data = TrainData(
@@ -211,7 +211,7 @@ def open_train_data(cfg: DistillConfig, world: int) -> TrainData:
     log.info(
         "store %s: %d rows (%d train, %d val), stored views=%d, Dt=%d, tokens=%s; source %s",
         reader.display, reader.num_rows, len(split.train), len(split.val),
-        reader.stored_views, reader.dim, use_tokens, spec,
+        reader.stored_views, reader.dim, use_tokens, source.shown,
     )  # fmt: skip
     return data
 

@@ -26,7 +26,7 @@ from cospress.config import save_config, to_dict
 from cospress.distill.config import DistillConfig, parse_kwargs
 from cospress.distill.model import Schedule
 from cospress.errors import ConfigError
-from cospress.utils import atomic_write_bytes, atomic_write_json
+from cospress.utils import atomic_write_bytes, atomic_write_json, redact_config
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def checkpoint_state(
         "optimizer": opt.state_dict(),
         "scheduler": schedule.state(at.step),
         "rng": ckpt.rng_state(),
-        "config": to_dict(cfg),
+        "config": redact_config(to_dict(cfg)),
         "compressor_fitted": bool(cfg.compressor_first),
         "best": {"metric": at.best_metric, "epoch": at.best_epoch},
         "history": list(at.history),
@@ -136,7 +136,7 @@ def resume(cfg: DistillConfig, out: Path, model: nn.Module) -> tuple[RunState, d
         best_epoch=int(state["best"]["epoch"]),
         history=list(state.get("history", [])),
     )
-    now = to_dict(cfg)
+    now = redact_config(to_dict(cfg))
     diff = sorted(k for k, v in state["config"].items() if k not in _FREE_ON_RESUME and now.get(k) != v)
     if diff:
         log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(diff))
@@ -176,7 +176,7 @@ def run_header(cfg: DistillConfig) -> dict[str, Any]:
     import cospress
 
     return {
-        "config": to_dict(cfg),
+        "config": redact_config(to_dict(cfg)),
         "git_sha": _git_sha(),
         "versions": {
             "cospress": cospress.__version__,

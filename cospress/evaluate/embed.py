@@ -32,7 +32,7 @@ from cospress.evaluate.knn import l2_normalize
 from cospress.evaluate.labels import ClassMap
 from cospress.runtime import autocast, autocast_dtype
 from cospress.store.reader import StoreReader
-from cospress.utils import atomic_write_bytes, atomic_write_json, sha256_json
+from cospress.utils import atomic_write_bytes, atomic_write_json, redact_text, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def embed_source(
         if (cache.with_suffix(".json")).is_file() and cache.with_suffix(".npy").is_file():
             meta = json.loads(cache.with_suffix(".json").read_text())
             feats = np.load(cache.with_suffix(".npy"))
-            log.info("embedding cache hit: %s (%d rows of %s)", cache.name[:16], len(rows), source.spec)
+            log.info("embedding cache hit: %s (%d rows of %s)", cache.name[:16], len(rows), source.shown)
             errors = {int(k): v for k, v in meta["errors"].items()}
             valid = np.array([int(r) not in errors for r in rows], dtype=bool)
             return Embeddings(feats, valid, rows, errors, cache_hit=True)
@@ -135,13 +135,13 @@ def embed_source(
     valid = np.array([int(r) not in errors for r in rows], dtype=bool)
     log.info(
         "embedded %d rows of %s in %.1f s (%.0f images/s, %d skipped)",
-        len(rows), source.spec, seconds, len(rows) / max(seconds, 1e-9), len(errors),
+        len(rows), source.shown, seconds, len(rows) / max(seconds, 1e-9), len(errors),
     )  # fmt: skip
     if cache is not None:
         atomic_write_bytes(cache.with_suffix(".npy"), _npy_bytes(feats))
         atomic_write_json(
             cache.with_suffix(".json"),
-            {"spec": source.spec, "rows": len(rows), "errors": {str(k): v for k, v in errors.items()}},
+            {"spec": source.shown, "rows": len(rows), "errors": {str(k): v for k, v in errors.items()}},
         )
     return Embeddings(feats, valid, rows, errors, seconds=seconds)
 
@@ -232,7 +232,7 @@ def open_bank(cfg: EvalConfig, model: Any) -> BankSource:
         feats, labels, manifest = bank_from_store(cfg.bank_store)
         _check_store_bank(manifest, model, feats)
         source = manifest.get("source") or {}
-        entry = {"store": cfg.bank_store, "source": source, "teacher": manifest.get("teacher")}
+        entry = {"store": redact_text(cfg.bank_store), "source": source, "teacher": manifest.get("teacher")}
         return BankSource(cfg.bank_store, labels, source.get("class_names"), features=feats, entry=entry)
     src = open_source(cfg.train, limit=cfg.limit_train)
     labels = np.asarray(src.labels(), dtype=np.int64)

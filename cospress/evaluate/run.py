@@ -38,6 +38,7 @@ from cospress.evaluate.labels import ClassMap, match_classes
 from cospress.evaluate.models import LoadedModel, load_model, pixel_features_fn
 from cospress.evaluate.report import PlotData, write_report
 from cospress.runtime import pick_device, seed_everything, tune_malloc
+from cospress.utils import redact_config
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,9 @@ def run_knn_eval(cfg: EvalConfig, progress: Progress | None = None) -> dict:
         plan = _RobustnessPlan(cfg, queries, emb_kw, attack_batch, progress or (lambda done, total: None))
         report["robustness"] = _robustness(plan, model, classifier, timer)
 
-    report.update(config=to_dict(cfg), model=_model_entry(cfg, loaded), data=data, counts=counts)
+    report.update(
+        config=redact_config(to_dict(cfg)), model=_model_entry(cfg, loaded), data=data, counts=counts
+    )
     report.update(classes=classes.names, batch_sizes={"embed": emb_kw["batch_size"], "attack": attack_batch})
     report.update(device=str(device), timings={**timer, "total": time.perf_counter() - t_all})
     _write(cfg, report, plots)
