@@ -77,10 +77,10 @@ def _resume_and_compare(cfg: dict, ref: Path, steps: int) -> None:
     assert len([r for r in rows if r["phase"] == "val"]) == 2
 
 
-def test_sigkill_then_resume_gives_the_same_weights(reference, tmp_path):
-    url, ref, steps = reference
-    out = tmp_path / "killed"
-    cfg = to_dict(tiny_cfg(url, out, workers=1, **KW))
+def kill_after_two_steps(cfg: dict) -> int:
+    """Run ``cfg`` in a subprocess (slowed down between steps), SIGKILL it once ``last`` holds step 2 or
+    more; returns the step of the checkpoint left behind."""
+    out = Path(cfg["out"])
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(cfg), "0.4"], env=_env())
     try:
         deadline = time.time() + 120
@@ -90,8 +90,13 @@ def test_sigkill_then_resume_gives_the_same_weights(reference, tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
-    killed_at = _state_step(out)
-    assert 2 <= killed_at < steps
+    return _state_step(out)
+
+
+def test_sigkill_then_resume_gives_the_same_weights(reference, tmp_path):
+    url, ref, steps = reference
+    cfg = to_dict(tiny_cfg(url, tmp_path / "killed", workers=1, **KW))
+    assert 2 <= kill_after_two_steps(cfg) < steps
     _resume_and_compare(cfg, ref, steps)
 
 

@@ -24,13 +24,28 @@ def _default_temperatures() -> list[float]:
 class DistillConfig:
     """Stage 2 settings. Every field is a YAML key and a ``--flag`` of ``cospress distill``."""
 
-    store: str = setting("store", help="Store path or fsspec URL (from extract-teacher).")
+    store: str = setting(
+        "store", help="Store path or fsspec URL (from extract-teacher); not read with --teacher."
+    )
     out: str = setting("runs/distill", help="Run folder: config.yaml, metrics.jsonl, checkpoints.")
     data: str | None = setting(None, help="Image source.", shown="the one recorded in the store")
     cache_dir: str | None = setting(None, help="Local cache for a remote store's shard files.")
     expect_teacher: str | None = setting(
         None, help="Refuse a store made by another teacher (fingerprint or name)."
     )
+    teacher: str | None = setting(
+        None,
+        help="Online mode: run this teacher (as extract-teacher's --teacher) on fresh views every step "
+        "instead of reading a store.",
+    )
+    weights: str | None = setting(None, help="Online mode: local weights file of the teacher.")
+    image_size: int | None = setting(
+        None, help="Online mode: teacher input resolution.", shown="the teacher's"
+    )
+    limit: int | None = setting(None, help="Online mode: use a deterministic subset of N images of --data.")
+    scale_min: float = setting(0.08, help="Online mode: RandomResizedCrop minimum area.")
+    scale_max: float = setting(1.0, help="Online mode: RandomResizedCrop maximum area.")
+    flip: float = setting(0.5, help="Online mode: probability of a horizontal flip.")
     method: str = setting("cospress", help="cospress (the paper), cosine, mse or smooth-l1.")
     compressor: str = setting("linear", help="Compressor h: linear (paper: LayerNorm + Linear) or mlp.")
     compressor_first: bool = setting(
@@ -51,8 +66,8 @@ class DistillConfig:
     batch_size: int = setting(192, help="Views per global batch (all ranks together).")
     views_per_image: int | None = setting(
         None,
-        help="R: views of each image in a batch, drawn from the store's stored views.",
-        shown="min(3, the store's stored views)",
+        help="R: views of each image in a batch, drawn from the store's stored views (online: fresh ones).",
+        shown="min(3, the store's stored views); 3 online",
     )
     lr: float = setting(5e-4, help="AdamW learning rate.")
     min_lr: float = setting(1e-5, help="Final learning rate of the cosine schedule.")
@@ -129,6 +144,10 @@ def validate(cfg: DistillConfig) -> None:
     _one_of("precision", cfg.precision, PRECISIONS)
     _one_of("attention", cfg.attention, ATTENTION_CHOICES)
     _one_of("decode", cfg.decode, DECODE_CHOICES)
+    if cfg.teacher is None and (cfg.limit is not None or cfg.weights or cfg.image_size):
+        raise ConfigError("limit, weights and image_size apply to online mode (--teacher) only")
+    if cfg.teacher is not None and cfg.compressor_first:
+        raise ConfigError("compressor_first fits h from a store's features: online mode (--teacher) has none")
     if cfg.compressor_first and cfg.method != "cospress":
         raise ConfigError("compressor_first applies to method cospress only")
     if cfg.epochs < 1 or cfg.batch_size < 1:

@@ -173,6 +173,7 @@ class TrainData:
     bank_rows: np.ndarray
     val_rows: np.ndarray
     steps_per_epoch: int
+    online: Any = None  # online mode: the OnlineTeacher (reader is None); None: targets from the store
 
     @property
     def knn(self) -> bool:
@@ -193,11 +194,14 @@ def epoch_loader(
         epoch=epoch,
         batch_size=cfg.batch_size,
         views_per_image=cfg.views_per_image,
-        stored_views=data.reader.stored_views,
+        stored_views=cfg.views_per_image if data.online else data.reader.stored_views,
         rank=ctx.rank,
         world=ctx.world,
     )
-    batches = DistillBatches(data.lazy, plan, data.source_index, cfg.student_size, data.use_tokens, decode)
+    online = data.online.views if data.online else None
+    batches = DistillBatches(
+        data.lazy, plan, data.source_index, cfg.student_size, data.use_tokens, decode, online
+    )
     loader = torch.utils.data.DataLoader(
         batches,
         batch_size=1,
@@ -217,8 +221,16 @@ class _Lazy:
     ``source``: the source already open in this process, if any (it is not pickled to workers).
     """
 
-    def __init__(self, store_url: str, cache_dir: str | None, source_spec: str, source: Any = None) -> None:
+    def __init__(
+        self,
+        store_url: str | None,
+        cache_dir: str | None,
+        source_spec: str,
+        source: Any = None,
+        limit: int | None = None,
+    ) -> None:
         self.store_url, self.cache_dir, self.source_spec = store_url, cache_dir, source_spec
+        self.limit = limit  # online mode: --limit
         self._reader: Any = None
         self._source: Any = source
 
@@ -238,7 +250,7 @@ class _Lazy:
         if self._source is None:
             from cospress.data.sources import open_source
 
-            self._source = open_source(self.source_spec)
+            self._source = open_source(self.source_spec, limit=self.limit)
         return self._source
 
 
@@ -264,11 +276,13 @@ class DistillBatches(Dataset):
     reads one batch of targets at once).
 
     decode "cpu": returns {"images": uint8 [n*R, 3, S, S] (replayed views at the student size),
-    "cls": f16 [n*R, Dt], "tokens": f16 [n*R, T, Dt] or None, "rows": int64 [n], "step": int}; views
-    are image-major (image i's views at i*R .. i*R+R-1).
+    "cls": f16 [n*R, Dt], "tokens": f16 [n*R, T, Dt] or None, "params": f32 [n*R, P], "rows": int64 [n],
+    "step": int}; views are image-major (image i's views at i*R .. i*R+R-1).
     decode "device" (bytes mode): "images" is None and the item also holds "encoded" (an
-    :class:`~cospress.data.device_decode.EncodedBatch` of the n images) and "params" f32 [n*R, P];
-    :func:`device_images` decodes and replays them on the compute device.
+    :class:`~cospress.data.device_decode.EncodedBatch` of the n images); :func:`device_images`
+    decodes and replays them on the compute device.
+    ``online`` (``distill.online.OnlineViews``): view params drawn fresh, not read; "cls" / "tokens"
+    None, "teacher_images" the views at the teacher's size (None in bytes mode).
     """
 
     def __init__(
@@ -279,27 +293,44 @@ class DistillBatches(Dataset):
         student_size: int,
         tokens: bool,
         decode: str = "cpu",
+        online: Any = None,
     ) -> None:
         self.lazy, self.plan, self.source_index = lazy, plan, source_index
         self.student_size, self.tokens, self.decode = int(student_size), bool(tokens), decode
+        self.online = online
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def __getitem__(self, step: int) -> dict[str, Any]:
         rows, views = self.plan.rows_views(int(step))
-        t = read_targets(self.lazy.reader, rows, views, self.tokens)
-        out = {"cls": t["cls"], "tokens": t["tokens"], "rows": torch.as_tensor(rows), "step": int(step)}
-        params = t["params"].numpy().reshape(len(rows), views.shape[1], -1)
-        encoded, images = [], []
-        for row, p in zip(rows, params, strict=True):
+        out = {"cls": None, "tokens": None, "rows": torch.as_tensor(rows), "step": int(step)}
+        if self.online is None:
+            t = read_targets(self.lazy.reader, rows, views, self.tokens)
+            out["cls"], out["tokens"] = t["cls"], t["tokens"]
+            stored = t["params"].numpy().reshape(len(rows), views.shape[1], -1)
+            return self._replay(out, rows, lambda i, w, h: stored[i])
+        e = self.plan.epoch
+        return self._replay(out, rows, lambda i, w, h: self.online.params(int(rows[i]), e, views[i], w, h))
+
+    def _replay(self, out: dict[str, Any], rows: np.ndarray, params_of: Any) -> dict[str, Any]:
+        """Read each row's image and replay its views; ``params_of(i, width, height)`` -> f32 [R, P]."""
+        encoded, images, teacher_images, params = [], [], [], []
+        for i, row in enumerate(rows):
             sample = worker_read(self.lazy.source, int(self.source_index[int(row)]), self.decode)
             if isinstance(sample, Encoded):  # bytes mode: device_images decodes and replays
                 encoded.append(sample)
-            else:
-                images.extend(replay_view(sample.image, view, self.student_size) for view in p)
+                params.append(params_of(i, max(sample.width, 1), max(sample.height, 1)))
+                continue
+            p = params_of(i, *sample.image.size)
+            params.append(p)
+            images.extend(replay_view(sample.image, view, self.student_size) for view in p)
+            if self.online is not None:
+                teacher_images.extend(replay_view(sample.image, view, self.online.teacher_size) for view in p)
+        out["params"] = torch.from_numpy(np.ascontiguousarray(np.concatenate(params), dtype=np.float32))
         if encoded:
-            return {**out, "images": None, "encoded": pack(encoded), "params": t["params"]}
+            return {**out, "images": None, "encoded": pack(encoded)}
+        out["teacher_images"] = torch.stack(teacher_images) if teacher_images else None
         return {**out, "images": torch.stack(images)}
 
 

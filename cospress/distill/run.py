@@ -1,7 +1,8 @@
 """Stage 2 runner: train a student from a feature store (CosPress or a feature-distillation baseline).
 
 Reads cached teacher targets and the recorded view parameters from a store, replays each view
-of the source image at the student's size, and trains. Methods:
+of the source image at the student's size, and trains. Online mode (``--teacher``, no store): the same
+loop, with fresh views each step and the teacher run on them (:mod:`cospress.distill.online`). Methods:
 
 - ``cospress``: compressor h (LayerNorm + Linear) and the student trained jointly in one AdamW; h
   learns only from the local + global similarity KL, the student only from the cosine terms against
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 
 
 def run_distill(cfg: DistillConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Train a student from a store; returns a summary (steps, best/last kNN accuracy, paths, speed).
+    """Train a student from a store (or online); returns a summary (steps, best/last kNN accuracy, paths, speed).
 
     ``progress(done_views, total_views)`` is called after every step on rank 0. Under torchrun every
     rank calls this; torch.distributed is initialised (and torn down) here unless already initialised.
@@ -83,14 +84,15 @@ def train(
     out, device, decode = Path(cfg.out), ctx.device, resolve_decode(cfg.decode, ctx.device)
     log.info("image decode: %s (%s)", decode, device)
     # set-up data
-    data = open_train_data(cfg, ctx.world)
+    data = open_train_data(cfg, ctx.world, device)
+    targets = data.online.features if data.online else teacher_features  # online teacher or the store
     schedule = Schedule.for_run(cfg, data.steps_per_epoch)
     # set-up model (the same init on every rank; then seed + rank, so drop-path masks differ per rank)
     model = build_model(cfg, data, device, rank=ctx.rank)
     # resume
     at, state = resume(cfg, out, model)
     if ctx.is_main:
-        start_run_folder(cfg, out, data.reader, model.student, at if state is not None else None)
+        start_run_folder(cfg, out, targets_header(data), model.student, at if state is not None else None)
     with MetricsLog(out / "metrics.jsonl", ctx.is_main) as metrics:
         # optimizer (with compressor_first: the compressor is fitted and frozen first)
         opt = make_optimizer(model, cfg, data, fit=state is None, log_metric=metrics.write)
@@ -110,8 +112,8 @@ def train(
             for batch in loader:
                 t_data = time.perf_counter() - t0
                 lr = schedule(at.step)
-                teacher = teacher_features(batch, device)
                 images = device_images(batch, cfg.student_size, device)
+                teacher = targets(batch, device)
                 losses = train_step(dmodel, opt, images, teacher, lr, cfg, data.use_tokens, grids)
                 at.step, at.position = at.step + 1, int(batch["step"]) + 1
                 views_done += cfg.batch_size
@@ -149,6 +151,8 @@ def prepare(cfg: DistillConfig) -> DistillConfig:
     from cospress.store.remote import is_local
 
     validate(cfg)
+    if cfg.teacher is not None:
+        return _prepare_online(cfg)
     if not cfg.data and not is_local(str(cfg.store)):
         raise ConfigError(
             "the store is read from a URL: pass --data with its image source "
@@ -166,10 +170,27 @@ def prepare(cfg: DistillConfig) -> DistillConfig:
     return dataclasses.replace(cfg, views_per_image=views)
 
 
-def open_train_data(cfg: DistillConfig, world: int) -> TrainData:
-    """Open the store and its image source, check the batch shape, split the rows, pick the kNN rows."""
+def _prepare_online(cfg: DistillConfig) -> DistillConfig:
+    """:func:`prepare` of online mode: --data needed, no --store; R defaults to 3."""
+    if not cfg.data:
+        raise ConfigError("online mode (--teacher) reads its images from --data: pass --data")
+    if cfg.store != DistillConfig.store:
+        raise ConfigError("--teacher trains online and reads no store: drop --store (or --teacher)")
+    views = 3 if cfg.views_per_image is None else cfg.views_per_image
+    check_batch(cfg.batch_size, views, views, runtime.dist_info()[1])
+    return dataclasses.replace(cfg, views_per_image=views)
+
+
+def open_train_data(cfg: DistillConfig, world: int, device: torch.device | None = None) -> TrainData:
+    """Open the store and its image source, check the batch shape, split the rows, pick the kNN rows.
+
+    Online mode (``cfg.teacher``): the source of ``--data`` and the teacher (on ``device``) instead.
+    """
     from cospress.data.sources import open_source
     from cospress.store.reader import StoreReader
+
+    if cfg.teacher is not None:
+        return _open_online(cfg, world, device or torch.device("cpu"))
 
     reader = StoreReader(cfg.store, cache_dir=cfg.cache_dir)
     reader.check_identity(expect_teacher=cfg.expect_teacher)
@@ -183,28 +204,17 @@ def open_train_data(cfg: DistillConfig, world: int) -> TrainData:
         log.warning("the store keeps no tokens: the local and token terms are off (CLS only)")
     check_batch(cfg.batch_size, cfg.views_per_image, reader.stored_views, world)
     keys = reader.keys()
-    split = split_rows(keys, reader.valid(), cfg.val_fraction)
-    images_per_batch = cfg.batch_size // cfg.views_per_image
-    if len(split.train) < images_per_batch:
-        raise ConfigError(
-            f"{len(split.train)} training images cannot fill one batch of {images_per_batch} images; "
-            "lower batch_size or val_fraction, or use a larger store"
-        )
+    rows = _rows(cfg, keys, reader.valid(), reader.labels())
     source = open_source(spec)
+    split = rows["split"]
     source_index = key_index(keys, source.keys(), np.concatenate([split.train, split.val]), source.shown)
-    labels = reader.labels()
-    bank = np.random.default_rng([cfg.seed, 0xBA2C]).permutation(split.train)
     data = TrainData(
         reader=reader,
         lazy=_Lazy(cfg.store, cfg.cache_dir, spec, source=source),
-        split=split,
         source_index=source_index,
         grid_t=_teacher_grid(reader),
         use_tokens=use_tokens,
-        labels=labels,
-        bank_rows=np.sort(bank[labels[bank] >= 0][: cfg.val_bank]),
-        val_rows=split.val[labels[split.val] >= 0],
-        steps_per_epoch=len(split.train) // images_per_batch,
+        **rows,
     )
     if not data.knn:
         log.info("no labelled validation rows: kNN validation is off, best = last")
@@ -214,6 +224,63 @@ def open_train_data(cfg: DistillConfig, world: int) -> TrainData:
         reader.stored_views, reader.dim, use_tokens, source.shown,
     )  # fmt: skip
     return data
+
+
+def _rows(cfg: DistillConfig, keys: list[str], valid: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """The row split, the kNN bank and query rows and the steps per epoch (TrainData fields)."""
+    split = split_rows(keys, valid, cfg.val_fraction)
+    images_per_batch = cfg.batch_size // cfg.views_per_image
+    if len(split.train) < images_per_batch:
+        raise ConfigError(
+            f"{len(split.train)} training images cannot fill one batch of {images_per_batch} images; "
+            "lower batch_size or val_fraction, or use more images"
+        )
+    bank = np.random.default_rng([cfg.seed, 0xBA2C]).permutation(split.train)
+    return {
+        "split": split,
+        "labels": labels,
+        "bank_rows": np.sort(bank[labels[bank] >= 0][: cfg.val_bank]),
+        "val_rows": split.val[labels[split.val] >= 0],
+        "steps_per_epoch": len(split.train) // images_per_batch,
+    }
+
+
+def _open_online(cfg: DistillConfig, world: int, device: torch.device) -> TrainData:
+    """Online mode's TrainData: rows are the source positions of --data, targets from the teacher."""
+    from cospress.data.sources import open_source
+    from cospress.distill.online import load_online_teacher
+
+    check_batch(cfg.batch_size, cfg.views_per_image, cfg.views_per_image, world)
+    source = open_source(cfg.data, limit=cfg.limit)
+    keys = source.keys()
+    rows = _rows(cfg, keys, np.ones(len(keys), bool), np.asarray(source.labels(), dtype=np.int64))
+    teacher = load_online_teacher(cfg, keys, device)
+    data = TrainData(
+        reader=None,
+        lazy=_Lazy(None, None, cfg.data, source=source, limit=cfg.limit),
+        source_index=np.arange(len(keys), dtype=np.int64),
+        grid_t=teacher.grid,
+        use_tokens=teacher.tokens,
+        online=teacher,
+        **rows,
+    )
+    log.info(
+        "online: teacher %s at %d px, %d images (%d train, %d val) of %s, R=%d fresh views per image",
+        cfg.teacher, teacher.views.teacher_size, len(keys), len(rows["split"].train), len(rows["split"].val),
+        source.shown, cfg.views_per_image,
+    )  # fmt: skip
+    return data
+
+
+def targets_header(data: TrainData) -> dict[str, Any]:
+    """The run header's "teacher" and "store" entries (store None online)."""
+    if data.online is not None:
+        return {"teacher": data.online.describe(), "store": None}
+    r = data.reader
+    return {
+        "teacher": r.manifest.get("teacher"),
+        "store": {"url": r.display, "keys_sha256": r.manifest.get("keys_sha256")},
+    }
 
 
 def _teacher_grid(reader: Any) -> tuple[int, int]:
@@ -231,7 +298,8 @@ def build_model(cfg: DistillConfig, data: TrainData, device: torch.device, rank:
 
     runtime.seed_everything(cfg.seed)
     student = build_student(cfg.student, cfg.student_size, cfg.pretrained, **parse_kwargs(cfg.student_kwargs))
-    model = DistillModel(student, cfg.method, data.reader.dim, cfg.compressor).to(device)
+    dt = data.online.dim if data.online else data.reader.dim
+    model = DistillModel(student, cfg.method, dt, cfg.compressor).to(device)
     runtime.seed_everything(cfg.seed + rank)
     model.amp_dtype = runtime.autocast_dtype(cfg.precision, device)
     kernel = set_attention(student, cfg.attention, device)

@@ -204,14 +204,14 @@ def student_info(cfg: DistillConfig, student: nn.Module) -> dict[str, Any]:
 
 
 def start_run_folder(
-    cfg: DistillConfig, out: Path, reader: Any, student: nn.Module, at: RunState | None
+    cfg: DistillConfig, out: Path, targets: dict[str, Any], student: nn.Module, at: RunState | None
 ) -> None:
-    """Write config.yaml and run.json (the header); on resume (``at``) trim metrics.jsonl to ``at``."""
+    """Write config.yaml and run.json (the header, with ``targets``: its "teacher" and "store"
+    entries); on resume (``at``) trim metrics.jsonl to ``at``."""
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     header = run_header(cfg)
-    header["teacher"] = reader.manifest.get("teacher")
-    header["store"] = {"url": reader.display, "keys_sha256": reader.manifest.get("keys_sha256")}
+    header.update(targets)
     header["student"] = student_info(cfg, student)
     atomic_write_json(out / "run.json", header)
     log.info("run header: %s", json.dumps(header))
