@@ -20,7 +20,11 @@ class EvalConfig:
     )
     train: str | None = setting(None, help="Bank source (data-source syntax).")
     test: str = setting("", help="Query source.")
-    ood: list[str] = setting(help="Out-of-distribution source (repeatable).", factory=list, repeatable=True)
+    ood: list[str] = setting(
+        help="Out-of-distribution set [near:|far:][NAME=]SRC (repeatable); groups get a mean row.",
+        factory=list,
+        repeatable=True,
+    )
     ood_classes: list[str] = setting(
         help="Classes held out as near-OOD: names (Sandal,Shirt) or numbers in the bank's class list (5,6).",
         factory=list,
@@ -46,6 +50,9 @@ class EvalConfig:
     nlist: int | None = setting(None, help="IVF cells for --index ivf.", shown="~4 sqrt(N)")
     nprobe: int = setting(16, help="IVF cells searched per query.")
     ood_k: int = setting(50, help="k of the k-th-neighbour OOD score.")
+    linear: bool = setting(
+        False, help="Also a linear probe on the cached bank features (a grid of learning rates; fast)."
+    )
     fidelity_teacher: str | None = setting(
         None, help="Teacher for fidelity; none to skip.", shown="the teacher recorded with the student"
     )
@@ -69,6 +76,7 @@ def validate(cfg: EvalConfig) -> None:
     """Refuse settings that cannot work, with a one-line ConfigError."""
     from cospress.data.device_decode import DECODE_CHOICES
     from cospress.evaluate.knn import PROTOCOLS
+    from cospress.evaluate.ood import parse_ood_specs
 
     if not cfg.model:
         raise ConfigError("no --model given; pass teacher:NAME or a distill run / export folder")
@@ -88,5 +96,6 @@ def validate(cfg: EvalConfig) -> None:
         raise ConfigError("--memory-budget-mb must be at least 1")
     if cfg.ood_k < 1:
         raise ConfigError("--ood-k must be at least 1")
+    parse_ood_specs(cfg.ood)
     if cfg.decode not in DECODE_CHOICES:
         raise ConfigError(f"unknown --decode {cfg.decode!r}; use {', '.join(DECODE_CHOICES)}")

@@ -30,6 +30,7 @@ from cospress.evaluate.config import DEFAULT_CACHE_DIR, EvalConfig
 from cospress.evaluate.images import EvalImages, collate_encoded, eval_transform_tensor
 from cospress.evaluate.knn import l2_normalize
 from cospress.evaluate.labels import ClassMap
+from cospress.evaluate.ood import HELDOUT_SET, parse_ood_specs
 from cospress.runtime import autocast, autocast_dtype
 from cospress.store.reader import StoreReader
 from cospress.utils import atomic_write_bytes, atomic_write_json, redact_text, sha256_json
@@ -290,17 +291,19 @@ def embed_queries(
 
 def embed_ood_sets(
     cfg: EvalConfig, model: Any, emb_kw: dict, queries: Queries, data: dict
-) -> dict[str, np.ndarray]:
-    """{set name: features [N, D]}: the held-out classes of the test set, then each ``--ood`` source."""
+) -> tuple[dict[str, np.ndarray], dict[str, str | None]]:
+    """({set name: features [N, D]}, {set name: group}): the held-out classes of the test set (a
+    near set), then each ``--ood [GROUP:][NAME=]SRC``."""
     sets: dict[str, np.ndarray] = {}
+    groups: dict[str, str | None] = {}
     if queries.heldout.any():
-        sets["heldout_classes"] = queries.emb.features[queries.heldout]
-    for i, spec in enumerate(cfg.ood):
-        src = open_source(spec, limit=cfg.limit_test)
+        sets[HELDOUT_SET], groups[HELDOUT_SET] = queries.emb.features[queries.heldout], "near"
+    for i, spec in enumerate(parse_ood_specs(cfg.ood)):
+        src = open_source(spec.src, limit=cfg.limit_test)
         emb = embed_source(model, src, **emb_kw)
-        data[f"ood{i}"] = _data_entry(src, emb)
-        sets[spec] = emb.features[emb.valid]
-    return sets
+        data[f"ood{i}"] = {"name": spec.name, "group": spec.group, **_data_entry(src, emb)}
+        sets[spec.name], groups[spec.name] = emb.features[emb.valid], spec.group
+    return sets, groups
 
 
 def _data_entry(src: Any, emb: Embeddings) -> dict:

@@ -5,13 +5,52 @@ the cosine to the k-th nearest (Sun et al., ICML 2022, on normalised features). 
 in-distribution (ID) set as the positive class, with ties between scores handled exactly (one ROC
 point per distinct score), so they agree with scikit-learn's `roc_auc_score` and
 `average_precision_score`.
+
+OOD sets come from ``--ood [GROUP:][NAME=]SRC`` (:func:`parse_ood_specs`): each set is scored on its
+own, all of them pooled, and each group (near / far) as the mean of its sets' metrics (OpenOOD).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 from cospress.errors import ConfigError
+from cospress.utils import redact_text
+
+OOD_GROUPS = ("near", "far")
+HELDOUT_SET = "heldout_classes"  # the test set's --ood-classes rows: a near set
+_SPEC = re.compile(r"^(?:(?P<group>near|far):)?(?:(?P<name>[\w.+-]+)=)?(?P<src>.+)$")
+
+
+@dataclass(frozen=True)
+class OodSpec:
+    """One ``--ood`` entry: the set's name in the report, its group (near / far / None), its source."""
+
+    name: str
+    group: str | None
+    src: str
+
+
+def parse_ood_specs(entries: list[str]) -> list[OodSpec]:
+    """``[near:|far:][NAME=]SRC`` entries -> specs; NAME defaults to SRC (credentials removed).
+
+    A NAME is letters, digits and ``_.+-``, so a URL's ``?a=b`` is never taken for one."""
+    specs, seen = [], {HELDOUT_SET}
+    for entry in entries:
+        m = _SPEC.match(entry.strip())
+        if not m:
+            raise ConfigError(f"empty --ood entry {entry!r}; use [near:|far:][NAME=]SRC")
+        name = m["name"] or redact_text(m["src"])
+        if name in seen:
+            raise ConfigError(f"two OOD sets are named {name!r}; give each --ood its own NAME=")
+        seen.add(name)
+        specs.append(OodSpec(name, m["group"], m["src"]))
+    return specs
 
 
 def knn_scores(sims: np.ndarray, ood_k: int) -> dict[str, np.ndarray]:
@@ -81,3 +120,45 @@ def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, floa
         "aupr_in": average_precision(scores, is_id),
         "aupr_out": average_precision(-scores, ~is_id),
     }
+
+
+def group_means(per_set: dict[str, dict[str, dict[str, float]]], groups: dict[str, str | None]) -> dict:
+    """{group: {"sets": [names], "mean": {score: {metric: mean over the group's sets}}}}.
+
+    per_set: {set: {score: metrics}}; groups: {set: group or None}; groups with no set are left out."""
+    out: dict[str, Any] = {}
+    for group in OOD_GROUPS:
+        names = [n for n in per_set if groups.get(n) == group]
+        if not names:
+            continue
+        scores = per_set[names[0]]
+        mean = {s: {m: float(np.mean([per_set[n][s][m] for n in names])) for m in scores[s]} for s in scores}
+        out[group] = {"sets": names, "mean": mean}
+    return out
+
+
+def score_sets(
+    search: Callable[[np.ndarray], np.ndarray],
+    id_sims: np.ndarray,
+    sets: dict[str, np.ndarray],
+    ood_k: int,
+    groups: dict[str, str | None],
+) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(report entries, {score: (ID scores, pooled OOD scores)} for the ROC plot) of the OOD sets.
+
+    search(features [N, D]) -> sorted neighbour similarities [N, k]; id_sims: those of the ID queries;
+    sets: {name: features}. Entries: ``ood`` (all sets pooled), ``ood_sets`` (one per set, when there
+    are several) and ``ood_groups`` (see :func:`group_means`, when some set has a group)."""
+    sets = {name: f for name, f in sets.items() if len(f)}
+    if not sets:
+        return {}, {}
+    id_scores = knn_scores(id_sims, ood_k)
+    per_set = {name: knn_scores(search(f), ood_k) for name, f in sets.items()}
+    pooled = {s: np.concatenate([v[s] for v in per_set.values()]) for s in id_scores}
+    result: dict[str, Any] = {"ood": {s: ood_metrics(id_scores[s], pooled[s]) for s in id_scores}}
+    rows = {name: {s: ood_metrics(id_scores[s], v[s]) for s in id_scores} for name, v in per_set.items()}
+    if len(per_set) > 1:
+        result["ood_sets"] = rows
+    if any(groups.get(name) for name in rows):
+        result["ood_groups"] = group_means(rows, groups)
+    return result, {s: (id_scores[s], pooled[s]) for s in id_scores}

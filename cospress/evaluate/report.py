@@ -38,7 +38,16 @@ def _fmt(x: Any, digits: int = 2) -> str:
 def markdown(report: dict) -> str:
     """Human-readable tables of a report dict (the structure written to report.json)."""
     lines = [f"# kNN evaluation of `{report['config'].get('model')}`", ""]
-    for section in (_md_counts, _md_knn, _md_ood, _md_fidelity, _md_robustness, _md_attack, _md_timings):
+    for section in (
+        _md_counts,
+        _md_knn,
+        _md_linear,
+        _md_ood,
+        _md_fidelity,
+        _md_robustness,
+        _md_attack,
+        _md_timings,
+    ):
         lines += section(report)
     return "\n".join(lines)
 
@@ -66,17 +75,41 @@ def _md_knn(report: dict) -> list[str]:
     ]
 
 
+def _md_linear(report: dict) -> list[str]:
+    lin = report.get("linear")
+    if not lin:
+        return []
+    grid = ", ".join(f"{lr}: {_fmt(v)}" for lr, v in lin["grid"].items())
+    return [
+        f"## Linear probe ({lin['features']}, {lin['steps']} steps, best of {len(lin['grid'])} learning rates)",
+        "",
+        "| top-1 % | kNN top-1 % | validation top-1 % | lr | train / val / test |",
+        "|---|---|---|---|---|",
+        f"| {_fmt(lin['top1'])} | {_fmt(report.get('top1'))} | {_fmt(lin['val_top1'])} | {lin['lr']:g} | "
+        f"{lin['train']} / {lin['val']} / {lin['test']} |",
+        "",
+        f"validation top-1 % by learning rate: {grid}",
+        "",
+    ]
+
+
 def _md_ood(report: dict) -> list[str]:
     ood = report.get("ood") or {}
     if not ood:
         return []
+    groups = report.get("ood_groups") or {}
+    group_of = {name: g for g, entry in groups.items() for name in entry["sets"]}
     lines = [
-        "## OOD detection",
+        "## OOD detection" + (" (groups: mean of their sets' metrics)" if groups else ""),
         "",
         "| set | score | AUROC | FPR95 % | AUPR-in | AUPR-out |",
         "|---|---|---|---|---|---|",
     ]
-    for set_name, scores in (report.get("ood_sets") or {"all": ood}).items():
+    rows = {
+        f"{n} ({group_of[n]})" if n in group_of else n: v for n, v in (report.get("ood_sets") or {}).items()
+    }
+    rows.update({f"**{g} (mean of {len(e['sets'])})**": e["mean"] for g, e in groups.items()})
+    for set_name, scores in {**rows, "all pooled" if rows else "all": ood}.items():
         for score, m in scores.items():
             lines.append(
                 f"| {set_name} | {score} | {_fmt(m['auroc'], 4)} | {_fmt(100 * m['fpr95'], 1)} | "

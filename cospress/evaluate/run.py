@@ -35,6 +35,7 @@ from cospress.evaluate.embed import (
 )
 from cospress.evaluate.images import load_pixels
 from cospress.evaluate.labels import ClassMap, match_classes
+from cospress.evaluate.linear import linear_probe
 from cospress.evaluate.models import LoadedModel, load_model, pixel_features_fn
 from cospress.evaluate.report import PlotData, write_report
 from cospress.runtime import pick_device, seed_everything, tune_malloc
@@ -73,16 +74,19 @@ def run_knn_eval(cfg: EvalConfig, progress: Progress | None = None) -> dict:
     with timer("knn"):
         index = knn.build_index(bank, kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, seed=cfg.seed)
         max_k = max(*ks, cfg.ood_k)
-        id_res = knn.search(index, queries.emb.features[queries.id_mask], max_k)
-        id_labels = queries.labels[queries.id_mask]
+        id_feats, id_labels = queries.emb.features[queries.id_mask], queries.labels[queries.id_mask]
+        id_res = knn.search(index, id_feats, max_k)
         knn_metrics = knn.knn_classify(id_res, bank_labels, id_labels, ks, temperature, num_classes)
     counts = {"bank": len(bank), "test_in_distribution": int(queries.id_mask.sum())}
 
     with timer("ood"):
-        ood_sets = embed_ood_sets(cfg, model, emb_kw, queries, data)
-        ood_report, plots = _ood(index, id_res, ood_sets, max_k, cfg.ood_k)
+        ood_sets, groups = embed_ood_sets(cfg, model, emb_kw, queries, data)
+        ood_report, plots = _ood(index, id_res.sims, max_k, cfg.ood_k, ood_sets, groups)
         counts.update({f"ood:{name}": len(f) for name, f in ood_sets.items()})
     report = _headline(cfg, knn_metrics, main_k, temperature, ood_report)
+    if cfg.linear:
+        with timer("linear"):
+            report["linear"] = linear_probe(bank, bank_labels, id_feats, id_labels, num_classes, cfg.seed)
 
     teacher_spec = cfg.fidelity_teacher or loaded.teacher_spec
     if teacher_spec and teacher_spec.lower() != "none":
@@ -174,21 +178,10 @@ def _subset(rows: np.ndarray, cap: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(rows, size=cap, replace=False))
 
 
-def _ood(index, id_res, ood_sets: dict[str, np.ndarray], max_k: int, ood_k: int) -> tuple[dict, PlotData]:
-    plots = PlotData()
-    sets = {name: f for name, f in ood_sets.items() if len(f)}
-    if not sets:
-        return {}, plots
-    id_scores = ood.knn_scores(id_res.sims, ood_k)
-    per_set = {name: ood.knn_scores(knn.search(index, f, max_k).sims, ood_k) for name, f in sets.items()}
-    pooled = {s: np.concatenate([v[s] for v in per_set.values()]) for s in id_scores}
-    result: dict[str, Any] = {"ood": {s: ood.ood_metrics(id_scores[s], pooled[s]) for s in id_scores}}
-    if len(per_set) > 1:
-        result["ood_sets"] = {
-            name: {s: ood.ood_metrics(id_scores[s], v[s]) for s in id_scores} for name, v in per_set.items()
-        }
-    plots.ood_scores = {s: (id_scores[s], pooled[s]) for s in id_scores}
-    return result, plots
+def _ood(index, id_sims, max_k, ood_k, sets, groups) -> tuple[dict[str, Any], PlotData]:
+    """(the OOD report entries, the ROC plot's data) of the OOD sets, searched in the bank's index."""
+    report, roc = ood.score_sets(lambda f: knn.search(index, f, max_k).sims, id_sims, sets, ood_k, groups)
+    return report, PlotData(ood_scores=roc)
 
 
 def _headline(
