@@ -72,6 +72,16 @@ def test_online_targets_equal_a_k1_store_on_the_same_views(setup, tmp_path):
     torch.testing.assert_close(got.cls, cached["cls"].float(), rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(got.tokens, cached["tokens"].float(), rtol=2e-3, atol=2e-3)
     assert not got.cls.is_inference()  # usable by the compressor's autograd
+    # bytes mode: the teacher's views are decoded and replayed on the device (within a grey level)
+    dev = DistillBatches(lazy, plan, rows, 32, True, "device", teacher.views)[0]
+    assert (
+        dev["images"] is None
+        and dev.get("teacher_images") is None
+        and torch.equal(dev["params"], batch["params"])
+    )
+    got_dev = teacher.features(dev, torch.device("cpu"))
+    torch.testing.assert_close(got_dev.cls, got.cls, rtol=0, atol=0.05)
+    torch.testing.assert_close(got_dev.tokens, got.tokens, rtol=0, atol=0.05)
     # the next epoch draws fresh views (view index epoch * R + j)
     w, h = source.load(0).image.size
     assert not np.array_equal(teacher.views.params(0, 0, [0], w, h), teacher.views.params(0, 1, [0], w, h))
@@ -127,3 +137,35 @@ def test_online_sigkill_then_resume_gives_the_same_weights(setup, tmp_path):
     cfg = to_dict(online_cfg(images, weights, tmp_path / "killed", workers=1, **KW))
     assert 2 <= kill_after_two_steps(cfg) < steps
     _resume_and_compare(cfg, tmp_path / "ref", steps)
+
+
+def test_online_torchrun_two_ranks_match_one_rank(setup, tmp_path):
+    """Two gloo ranks, each running the teacher on its slice, start with the one-rank run's losses."""
+    import subprocess
+
+    from tests.helpers import cli_env, torchrun_cli
+
+    images, weights = setup
+    one = online_cfg(images, weights, tmp_path / "one", epochs=1)
+    run_distill(one)
+    out = tmp_path / "two"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in to_dict(one).items() if k in ONLINE_FLAGS]
+    cmd = torchrun_cli(
+        29561, "distill", *flags, "--out", str(out), "--temperatures", "0.02,0.1", "--no-progress"
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def first(run: Path) -> dict:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return next(r for r in rows if r["phase"] == "train")
+
+    a, b = first(tmp_path / "one"), first(out)
+    for k in ("loss/local", "loss/global", "loss/tokens", "loss/cls"):
+        assert abs(a[k] - b[k]) < 1e-4 * max(1.0, abs(a[k])), k
+
+
+ONLINE_FLAGS = (
+    "teacher", "weights", "image_size", "data", "student", "student_size", "epochs", "batch_size",
+    "views_per_image", "workers", "precision", "val_fraction", "warmup_epochs", "device",
+)  # fmt: skip
