@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -156,6 +159,12 @@ def test_knn_eval_with_linear_probe_and_three_ood_sets(suite, tmp_path):
     assert "## Linear probe" in md and "| grey (far) | max_cos |" in md
     assert "| heldout_classes (near) | knn5 |" in md and "| **far (mean of 2)** | knn5 |" in md
     assert "| all pooled | max_cos |" in md
+    # no group given: no group rows, even for the held-out classes
+    plain = run_knn_eval(
+        EvalConfig(**{**cfg.__dict__, "ood": [], "linear": False, "out": str(tmp_path / "o2")})
+    )
+    assert "ood_groups" not in plain and "linear" not in plain and "ood_sets" not in plain
+    assert "(mean of" not in (tmp_path / "o2" / "report.md").read_text()
 
 
 def test_bad_ood_entries_fail_before_embedding(tmp_path):
@@ -164,3 +173,25 @@ def test_bad_ood_entries_fail_before_embedding(tmp_path):
     )
     with pytest.raises(ConfigError, match="two OOD sets are named 'a'"):
         run_knn_eval(cfg)
+
+
+def test_ood_suite_recipe_dry_run_uses_real_flags(tmp_path):
+    from tests.test_pipelines import ROOT, _check_command, _flags_by_command
+
+    recipe = ROOT / "pipelines" / "ood_suite" / "run.py"
+    out = tmp_path / "suite"
+    res = subprocess.run(
+        [sys.executable, str(recipe), "--dry-run", "--out", str(out), "--student", "runs/s/student-cospress"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr
+    cmds = dict(line.split(": ", 1) for line in res.stdout.splitlines() if " -m cospress " in line)
+    assert set(cmds) == {"eval-teacher", "eval-student-cospress"}
+    flags = _flags_by_command()
+    for name, cmd in cmds.items():
+        argv = shlex.split(cmd)
+        _check_command(argv[argv.index("cospress") + 1 :], flags, name)
+        assert "--linear" in argv and argv.count("--ood") == 2 and "far:digits=folder:" in cmd
+    assert not out.exists(), "--dry-run must not write"

@@ -293,12 +293,14 @@ def embed_ood_sets(
     cfg: EvalConfig, model: Any, emb_kw: dict, queries: Queries, data: dict
 ) -> tuple[dict[str, np.ndarray], dict[str, str | None]]:
     """({set name: features [N, D]}, {set name: group}): the held-out classes of the test set (a
-    near set), then each ``--ood [GROUP:][NAME=]SRC``."""
+    near set when some ``--ood`` has a group), then each ``--ood [GROUP:][NAME=]SRC``."""
     sets: dict[str, np.ndarray] = {}
+    specs = parse_ood_specs(cfg.ood)
     groups: dict[str, str | None] = {}
     if queries.heldout.any():
-        sets[HELDOUT_SET], groups[HELDOUT_SET] = queries.emb.features[queries.heldout], "near"
-    for i, spec in enumerate(parse_ood_specs(cfg.ood)):
+        sets[HELDOUT_SET] = queries.emb.features[queries.heldout]
+        groups[HELDOUT_SET] = "near" if any(s.group for s in specs) else None
+    for i, spec in enumerate(specs):
         src = open_source(spec.src, limit=cfg.limit_test)
         emb = embed_source(model, src, **emb_kw)
         data[f"ood{i}"] = {"name": spec.name, "group": spec.group, **_data_entry(src, emb)}
