@@ -102,6 +102,7 @@ def stage_commands(out: Path, size: dict, workers: int) -> dict[str, list[str]]:
             "--crop-pct", "1.0",
             "--no-robustness",
             "--no-attack",
+            "--linear",
             "--fidelity-teacher", "none" if name == "teacher" else models["teacher"],
             "--workers", str(workers),
             "--cache-dir", str(out / "embedding-cache"),
@@ -169,6 +170,7 @@ def row_of(name: str, report: dict, params: int | None) -> dict:
     return {
         "features": name,
         "top1": report.get("top1"),
+        "linear": (report.get("linear") or {}).get("top1"),
         "auroc": report.get("auroc"),
         "fpr95": 100 * report["fpr95"] if report.get("fpr95") is not None else None,
         "spearman": 1.0 if name.startswith("teacher") else fid.get("spearman"),
@@ -181,6 +183,7 @@ def row_of(name: str, report: dict, params: int | None) -> dict:
 COLUMNS = (
     ("features", "features", "{}"),
     ("top1", "kNN top-1 %", "{:.2f}"),
+    ("linear", "linear top-1 %", "{:.2f}"),
     ("auroc", "OOD AUROC", "{:.3f}"),
     ("fpr95", "FPR95 %", "{:.1f}"),
     ("spearman", "Spearman ρ", "{:.3f}"),
@@ -291,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     text = table_text(rows)
     print(f"\n{text}\n")
     k_note = (
-        f"kNN top-1 at k=20 (of 10, 20, 100, 200), T=0.07 (bank: the {size['train']:,} training images, classes 0-4); OOD: test classes "
+        f"kNN top-1 at k=20 (of 10, 20, 100, 200), T=0.07 (bank: the {size['train']:,} training images, classes 0-4); "
+        "linear top-1: the best of a grid of linear probes on the bank's features (knn-eval --linear); OOD: test classes "
         f"{OOD_CLASSES} held out, score = max cosine; fidelity on the test images vs the teacher; "
         "images/s: embedding the bank and the test set on this machine (decode + resize + forward, "
         "batch 256, one loader process)."
