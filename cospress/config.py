@@ -71,6 +71,19 @@ def decode_setting() -> Any:
     )
 
 
+# The crop and flip of a view, shared by stage 1 and stage 2's online mode (data.views.ViewPolicy).
+def scale_min_setting(prefix: str = "") -> Any:
+    return setting(0.08, help=f"{prefix}RandomResizedCrop minimum area.")
+
+
+def scale_max_setting(prefix: str = "") -> Any:
+    return setting(1.0, help=f"{prefix}RandomResizedCrop maximum area.")
+
+
+def flip_setting(prefix: str = "") -> Any:
+    return setting(0.5, help=f"{prefix}Probability of a horizontal flip.")
+
+
 def _coerce(name: str, tp: Any, value: Any) -> Any:
     """Convert a YAML / CLI value to the field's declared type, or raise ConfigError."""
     if value is None:

@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from cospress.config import decode_setting, device_setting, precision_setting, setting, workers_setting
+from cospress import config as shared
+from cospress.config import setting
 from cospress.errors import ConfigError
 
 METHODS = ("cospress", "cosine", "mse", "smooth-l1")
@@ -43,9 +44,9 @@ class DistillConfig:
         None, help="Online mode: teacher input resolution.", shown="the teacher's"
     )
     limit: int | None = setting(None, help="Online mode: use a deterministic subset of N images of --data.")
-    scale_min: float = setting(0.08, help="Online mode: RandomResizedCrop minimum area.")
-    scale_max: float = setting(1.0, help="Online mode: RandomResizedCrop maximum area.")
-    flip: float = setting(0.5, help="Online mode: probability of a horizontal flip.")
+    scale_min: float = shared.scale_min_setting("Online mode: ")
+    scale_max: float = shared.scale_max_setting("Online mode: ")
+    flip: float = shared.flip_setting("Online mode: ")
     method: str = setting("cospress", help="cospress (the paper), cosine, mse or smooth-l1.")
     compressor: str = setting("linear", help="Compressor h: linear (paper: LayerNorm + Linear) or mlp.")
     compressor_first: bool = setting(
@@ -87,10 +88,10 @@ class DistillConfig:
     use_tokens: bool = setting(
         True, help="Use the token terms (when the store has tokens).", flag="--tokens/--no-tokens"
     )
-    precision: str = precision_setting()
-    device: str = device_setting()
-    workers: int = workers_setting("decode + replay, or only reading bytes with --decode device")
-    decode: str = decode_setting()
+    precision: str = shared.precision_setting()
+    device: str = shared.device_setting()
+    workers: int = shared.workers_setting("decode + replay, or only reading bytes with --decode device")
+    decode: str = shared.decode_setting()
     compile: bool = setting(False, help="torch.compile the student.")
     attention: str = setting(
         "auto",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cospress.config import decode_setting, device_setting, precision_setting, setting, workers_setting
+from cospress import config as shared
+from cospress.config import setting
 from cospress.errors import ConfigError
 
 DEFAULT_CACHE_DIR = "~/.cache/cospress/embeddings"
@@ -42,7 +43,7 @@ class EvalConfig:
         help="Activation memory of one batch (MB): embedding, corruption and attack batches are sized to it.",
     )
     out: str = setting("eval", help="Report folder.")
-    workers: int = workers_setting("decode + eval transform")
+    workers: int = shared.workers_setting("decode + eval transform")
     limit_train: int | None = setting(None, help="Deterministic subset of the bank.")
     limit_test: int | None = setting(None, help="Deterministic subset of the queries (and each --ood).")
     cache_dir: str | None = setting(DEFAULT_CACHE_DIR, help="Embedding cache; '' or none: no cache.")
@@ -67,9 +68,9 @@ class EvalConfig:
     attack_max: int = setting(256, help="Images attacked with PGD.")
     seed: int = setting(0, help="Seed of subsets and corruptions.")
     crop_pct: float = setting(0.875, help="Eval centre-crop fraction (1.0 for tiny images, e.g. 28 px).")
-    device: str = device_setting()
-    precision: str = precision_setting()
-    decode: str = decode_setting()
+    device: str = shared.device_setting()
+    precision: str = shared.precision_setting()
+    decode: str = shared.decode_setting()
 
 
 def validate(cfg: EvalConfig) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cospress.config import decode_setting, device_setting, precision_setting, setting, workers_setting
+from cospress import config as shared
+from cospress.config import setting
 from cospress.data.sources import DEFAULT_MAX_PIXELS
 from cospress.errors import ConfigError
 
@@ -30,19 +31,19 @@ class ExtractConfig:
     tokens: bool = setting(True, help="Store patch tokens.")
     center_view: bool = setting(False, help="Also store the full-image view (as view index K).")
     seed: int = setting(0, help="Seed of the view parameters.")
-    workers: int = workers_setting("decode + replay of the views")
+    workers: int = shared.workers_setting("decode + replay of the views")
     batch_size: int = setting(256, help="Views per teacher forward.")
     shard_size: int = setting(1024, help="Images per shard.")
-    scale_min: float = setting(0.08, help="RandomResizedCrop minimum area.")
-    scale_max: float = setting(1.0, help="RandomResizedCrop maximum area.")
-    flip: float = setting(0.5, help="Probability of a horizontal flip.")
+    scale_min: float = shared.scale_min_setting()
+    scale_max: float = shared.scale_max_setting()
+    flip: float = shared.flip_setting()
     color_jitter: float = setting(0.0, help="Probability of colour jitter.")
     grayscale: float = setting(0.0, help="Probability of grayscale.")
     blur: float = setting(0.0, help="Probability of gaussian blur.")
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, help="Skip images with more pixels (decompression bombs).")
-    precision: str = precision_setting()
-    device: str = device_setting()
-    decode: str = decode_setting()
+    precision: str = shared.precision_setting()
+    device: str = shared.device_setting()
+    decode: str = shared.decode_setting()
     out: str = setting("store", help="Store directory.")
     overwrite: bool = setting(
         False, help="Replace an existing store made with other settings.", flag="--overwrite"
