@@ -312,6 +312,35 @@ def test_cache_key_holds_precision_and_device(folders, tmp_path):
     assert len(keys) == 2
 
 
+def test_embedding_cache_holds_the_mean_patch_token(folders, tmp_path, monkeypatch):
+    _, train, _, weights = folders
+    import torch
+
+    from cospress.data.sources import open_source
+    from cospress.evaluate.images import EvalImages
+    from cospress.evaluate.knn import l2_normalize
+
+    model = models.load_model(f"teacher:test_vit@32={weights}").model
+    src = open_source(f"folder:{train}")
+    kw = dict(workers=0, crop_pct=1.0, precision="fp32", cache_dir=tmp_path / "cache")
+    first = embed.embed_source(model, src, **kw)
+    assert first.mean_patch is not None and first.mean_patch.shape == first.features.shape
+    images = torch.stack([EvalImages(src, [0, 1], model.input_size, 1.0)[i][1] for i in range(2)])
+    with torch.inference_mode():
+        out = model(images)
+    np.testing.assert_allclose(first.mean_patch[:2], out.tokens.mean(1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(first.features[:2], l2_normalize(out.cls.numpy()), atol=1e-5)  # CLS as before
+    again = embed.embed_source(model, src, **kw)
+    assert again.cache_hit and np.array_equal(again.mean_patch, first.mean_patch)
+    assert np.array_equal(again.features, first.features)
+    key = embed._cache_key(model, src, np.arange(len(src)), 1.0, {}, "cpu", ("cpu", "fp32"))
+    assert (tmp_path / "cache" / f"{key}.patch.npy").is_file()
+    monkeypatch.setattr(embed, "CACHE_VERSION", 1)  # a version-1 entry (CLS only) has another key
+    assert embed._cache_key(model, src, np.arange(len(src)), 1.0, {}, "cpu", ("cpu", "fp32")) != key
+    bank = embed.embed_source(model, src, cache_dir=None, workers=0, crop_pct=1.0, precision="fp32")
+    assert bank.mean_patch is not None and not bank.cache_hit
+
+
 def test_batches_fit_the_memory_budget():
     from cospress.evaluate import robustness
 

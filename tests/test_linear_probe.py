@@ -36,15 +36,30 @@ def test_linear_probe_matches_logistic_regression():
     sk_top1 = 100 * (reference.predict(x_te) == y_te).mean()
     assert 80 < sk_top1 < 99
     assert abs(probe["top1"] - sk_top1) <= 1.0, (probe, sk_top1)
-    assert probe["lr"] in linear.LEARNING_RATES and set(probe["grid"]) == {
-        f"{g:g}" for g in linear.LEARNING_RATES
-    }
+    assert probe["lr"] in linear.LEARNING_RATES and probe["features"] == "cls"
+    assert set(probe["grid"]) == {"cls"}  # no mean patch given: CLS only
+    assert set(probe["grid"]["cls"]) == {f"{g:g}" for g in linear.LEARNING_RATES}
     assert (probe["train"], probe["val"], probe["test"]) == (480, 120, 400)
-    assert probe["val_top1"] == max(probe["grid"].values())
+    assert probe["val_top1"] == max(probe["grid"]["cls"].values())
     again = linear.linear_probe(x_tr, y_tr, x_te, y_te, num_classes=5, seed=0)
     assert {k: v for k, v in again.items() if k != "seconds"} == {
         k: v for k, v in probe.items() if k != "seconds"
     }  # deterministic by seed
+
+
+def test_linear_probe_picks_cls_plus_mean_patch_when_only_the_patch_separates():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(4, 16)) * 3.0
+    (patch_tr, y_tr), (patch_te, y_te) = _blobs(rng, centres, 400), _blobs(rng, centres, 200)
+    cls_tr = l2_normalize(rng.normal(size=(400, 16)).astype(np.float32))  # CLS: no class signal
+    cls_te = l2_normalize(rng.normal(size=(200, 16)).astype(np.float32))
+    probe = linear.linear_probe(
+        cls_tr, y_tr, cls_te, y_te, num_classes=4, seed=0, train_patch=patch_tr, test_patch=patch_te
+    )
+    assert set(probe["grid"]) == {"cls", "cls+mean_patch"}
+    assert probe["features"] == "cls+mean_patch" and probe["top1"] > 90
+    assert max(probe["grid"]["cls"].values()) < 50  # chance is 25%
+    assert probe["val_top1"] == max(probe["grid"]["cls+mean_patch"].values())
 
 
 def test_parse_ood_specs():
@@ -153,10 +168,14 @@ def test_knn_eval_with_linear_probe_and_three_ood_sets(suite, tmp_path):
     assert on_disk["counts"]["ood:grey"] == 6
     assert on_disk["data"]["ood0"]["name"] == "grey" and on_disk["data"]["ood0"]["group"] == "far"
     lin = on_disk["linear"]
-    assert lin == report["linear"] and 0 <= lin["top1"] <= 100 and lin["features"] == "cls"
+    assert lin == report["linear"] and 0 <= lin["top1"] <= 100
+    assert (
+        set(lin["grid"]) == {"cls", "cls+mean_patch"} and lin["features"] in lin["grid"]
+    )  # test_vit has tokens
+    assert lin["val_top1"] == max(v for by_lr in lin["grid"].values() for v in by_lr.values())
     assert lin["test"] == 15 and lin["train"] + lin["val"] == 36  # ID classes only
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "## Linear probe" in md and "| grey (far) | max_cos |" in md
+    assert "## Linear probe" in md and "cls+mean_patch: " in md and "| grey (far) | max_cos |" in md
     assert "| heldout_classes (near) | knn5 |" in md and "| **far (mean of 2)** | knn5 |" in md
     assert "| all pooled | max_cos |" in md
     # no group given: no group rows, even for the held-out classes

@@ -1,8 +1,10 @@
 """Embeddings for evaluation: embed rows of a source with a model, cache the result; a store's bank.
 
-Embedding = eval transform (:mod:`cospress.evaluate.images`) -> model -> CLS -> L2 normalisation.
-Results are cached on disk under a key of the model fingerprint, the source's keys hash, the rows,
-the transform, the device type, the precision and any corruption. With ``decode="device"`` (or auto / gpu on CUDA) the images are
+Embedding = eval transform (:mod:`cospress.evaluate.images`) -> model -> CLS -> L2 normalisation,
+and beside it the mean patch token (raw, for the linear probe) when the model has tokens (a CNN's
+tokens are its spatial map). Results are cached on disk under a key of the cache version (2: CLS +
+mean patch; version-1 entries held CLS only and are never read), the model fingerprint, the
+source's keys hash, the rows, the transform, the device type, the precision and any corruption. With ``decode="device"`` (or auto / gpu on CUDA) the images are
 decoded and resized in batches on the compute device. Corrupted inputs (robustness) always take
 the CPU path: the corruptions work on PIL images.
 """
@@ -37,12 +39,14 @@ from cospress.utils import atomic_write_bytes, atomic_write_json, redact_text, s
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: <key>.npy (CLS) + <key>.patch.npy (mean patch token, when the model has tokens)
 
 
 @dataclass
 class Embeddings:
-    """features: [N, D] float32, L2-normalised (zeros where invalid); valid: [N] bool; rows: [N] source rows."""
+    """features: [N, D] float32, L2-normalised (zeros where invalid); valid: [N] bool; rows: [N] source rows;
+    mean_patch: [N, D] float32 mean of the patch tokens (not normalised; zeros where invalid), None
+    when the model gives no tokens."""
 
     features: np.ndarray
     valid: np.ndarray
@@ -50,6 +54,7 @@ class Embeddings:
     errors: dict[int, str] = field(default_factory=dict)  # source row -> why it was skipped
     cache_hit: bool = False
     seconds: float = 0.0
+    mean_patch: np.ndarray | None = None
 
 
 def _cache_key(
@@ -103,7 +108,8 @@ def embed_source(
     seed: int = 0,
     decode: str = "cpu",
 ) -> Embeddings:
-    """L2-normalised CLS embeddings of `rows` of a source (all rows by default), cached on disk.
+    """L2-normalised CLS embeddings of `rows` of a source (all rows by default) and their mean patch
+    tokens (when the model has tokens), cached on disk.
 
     Inputs that fail to decode are skipped (valid False, reason in `errors`). cache_dir None = no cache.
     decode: cpu (workers decode with PIL), device / gpu (batched on `device`), auto (gpu on CUDA).
@@ -120,15 +126,10 @@ def embed_source(
         compute = (device.type, "fp32" if dtype is None else str(dtype).removeprefix("torch."))
         key = _cache_key(model, source, rows, crop_pct, extra, decode, compute)
         cache = Path(cache_dir).expanduser() / key
-        if (cache.with_suffix(".json")).is_file() and cache.with_suffix(".npy").is_file():
-            meta = json.loads(cache.with_suffix(".json").read_text())
-            feats = np.load(cache.with_suffix(".npy"))
-            log.info("embedding cache hit: %s (%d rows of %s)", cache.name[:16], len(rows), source.shown)
-            errors = {int(k): v for k, v in meta["errors"].items()}
-            valid = np.array([int(r) not in errors for r in rows], dtype=bool)
-            return Embeddings(feats, valid, rows, errors, cache_hit=True)
+        if cache.with_suffix(".json").is_file() and cache.with_suffix(".npy").is_file():
+            return _load_cached(cache, rows, source)
     start = time.perf_counter()
-    feats, errors = _run(
+    feats, patch, errors = _run(
         model, source, rows, batch_size, workers, device, precision, crop_pct, corruption, severity, seed,
         decode,
     )  # fmt: skip
@@ -139,12 +140,25 @@ def embed_source(
         len(rows), source.shown, seconds, len(rows) / max(seconds, 1e-9), len(errors),
     )  # fmt: skip
     if cache is not None:
+        if patch is not None:  # written before the .npy and .json that make an entry a hit
+            atomic_write_bytes(cache.with_suffix(".patch.npy"), _npy_bytes(patch))
         atomic_write_bytes(cache.with_suffix(".npy"), _npy_bytes(feats))
+        meta = {"spec": source.shown, "rows": len(rows), "mean_patch": patch is not None}
         atomic_write_json(
-            cache.with_suffix(".json"),
-            {"spec": source.shown, "rows": len(rows), "errors": {str(k): v for k, v in errors.items()}},
+            cache.with_suffix(".json"), {**meta, "errors": {str(k): v for k, v in errors.items()}}
         )
-    return Embeddings(feats, valid, rows, errors, seconds=seconds)
+    return Embeddings(feats, valid, rows, errors, seconds=seconds, mean_patch=patch)
+
+
+def _load_cached(cache: Path, rows: np.ndarray, source: Any) -> Embeddings:
+    """The embeddings of the cache entry ``cache`` (a path without suffix) for ``rows``."""
+    meta = json.loads(cache.with_suffix(".json").read_text())
+    feats = np.load(cache.with_suffix(".npy"))
+    patch = np.load(cache.with_suffix(".patch.npy")) if meta.get("mean_patch") else None
+    log.info("embedding cache hit: %s (%d rows of %s)", cache.name[:16], len(rows), source.shown)
+    errors = {int(k): v for k, v in meta["errors"].items()}
+    valid = np.array([int(r) not in errors for r in rows], dtype=bool)
+    return Embeddings(feats, valid, rows, errors, cache_hit=True, mean_patch=patch)
 
 
 def _device_batch(
@@ -176,6 +190,7 @@ def _run(
     )
     dtype = autocast_dtype(precision, device)
     feats = np.zeros((len(rows), model.dim), dtype=np.float32)
+    patch: np.ndarray | None = None  # [N, D] mean patch token, allocated when the model gives tokens
     errors: dict[int, str] = {}
     with torch.inference_mode(), autocast(device, dtype):
         for pos, *batch in loader:
@@ -183,15 +198,20 @@ def _run(
                 images, errs = _device_batch(batch[0], model.input_size, crop_pct, device)
             else:
                 images, errs = batch[0].to(device, non_blocking=True), batch[1]
-            out = model(images).cls.float()
-            feats[pos.numpy()] = out.cpu().numpy()
+            out = model(images)
+            feats[pos.numpy()] = out.cls.float().cpu().numpy()
+            if out.tokens.shape[1] > 0:
+                patch = np.zeros_like(feats) if patch is None else patch
+                patch[pos.numpy()] = out.tokens.float().mean(1).cpu().numpy()
             for p, e in zip(pos.tolist(), errs, strict=True):
                 if e:
                     errors[int(rows[p])] = e
     feats = l2_normalize(feats)
     for r in errors:
         feats[np.flatnonzero(rows == r)] = 0.0
-    return feats, errors
+        if patch is not None:
+            patch[np.flatnonzero(rows == r)] = 0.0
+    return feats, patch, errors
 
 
 def bank_from_store(url: str) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -242,12 +262,14 @@ def open_bank(cfg: EvalConfig, model: Any) -> BankSource:
 
 def embed_bank(
     bank: BankSource, model: Any, emb_kw: dict, classes: ClassMap, data: dict
-) -> tuple[np.ndarray, np.ndarray]:
-    """The kNN bank (features, labels): ``bank`` embedded (or its store features); unlabelled
-    rows and the held-out OOD classes ``classes.held`` are left out."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The kNN bank (features, labels, mean patch tokens or None): ``bank`` embedded (or its store
+    features, CLS only); unlabelled rows and the held-out OOD classes ``classes.held`` are left out."""
+    patch = None
     if bank.src is not None:
         emb = embed_source(model, bank.src, **emb_kw)
         feats, labels = emb.features[emb.valid], bank.labels[emb.valid]
+        patch = None if emb.mean_patch is None else emb.mean_patch[emb.valid]
         data["train"] = _data_entry(bank.src, emb)
     else:
         feats, labels = bank.features, bank.labels
@@ -259,7 +281,7 @@ def embed_bank(
         raise ConfigError(
             "the bank has no labelled rows of in-distribution classes; check --train / --ood-classes"
         )
-    return feats[keep], labels[keep]
+    return feats[keep], labels[keep], None if patch is None else patch[keep]
 
 
 @dataclass

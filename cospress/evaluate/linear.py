@@ -1,12 +1,15 @@
 """Linear probe on frozen features: a grid of linear heads trained together, chosen on a validation split.
 
-DINOv2's protocol in spirit, on the cached embeddings of knn-eval (the L2-normalised CLS vector: the
-embedding path keeps no patch tokens, so "CLS + mean patch token" is not among the feature choices).
-A seeded split carves ``VAL_FRACTION`` of the bank off as validation; one head per learning rate of
-``LEARNING_RATES`` is trained on the rest at once (one [D, H x C] matrix, AdamW, cosine decay,
-``STEPS`` steps of full or mini batches, cross-entropy); the head with the best validation top-1 is
-refitted on the whole bank at its learning rate and scored on the test set. Features are
-standardised with the training rows' mean and std first (still a linear probe: it folds into the head).
+DINOv2's protocol in spirit, on the cached embeddings of knn-eval. The grid is feature choice x
+learning rate: the feature choices are ``"cls"`` (the L2-normalised CLS vector) and, when the model
+has patch tokens, ``"cls+mean_patch"`` (CLS concatenated with the mean patch token). A seeded split
+carves ``VAL_FRACTION`` of the bank off as validation; for each feature choice one head per learning
+rate of ``LEARNING_RATES`` is trained on the rest at once (one [D, H x C] matrix, AdamW, cosine
+decay, ``STEPS`` steps of full or mini batches, cross-entropy); the (feature, lr) with the best
+validation top-1 (ties: the earlier feature choice, then the smaller lr) is refitted on the whole
+bank and scored on the test set. Features are standardised per dimension with the training rows'
+mean and std first, so each part of a concatenation is standardised on its own (still a linear
+probe: it folds into the head).
 """
 
 from __future__ import annotations
@@ -80,6 +83,20 @@ def _standardise(x: np.ndarray, fit: np.ndarray) -> np.ndarray:
     return (x - mean) / std
 
 
+def feature_choices(
+    train: np.ndarray, test: np.ndarray, train_patch: np.ndarray | None, test_patch: np.ndarray | None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{feature choice: (train features, test features)}: "cls", then "cls+mean_patch" (CLS and
+    the mean patch token concatenated) when both mean patch arrays are given."""
+    choices = {"cls": (train, test)}
+    if train_patch is not None and test_patch is not None:
+        choices["cls+mean_patch"] = (
+            np.concatenate([train, train_patch], axis=1),
+            np.concatenate([test, test_patch], axis=1),
+        )
+    return choices
+
+
 def linear_probe(
     train: np.ndarray,
     train_labels: np.ndarray,
@@ -87,49 +104,63 @@ def linear_probe(
     test_labels: np.ndarray,
     num_classes: int,
     seed: int = 0,
+    *,
+    train_patch: np.ndarray | None = None,
+    test_patch: np.ndarray | None = None,
 ) -> dict:
-    """The linear probe's report entry: the chosen learning rate and features, validation and test
-    top-1 %, the validation top-1 of every head, the row counts and the seconds taken.
+    """The linear probe's report entry: the chosen features and learning rate, validation and test
+    top-1 %, the validation top-1 of every (feature, lr) as ``grid[feature][lr]``, the row counts
+    and the seconds taken.
 
-    train / test: features [N, D]; labels [N] in [0, num_classes)."""
+    train / test: CLS features [N, D]; train_patch / test_patch: mean patch tokens [N, D'] or None
+    (then CLS only); labels [N] in [0, num_classes)."""
     if len(train) < 2 or len(test) == 0:
         raise ConfigError("the linear probe needs at least 2 bank images and 1 test image")
     start, threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(1)  # [512, D] x [D, H x C] products: threads cost more in sync than they save
     try:
-        result = _probe(train, train_labels, test, test_labels, num_classes, seed)
+        choices = feature_choices(train, test, train_patch, test_patch)
+        result = _probe(choices, train_labels, test_labels, num_classes, seed)
     finally:
         torch.set_num_threads(threads)
     result["seconds"] = round(time.perf_counter() - start, 3)
     log.info(
-        "linear probe: lr %g (val top-1 %.2f%%), test top-1 %.2f%% in %.1f s",
-        result["lr"], result["val_top1"], result["top1"], result["seconds"],
+        "linear probe: %s, lr %g (val top-1 %.2f%%), test top-1 %.2f%% in %.1f s",
+        result["features"], result["lr"], result["val_top1"], result["top1"], result["seconds"],
     )  # fmt: skip
     return result
 
 
 def _probe(
-    train: np.ndarray,
+    choices: dict[str, tuple[np.ndarray, np.ndarray]],
     train_labels: np.ndarray,
-    test: np.ndarray,
     test_labels: np.ndarray,
     num_classes: int,
     seed: int,
 ) -> dict:
-    tr, va = _split(len(train), seed)
-    x = _standardise(train, train[tr])
-    w, b = train_heads(x[tr], train_labels[tr], num_classes, LEARNING_RATES, seed)
-    val_top1 = 100 * (predict(w, b, x[va]) == train_labels[va]).mean(1)
-    best = int(np.argmax(val_top1))  # ties: the smallest learning rate
-    lr = LEARNING_RATES[best]
+    tr, va = _split(len(train_labels), seed)
+    val_top1 = {}  # feature choice -> [H] validation top-1 %
+    for name, (train, _) in choices.items():
+        x = _standardise(train, train[tr])
+        w, b = train_heads(x[tr], train_labels[tr], num_classes, LEARNING_RATES, seed)
+        val_top1[name] = 100 * (predict(w, b, x[va]) == train_labels[va]).mean(1)
+    scores = np.stack(list(val_top1.values()))  # [F, H]
+    f_best, h_best = np.unravel_index(
+        int(np.argmax(scores)), scores.shape
+    )  # ties: first feature, smallest lr
+    features, lr = list(choices)[f_best], LEARNING_RATES[h_best]
+    train, test = choices[features]
     w, b = train_heads(_standardise(train, train), train_labels, num_classes, (lr,), seed)
     test_pred = predict(w, b, _standardise(test, train))[0]
     result = {
-        "features": "cls",
+        "features": features,
         "lr": lr,
-        "val_top1": float(val_top1[best]),
+        "val_top1": float(scores[f_best, h_best]),
         "top1": float(100 * (test_pred == test_labels).mean()),
-        "grid": {f"{g:g}": float(v) for g, v in zip(LEARNING_RATES, val_top1, strict=True)},
+        "grid": {
+            name: {f"{g:g}": float(v) for g, v in zip(LEARNING_RATES, top1, strict=True)}
+            for name, top1 in val_top1.items()
+        },
         "train": int(len(tr)),
         "val": int(len(va)),
         "test": int(len(test)),

@@ -79,16 +79,21 @@ def _md_linear(report: dict) -> list[str]:
     lin = report.get("linear")
     if not lin:
         return []
-    grid = ", ".join(f"{lr}: {_fmt(v)}" for lr, v in lin["grid"].items())
+    grid = "; ".join(
+        f"{name}: " + ", ".join(f"{lr}: {_fmt(v)}" for lr, v in by_lr.items())
+        for name, by_lr in lin["grid"].items()
+    )
+    n_lr = len(next(iter(lin["grid"].values())))
     return [
-        f"## Linear probe ({lin['features']}, {lin['steps']} steps, best of {len(lin['grid'])} learning rates)",
+        f"## Linear probe ({lin['features']}, {lin['steps']} steps, best of {len(lin['grid'])} feature "
+        f"choices x {n_lr} learning rates)",
         "",
         "| top-1 % | kNN top-1 % | validation top-1 % | lr | train / val / test |",
         "|---|---|---|---|---|",
         f"| {_fmt(lin['top1'])} | {_fmt(report.get('top1'))} | {_fmt(lin['val_top1'])} | {lin['lr']:g} | "
         f"{lin['train']} / {lin['val']} / {lin['test']} |",
         "",
-        f"validation top-1 % by learning rate: {grid}",
+        f"validation top-1 % by feature choice and learning rate: {grid}",
         "",
     ]
 

@@ -66,7 +66,7 @@ def run_knn_eval(cfg: EvalConfig, progress: Progress | None = None) -> dict:
     emb_kw, attack_batch = _embed_kwargs(cfg, model, device)
     bank_src, test_src, classes = _open_sets(cfg, model)
     with timer("embed_train"):
-        bank, bank_labels = embed_bank(bank_src, model, emb_kw, classes, data)
+        bank, bank_labels, bank_patch = embed_bank(bank_src, model, emb_kw, classes, data)
     with timer("embed_test"):
         queries = embed_queries(cfg, test_src, model, emb_kw, classes, data)
     num_classes = classes.num_classes
@@ -86,7 +86,7 @@ def run_knn_eval(cfg: EvalConfig, progress: Progress | None = None) -> dict:
     report = _headline(cfg, knn_metrics, main_k, temperature, ood_report)
     if cfg.linear:
         with timer("linear"):
-            report["linear"] = linear_probe(bank, bank_labels, id_feats, id_labels, num_classes, cfg.seed)
+            report["linear"] = _linear(bank, bank_labels, bank_patch, queries, num_classes, cfg.seed)
 
     teacher_spec = cfg.fidelity_teacher or loaded.teacher_spec
     if teacher_spec and teacher_spec.lower() != "none":
@@ -129,6 +129,23 @@ def _protocol(cfg: EvalConfig) -> tuple[list[int], int, float]:
     main_k = protocol["main_k"] if protocol["main_k"] in ks else ks[0]
     temperature = float(cfg.temperature if cfg.temperature is not None else protocol["temperature"])
     return ks, main_k, temperature
+
+
+def _linear(
+    bank: np.ndarray,
+    labels: np.ndarray,
+    patch: np.ndarray | None,
+    queries: Queries,
+    num_classes: int,
+    seed: int,
+) -> dict:
+    """The linear probe of the bank (CLS, and mean patch tokens or None) scored on the
+    in-distribution test queries: CLS + mean patch joins the grid when both sides have it."""
+    mask, test_patch = queries.id_mask, queries.emb.mean_patch
+    return linear_probe(
+        bank, labels, queries.emb.features[mask], queries.labels[mask], num_classes, seed,
+        train_patch=patch, test_patch=None if test_patch is None else test_patch[mask],
+    )  # fmt: skip
 
 
 def _embed_kwargs(cfg: EvalConfig, model: Any, device: torch.device) -> tuple[dict[str, Any], int]:
