@@ -29,57 +29,23 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from cospress.errors import ConfigError
+from cospress.similarity import check_similarity_inputs, cosine_matrix
 
 log = logging.getLogger(__name__)
-
-_EPS = 1e-12
 
 # Bound on first use by _kernels(); the Triton kernels look these names up as module globals.
 triton: Any = None
 tl: Any = None
 
 
-# ---------------------------------------------------------------------------------------------- shared
-
-
-def check_similarity_inputs(t: torch.Tensor, z: torch.Tensor, temperatures: Sequence[float]) -> None:
-    """Raise ValueError / ConfigError when t [B, N, Dt], z [B, N, Ds] or the temperatures are unusable."""
-    if t.dim() != 3 or z.dim() != 3:
-        raise ValueError(
-            f"similarity_kl needs t [B, N, Dt] and z [B, N, Ds]; got {tuple(t.shape)} and {tuple(z.shape)}"
-        )
-    if t.shape[:2] != z.shape[:2]:
-        raise ValueError(
-            f"similarity_kl needs the same sets and set size on both sides; got t {tuple(t.shape)} "
-            f"and z {tuple(z.shape)}"
-        )
-    if t.shape[1] < 2:
-        raise ValueError(
-            f"similarity_kl needs at least 2 vectors per set (got N={t.shape[1]}, shape {tuple(t.shape)}); "
-            "use a larger batch for the global term"
-        )
-    temps = list(temperatures)
-    if not temps or any(not math.isfinite(float(x)) or float(x) <= 0 for x in temps):
-        raise ConfigError(f"temperatures must be a non-empty list of positive numbers, got {temps}")
-
-
-def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities within each set, in float32: x [B, N, D] -> [B, N, N].
-
-    The product follows torch's float32 matmul precision setting: keep it at "highest" (no TF32),
-    since at tau = 0.01 a TF32 rounding of the cosine moves a logit by ~0.1.
-    """
-    xn = F.normalize(x.float(), dim=-1, eps=_EPS)
-    return xn @ xn.transpose(1, 2)
-
-
 @functools.lru_cache(maxsize=16)
 def _temps_on(temps: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(temps, dtype=torch.float32, device=device)
+    # A normal tensor even when first built under torch.inference_mode(): it is cached and saved for
+    # backward by later training calls, which refuse inference tensors.
+    with torch.inference_mode(False):
+        return torch.tensor(temps, dtype=torch.float32, device=device)
 
 
 def _temps_tensor(temperatures: Sequence[float], device: torch.device) -> torch.Tensor:

@@ -12,14 +12,9 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from cospress.fused_kl import (
-    check_similarity_inputs,
-    cosine_matrix,
-    similarity_kl_fused,
-    similarity_kl_lean,
-    triton_available,
-)
+from cospress.fused_kl import similarity_kl_fused, similarity_kl_lean, triton_available
 from cospress.models.features import Features, resample_tokens
+from cospress.similarity import check_similarity_inputs, cosine_matrix
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,6 +24,22 @@ def _value_and_grads(impl, t, z, temps):
     loss = similarity_kl(t, z, temps, impl=impl)
     gt, gz = torch.autograd.grad(loss, (t, z))
     return loss.detach(), gt, gz
+
+
+def _float64_kl(t: torch.Tensor, z: torch.Tensor, temps) -> float:
+    """The plain formula in float64 throughout (cosines included), vectorised over sets and temperatures."""
+    n = t.shape[1]
+    eye = torch.eye(n, dtype=torch.bool)
+    taus = torch.tensor(temps, dtype=torch.float64)[None, :, None, None]
+    joints = []
+    for x in (t.double(), z.double()):
+        xn = x / x.norm(dim=-1, keepdim=True)
+        logits = ((xn @ xn.transpose(1, 2))[:, None] / taus).masked_fill(eye, float("-inf"))
+        lp = torch.log_softmax(logits, dim=-1).masked_fill(eye, 0.0)
+        joints.append(torch.logaddexp(lp, lp.transpose(-1, -2)) - math.log(2 * n))
+    lp, lq = joints
+    kl = (lp.exp() * (lp - lq)).masked_fill(eye, 0.0)
+    return float(kl.sum(dim=(-1, -2)).mean())
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -132,3 +149,63 @@ def test_fused_equals_plain_on_cuda(b, n, dt, ds):
         got = _value_and_grads(impl, t, z, DEFAULT_TEMPERATURES)
         for g, w in zip(got, want, strict=True):
             assert _rel(g, w) < 1e-4, impl
+
+
+_INFERENCE_FIRST = r"""
+import torch
+from cospress.losses import similarity_kl
+t, z = torch.randn(2, 6, 5), torch.randn(2, 6, 3)
+with torch.inference_mode():
+    similarity_kl(t, z, (0.05, 0.1), impl="fused")  # caches the temperature tensor
+zz = z.clone().requires_grad_(True)
+similarity_kl(t, zz, (0.05, 0.1), impl="fused").backward()
+assert zz.grad is not None and torch.isfinite(zz.grad).all()
+print("TRAINED")
+"""
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_fused_trains_after_a_first_call_under_inference_mode():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _INFERENCE_FIRST],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "TRAINED" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_lean_trains_after_a_first_call_under_inference_mode():
+    t, z = torch.randn(2, 6, 5), torch.randn(2, 6, 3)
+    with torch.inference_mode():
+        similarity_kl(t, z, (0.05, 0.1), impl="lean")
+    zz = z.clone().requires_grad_(True)
+    similarity_kl(t, zz, (0.05, 0.1), impl="lean").backward()
+    assert zz.grad is not None
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and triton_available()), reason="needs a CUDA GPU and triton"
+)
+@pytest.mark.parametrize("impl", ["plain", "lean", "fused", "auto"])
+def test_all_impls_match_float64_on_cuda_with_tf32_requested(impl):
+    # With TF32 on, a cosine error of ~1e-3 moves a logit at tau = 0.01 by ~0.1: a reference whose cosines
+    # are float64 sees it (feeding one TF32 matrix to both fp32 implementations would not).
+    t, z = torch.randn(4, 257, 384, device="cuda"), torch.randn(4, 257, 192, device="cuda")
+    want = _float64_kl(t.cpu(), z.cpu(), DEFAULT_TEMPERATURES)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        got = similarity_kl(t, z, DEFAULT_TEMPERATURES, impl=impl)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert abs(float(got) - float(want)) <= 1e-4 * abs(float(want)), (float(got), float(want))
+
+
+def test_float64_helper_matches_plain_on_cpu():
+    t, z = torch.randn(2, 9, 6), torch.randn(2, 9, 4)
+    got = float(similarity_kl(t, z, (0.02, 0.3), impl="plain"))
+    assert abs(got - _float64_kl(t, z, (0.02, 0.3))) <= 1e-5 * abs(got)

@@ -257,3 +257,41 @@ def test_feature_distill_losses():
         feature_distill_loss("l2", pred, target)
     with pytest.raises(ValueError, match="head"):
         feature_distill_loss("mse", Features(torch.randn(4, 5), torch.randn(4, 3, 5)), target)
+
+
+# ------------------------------------------------------------------------------------------ precision
+
+
+class _MatmulPrecisions(torch.overrides.TorchFunctionMode):
+    """Records the cuBLAS / oneDNN float32 matmul precision in force at each matmul."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("matmul", "__matmul__", "bmm"):
+            self.seen.append(
+                (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+            )
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def tf32_requested():
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("impl", ["plain", "lean"])
+def test_cosines_in_full_fp32_despite_high_matmul_precision(tf32_requested, impl):
+    t, z = torch.randn(2, 12, 7), torch.randn(2, 12, 5)
+    with _MatmulPrecisions() as seen:
+        got = similarity_kl(t, z, (0.01, 0.1), impl=impl)
+    assert seen.seen and all(p == ("ieee", "ieee") for p in seen.seen), seen.seen
+    assert torch.get_float32_matmul_precision() == "high"  # restored after
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    want = reference_kl(t, z, (0.01, 0.1))
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6), (float(got), float(want))
