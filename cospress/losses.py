@@ -22,7 +22,8 @@ DEFAULT_TEMPERATURES: tuple[float, ...] = tuple(round(0.01 * k, 2) for k in rang
 
 IMPLS = ("auto", "plain", "fused", "lean")
 # Module-level switch used when `impl` is None: "auto" picks "fused" for CUDA tensors when triton
-# is importable, else "plain".
+# is importable and the fused kernels pass a one-time self-test on that device, "lean" on CUDA
+# otherwise, else "plain".
 DEFAULT_IMPL = "auto"
 
 COSPRESS_TERMS = ("local", "global", "tokens", "cls")
@@ -33,8 +34,53 @@ def _resolve_impl(impl: str | None, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ValueError(f"unknown similarity_kl impl {impl!r}; choose one of {IMPLS}")
     if impl == "auto":
-        return "fused" if device.type == "cuda" and triton_available() else "plain"
+        if device.type != "cuda":
+            return "plain"
+        return "fused" if triton_available() and fused_works(device) else "lean"
     return impl
+
+
+_FUSED_OK: dict[str, bool] = {}
+
+
+def fused_works(device: torch.device) -> bool:
+    """Whether the fused kernels compile and match the plain loss (value and gradient) on `device`.
+
+    Run once per device (a small set, two temperatures); on failure logs one warning line and
+    `impl="auto"` falls back to the lean implementation.
+    """
+    key = str(device)
+    if key not in _FUSED_OK:
+        try:
+            _fused_self_test(device)
+            _FUSED_OK[key] = True
+        except Exception as exc:  # any JIT / driver / numeric failure means "do not use it"
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            log.warning(
+                "fused similarity KL unusable on %s (%s: %s); using impl='lean'",
+                key,
+                type(exc).__name__,
+                first,
+            )
+            _FUSED_OK[key] = False
+    return _FUSED_OK[key]
+
+
+def _fused_self_test(device: torch.device) -> None:
+    gen = torch.Generator().manual_seed(0)
+    t0, z0 = torch.randn(2, 37, 16, generator=gen), torch.randn(2, 37, 8, generator=gen)
+    temps = (0.01, 0.1)
+    with torch.inference_mode(False), torch.enable_grad():
+        results = []
+        for fn in (similarity_kl_fused, _similarity_kl_plain):
+            z = z0.to(device).requires_grad_(True)
+            loss = fn(t0.to(device), z, temps)
+            (grad,) = torch.autograd.grad(loss, (z,))
+            results.append((loss.detach().cpu(), grad.cpu()))
+    for got, want in zip(*results, strict=True):
+        err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+        if not err < 1e-3:
+            raise RuntimeError(f"self-test mismatch against the plain loss: relative error {err:.2e}")
 
 
 def _similarity_kl_plain(t: torch.Tensor, z: torch.Tensor, temperatures: Sequence[float]) -> torch.Tensor:
@@ -73,8 +119,9 @@ def similarity_kl(
     float32 and log space whatever the input dtype or autocast state; both sides get gradients.
 
     impl: "plain" (autograd, stores [B, T, N, N] tensors), "lean" (pure PyTorch, stores only the two
-    [B, N, N] cosine matrices), "fused" (Triton kernels), "auto" (fused on CUDA when triton is
-    importable, else plain); None uses the module-level DEFAULT_IMPL.
+    [B, N, N] cosine matrices), "fused" (Triton kernels), "auto" (on CUDA: fused when triton imports and
+    passes a one-time self-test, see :func:`fused_works`, else lean; plain elsewhere); None uses the
+    module-level DEFAULT_IMPL.
     """
     check_similarity_inputs(t, z, temperatures)
     which = _resolve_impl(impl, t.device)

@@ -209,3 +209,14 @@ def test_float64_helper_matches_plain_on_cpu():
     t, z = torch.randn(2, 9, 6), torch.randn(2, 9, 4)
     got = float(similarity_kl(t, z, (0.02, 0.3), impl="plain"))
     assert abs(got - _float64_kl(t, z, (0.02, 0.3))) <= 1e-5 * abs(got)
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and triton_available()), reason="needs a CUDA GPU and triton"
+)
+def test_fused_self_test_passes_on_cuda():
+    from cospress import losses
+
+    losses._FUSED_OK.pop("cuda", None)
+    assert losses.fused_works(torch.device("cuda"))
+    assert losses._resolve_impl("auto", torch.device("cuda")) == "fused"

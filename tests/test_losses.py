@@ -295,3 +295,37 @@ def test_cosines_in_full_fp32_despite_high_matmul_precision(tf32_requested, impl
     assert torch.backends.cuda.matmul.fp32_precision == "tf32"
     want = reference_kl(t, z, (0.01, 0.1))
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6), (float(got), float(want))
+
+
+# ------------------------------------------------------------------------------------------ auto impl
+
+
+def test_auto_falls_back_to_lean_when_the_fused_self_test_fails(monkeypatch, caplog):
+    calls = []
+
+    def broken_fused(t, z, temperatures):
+        calls.append(1)
+        raise RuntimeError("triton JIT failed: no libcuda.so\nsecond line")
+
+    monkeypatch.setattr(losses, "similarity_kl_fused", broken_fused)
+    monkeypatch.setattr(losses, "triton_available", lambda: True)
+    monkeypatch.setattr(losses, "_FUSED_OK", {})
+    with caplog.at_level("WARNING", logger="cospress.losses"):
+        assert losses._resolve_impl("auto", torch.device("cuda")) == "lean"
+        assert losses._resolve_impl(None, torch.device("cuda")) == "lean"  # cached: one test, one warning
+    assert len(calls) <= 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "impl='lean'" in warnings[0] and "second line" not in warnings[0]
+    assert losses._resolve_impl("auto", torch.device("cpu")) == "plain"
+    assert losses._resolve_impl("fused", torch.device("cuda")) == "fused"  # explicit choice untouched
+
+
+def test_fused_self_test_checks_value_and_gradient(monkeypatch):
+    monkeypatch.setattr(losses, "_FUSED_OK", {})
+    monkeypatch.setattr(losses, "similarity_kl_fused", losses.similarity_kl_lean)
+    assert losses.fused_works(torch.device("cpu"))
+    monkeypatch.setattr(losses, "_FUSED_OK", {})
+    monkeypatch.setattr(
+        losses, "similarity_kl_fused", lambda t, z, temps: 1.01 * similarity_kl(t, z, temps, "lean")
+    )
+    assert not losses.fused_works(torch.device("cpu"))
