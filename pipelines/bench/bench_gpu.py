@@ -24,6 +24,7 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -95,6 +96,62 @@ def make_jpegs(folder: Path, n: int, wh: tuple[int, int], workers: int) -> str:
 
 def _amp(cfg: dict) -> torch.dtype | None:
     return torch.bfloat16 if cfg["precision"] == "bf16" else None
+
+
+class PreflightError(RuntimeError):
+    """A check that must pass before any measurement; its message is one line."""
+
+
+def _driver() -> str:
+    try:
+        q = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
+        return subprocess.run(q, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "nvidia-smi unavailable"
+
+
+def preflight(device: torch.device, jpeg: Path) -> dict:
+    """Fail fast (PreflightError, one line) unless CUDA, a Triton kernel and nvjpeg all work on `device`."""
+    info = {"driver": _driver(), "torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    where = f"(torch {info['torch']}, built for CUDA {info['torch_cuda']}; driver: {info['driver']})"
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise PreflightError(f"no CUDA device visible to torch {where}")
+    steps = {
+        "CUDA": lambda: torch.ones(8, device=device).sum().item(),
+        "Triton": lambda: _triton_check(device),
+    }
+    steps["nvjpeg"] = lambda: _nvjpeg_check(device, jpeg)
+    for name, check in steps.items():
+        try:
+            check()
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise PreflightError(
+                f"{name} check failed on {device} {where}: {type(e).__name__}: {first}"
+            ) from e
+    info["device"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _triton_check(device: torch.device) -> None:
+    from cospress import losses
+
+    losses._fused_self_test(device)  # compiles the three fused kernels and compares with the plain loss
+
+
+def _nvjpeg_check(device: torch.device, jpeg: Path) -> None:
+    from torchvision.io import decode_jpeg, read_file
+
+    img = decode_jpeg(read_file(str(jpeg)), device=device)
+    if img.dim() != 3 or img.shape[0] != 3:
+        raise RuntimeError(f"decoded to shape {tuple(img.shape)}")
+
+
+def write_json(out: Path, res: dict) -> None:
+    """bench_gpu.json, rewritten after every section so that a killed run keeps what it measured."""
+    tmp = out / "bench_gpu.json.tmp"
+    tmp.write_text(json.dumps(res, indent=2, default=str))
+    os.replace(tmp, out / "bench_gpu.json")
 
 
 # ---------------------------------------------------------------------------------------------- measurements
@@ -287,6 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--images", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the synthetic images and stores")
+    ap.add_argument("--preflight", action="store_true", help="run only the pre-flight checks (CUDA)")
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("COSPRESS_LOG", "WARNING"), format="%(asctime)s %(name)s: %(message)s"
@@ -295,15 +353,23 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = dict(SMOKE if args.cpu_smoke else FULL)
     if args.images:
         cfg["images"] = args.images
-    if cfg["device"] == "cuda" and not torch.cuda.is_available():
-        sys.exit("no CUDA device: run with --cpu-smoke on a CPU")
     device = torch.device(cfg["device"])
     out = Path(args.out)
     work = out / "work"
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    res: dict[str, Any] = {}
+    res: dict[str, Any] = {"config": cfg}
     skipped: dict[str, str] = {}
+    res["skipped"] = skipped
+    if device.type == "cuda" or args.preflight:
+        make_jpegs(work / "preflight", 1, (64, 48), 1)
+        try:
+            res["preflight"] = preflight(torch.device("cuda"), work / "preflight" / "img00000.jpg")
+        except PreflightError as e:
+            sys.exit(f"bench_gpu: pre-flight failed: {e}")
+        log.info("pre-flight: %s", json.dumps(res["preflight"]))
+        if args.preflight:
+            return res
 
     def section(name: str, fn, *a, **kw) -> None:
         if time.perf_counter() - t_start > cfg["budget_s"]:
@@ -316,14 +382,15 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as e:  # one failing measurement must not lose the others
             skipped[name] = f"{type(e).__name__}: {e}"
             log.error("%s failed:\n%s", name, traceback.format_exc())
-            return
+            r = {}
         if "skipped" in r:
             skipped[name] = r["skipped"]
             log.warning("skip %s: %s", name, r["skipped"])
-            return
-        r["section_s"] = time.perf_counter() - t0
-        res[name] = r
-        log.info("%s: %s", name, json.dumps(r))
+        elif r:
+            r["section_s"] = time.perf_counter() - t0
+            res[name] = r
+            log.info("%s: %s", name, json.dumps(r))
+        write_json(out, res)  # after every section: a run killed by its timeout keeps what it measured
 
     spec = make_jpegs(work / "images", cfg["images"], cfg["image_wh"], cfg["workers"])
     log.info("%d synthetic JPEGs in %.1f s", cfg["images"], time.perf_counter() - t_start)
@@ -358,8 +425,6 @@ def main(argv: list[str] | None = None) -> dict:
             skipped["distill_gpu_compiled"] = no_compile
     else:
         skipped["distill"] = "no store was extracted"
-    res["skipped"] = skipped
-    res["config"] = cfg
     res["env"] = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -370,7 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds_total": time.perf_counter() - t_start,
     }
     res["summary"] = summarize(res)
-    (out / "bench_gpu.json").write_text(json.dumps(res, indent=2, default=str))
+    write_json(out, res)
     md = to_markdown(res)
     (out / "bench_gpu.md").write_text(md)
     print(md)
