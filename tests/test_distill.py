@@ -363,3 +363,53 @@ def test_val_split_is_independent_of_limit():
     s = split_rows(limited, np.ones(len(limited), bool), 0.05)
     assert 5 <= len(s.val) <= 40
     assert len(s.train) + len(s.val) == 400
+
+
+class _DeviceReads(torch.overrides.TorchFunctionMode):
+    """Records the calls that copy a tensor's values to the host (on CUDA each one waits for the GPU).
+
+    AdamW's step counters are ignored: they live on the CPU on every device (no wait).
+    """
+
+    def __init__(self, opt):
+        super().__init__()
+        self.reads: list[str] = []
+        self.opt = opt
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("tolist", "item", "cpu", "numpy", "__float__"):
+            if not any(args[0] is st.get("step") for st in self.opt.state.values()):
+                self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_train_step_leaves_the_loss_terms_on_the_device_and_the_log_reads_them_in_batches(tmp_path):
+    from types import SimpleNamespace
+
+    from cospress.distill.model import DistillModel, train_step
+    from cospress.distill.state import MetricsLog, RunState, train_row
+    from cospress.models.features import Features
+    from cospress.models.students import build_student
+
+    torch.manual_seed(0)
+    model = DistillModel(build_student("test_vit", 32), "cospress", dt=16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cfg = SimpleNamespace(
+        method="cospress", temperatures=[0.05, 0.1], w_local=1.0, w_global=1.0, w_tokens=1.0, w_cls=1.0,
+        compressor_first=False, grad_clip=1.0,
+    )  # fmt: skip
+    images = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
+    teacher = Features(cls=torch.randn(4, 16), tokens=torch.randn(4, 4, 16))
+    at = RunState()
+    with MetricsLog(tmp_path / "metrics.jsonl", True, every=3) as metrics, _DeviceReads(opt) as seen:
+        for step in range(1, 6):
+            terms = train_step(model, opt, images, teacher, 1e-3, cfg, True, None)
+            assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in terms.values())
+            at.step = step
+            metrics.add_train(train_row(at, 1e-3, 4, 0.0, 0.1), terms)
+        assert seen.reads == ["tolist"]  # 5 steps, one read (at step 3); steps 4-5 still pending
+        assert metrics.flush()["step"] == 5
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert list(rows[0])[:5] == ["phase", "step", "epoch", "lr", "loss/cls"]
+    assert all(np.isfinite(r["loss/total"]) for r in rows)

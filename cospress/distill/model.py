@@ -215,10 +215,12 @@ def train_step(
     cfg: Any,
     use_tokens: bool,
     grids: tuple[tuple[int, int], tuple[int, int]] | None = None,
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """One optimizer step on this rank's part of a global batch; returns the loss terms averaged over ranks.
 
-    ``model``: the DistillModel or its DDP wrapper; images / teacher / grids as :func:`compute_losses`.
+    The terms stay on the device (0-d float32 tensors): reading them waits for the step, so the caller
+    reads them in batches (``MetricsLog.add_train``). ``model``: the DistillModel or its DDP wrapper;
+    images / teacher / grids as :func:`compute_losses`.
     """
     for g in opt.param_groups:
         g["lr"] = lr
@@ -239,8 +241,8 @@ def train_step(
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
     names = sorted(terms)
-    vals = runtime.all_reduce_mean(torch.stack([terms[k].detach().float() for k in names])).tolist()
-    return dict(zip(names, vals, strict=True))
+    vals = runtime.all_reduce_mean(torch.stack([terms[k].detach().float() for k in names]))
+    return dict(zip(names, vals.unbind(), strict=True))
 
 
 # ============================================================================ compressor-first

@@ -117,14 +117,14 @@ def train(
                 losses = train_step(dmodel, opt, images, teacher, lr, cfg, data.use_tokens, grids)
                 at.step, at.position = at.step + 1, int(batch["step"]) + 1
                 views_done += cfg.batch_size
-                last = train_row(at, lr, losses, cfg.batch_size, t_data, time.perf_counter() - t0)
-                metrics.write(last)
+                metrics.add_train(train_row(at, lr, cfg.batch_size, t_data, time.perf_counter() - t0), losses)
                 if progress is not None and ctx.is_main:
                     progress(at.step * cfg.batch_size, schedule.total * cfg.batch_size)
                 if cfg.save_every and at.step % cfg.save_every == 0 and at.position < len(plan):
+                    metrics.flush()  # the rows up to the checkpoint are on disk before it
                     save("last")
                 t0 = time.perf_counter()
-            at.epoch, at.position = at.epoch + 1, 0
+            at.epoch, at.position, last = at.epoch + 1, 0, metrics.flush()
             # validation + best (rank 0)
             if ctx.is_main:
                 row = validate_epoch(model, data, cfg, device, decode, epoch=at.epoch - 1, step=at.step)

@@ -238,13 +238,45 @@ def trim_metrics(path: Path, step: int, epoch: int) -> None:
     atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
-class MetricsLog:
-    """``metrics.jsonl``, appended one JSON row at a time on rank 0 (a no-op elsewhere: ``enabled``)."""
+# Train rows are held with their loss terms on the device and read (one device sync) every LOG_EVERY steps.
+LOG_EVERY = 20
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+
+class MetricsLog:
+    """``metrics.jsonl``, appended one JSON row at a time on rank 0 (a no-op elsewhere: ``enabled``).
+
+    Train rows come in through :meth:`add_train` with their loss terms still on the device; they are
+    read together, one device sync per ``every`` steps, and written in order before any other row.
+    """
+
+    def __init__(self, path: Path, enabled: bool, every: int = LOG_EVERY) -> None:
         self._file = open(path, "a") if enabled else None  # noqa: SIM115
+        self._every = max(1, every)
+        self._pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
+        self.last: dict[str, Any] = {}  # the last train row written (on every rank)
+
+    def add_train(self, row: dict[str, Any], losses: dict[str, torch.Tensor]) -> None:
+        """A train row (:func:`train_row` without losses) and its device loss terms; written later."""
+        self._pending.append((row, losses))
+        if len(self._pending) >= self._every:
+            self.flush()
+
+    def flush(self) -> dict[str, Any]:
+        """Read the pending loss terms (one device sync), write their rows; returns the last train row."""
+        if self._pending:
+            names = sorted(self._pending[0][1])
+            vals = torch.stack([torch.stack([t[k] for k in names]) for _, t in self._pending]).tolist()
+            for (row, _), v in zip(self._pending, vals, strict=True):
+                self.last = with_losses(row, dict(zip(names, v, strict=True)))
+                self._write(self.last)
+            self._pending.clear()
+        return self.last
 
     def write(self, row: dict[str, Any]) -> None:
+        self.flush()
+        self._write(row)
+
+    def _write(self, row: dict[str, Any]) -> None:
         if self._file is not None:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
@@ -255,21 +287,33 @@ class MetricsLog:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._file is not None:
-            self._file.close()
+        try:
+            self.flush()
+        except Exception:  # after a failed step the pending terms may be unreadable (e.g. a CUDA error)
+            if kind is None:
+                raise
+        finally:
+            if self._file is not None:
+                self._file.close()
 
 
-def train_row(
-    at: RunState, lr: float, losses: dict[str, float], views: int, t_data: float, t_step: float
-) -> dict:
-    """The metrics row of one step: its loss terms, learning rate, speed (views/s) and timings."""
+def train_row(at: RunState, lr: float, views: int, t_data: float, t_step: float) -> dict:
+    """The metrics row of one step without its loss terms: learning rate, speed (views/s) and timings.
+
+    ``t_step`` is host time: the GPU may still be running the step (its terms are read later).
+    """
     return {
         "phase": "train",
         "step": at.step,
         "epoch": at.epoch,
         "lr": lr,
-        **{f"loss/{k}": v for k, v in losses.items()},
         "images_per_s": views / max(t_step, 1e-9),
         "time_data_s": t_data,
         "time_step_s": t_step,
     }
+
+
+def with_losses(row: dict, losses: dict[str, float]) -> dict:
+    """``row`` with ``loss/<name>`` keys after the learning rate, as metrics.jsonl has always had them."""
+    head = {k: row[k] for k in ("phase", "step", "epoch", "lr")}
+    return {**head, **{f"loss/{k}": v for k, v in losses.items()}, **row}
