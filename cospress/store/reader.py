@@ -99,7 +99,10 @@ class StoreReader:
         try:
             raw = self._fs.cat_file(self._path(mf.MANIFEST_FILE))
         except FileNotFoundError:
-            if not self._fs.exists(self._root):  # e.g. a bucket that does not exist
+            # nothing there at all (e.g. a bucket that does not exist); an HTTP server cannot list a
+            # folder, so a store's own files are asked for first
+            present = (self._path(mf.IDENTITY_FILE), self._path("zarr.json"), self._root)
+            if not any(self._fs.exists(p) for p in present):
                 raise StoreError(f"nothing is at {self.display}: check the path or URL") from None
             what = (
                 "it is incomplete"
