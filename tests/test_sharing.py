@@ -430,12 +430,7 @@ def test_import_refuses_pickles_tampering_and_bad_sidecars(tmp_path):
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     meta = {"key": "team/img.0000.jpg", "label": 1, "valid": True, "views": [[0.0] * P] * V}
     members = {"cls.npy": buf.getvalue(), "tokens.npy": buf.getvalue(), "json": json.dumps(meta).encode()}
-    with tarfile.open(tar, "w") as t:
-        for suffix, data in members.items():
-            info = tarfile.TarInfo(f"team%2Fimg%2E0000%2Ejpg.{suffix}")
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    (w / SIDECAR).write_text(side.replace(json.loads(side)["shards"][0]["sha256"], mf_sha(tar)))
+    _replace_first_sample(w, side, members)
     with pytest.raises(StoreError, match="is not a plain .npy array"):
         import_wds(w, tmp_path / "t2")
     bad = json.loads(side)
