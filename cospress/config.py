@@ -57,7 +57,7 @@ def device_setting() -> Any:
 
 
 def precision_setting() -> Any:
-    return setting("auto", help="auto (bf16 on CUDA and on AMX CPUs), bf16 or fp32; losses stay fp32.")
+    return setting("auto", help="auto (bf16 on CUDA and on CPUs with AMX or AVX-512 BF16), bf16 or fp32; losses stay fp32.")
 
 
 def workers_setting(what: str) -> Any:

@@ -77,8 +77,16 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def cpu_has_amx() -> bool:
-    return "amx_bf16" in cpu_flags()
+# CPU flags of native bf16 matrix instructions: AMX tiles (Sapphire Rapids and later) or AVX-512 BF16
+# (Cooper Lake, Zen 4 and later). Measured on 2 cores of a Zen 4 EPYC with avx512_bf16 and no AMX:
+# bf16 autocast made a ViT-Ti/16 @64 train step 1.7x faster and efficientnet_lite0 @112 inference
+# 2.2-3.1x faster than fp32.
+_FAST_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def cpu_has_fast_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU has native bf16 matrix instructions (AMX or AVX-512 BF16)."""
+    return bool(_FAST_BF16_FLAGS & (cpu_flags() if flags is None else flags))
 
 
 # OpenBLAS kernel families by the CPU flags they need, best first (names as OPENBLAS_CORETYPE takes them).
@@ -124,7 +132,8 @@ def import_faiss() -> Any:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `precision` in {auto, bf16, fp32}; None means no autocast.
 
-    auto = bf16 on CUDA and on CPUs with AMX (where it is ~3x faster for ViTs), else fp32.
+    auto = bf16 on CUDA and on CPUs with native bf16 instructions (AMX or AVX-512 BF16, where it is
+    1.7-3x faster for ViTs and CNNs), else fp32.
     """
     if precision == "fp32":
         return None
@@ -132,7 +141,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if precision != "auto":
         raise ValueError(f"unknown precision {precision!r}; use auto, bf16 or fp32")
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_amx()):
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
         return torch.bfloat16
     return None
 

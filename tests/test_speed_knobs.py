@@ -100,3 +100,18 @@ def test_local_store_reads_take_the_direct_path_and_match_zarr(tmp_path):
         a, b = direct.read_shard(shard), via_zarr.read_shard(shard)
         for name in ("cls", "tokens", "views"):
             np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_auto_precision_is_bf16_where_the_cpu_has_native_bf16(monkeypatch):
+    from cospress import runtime
+
+    assert runtime.cpu_has_fast_bf16(frozenset({"avx2", "avx512_bf16"}))
+    assert runtime.cpu_has_fast_bf16(frozenset({"amx_bf16", "amx_tile"}))
+    assert not runtime.cpu_has_fast_bf16(frozenset({"avx2", "avx512f", "fma"}))
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert runtime.autocast_dtype("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert runtime.autocast_dtype("auto", cpu) is None
+    assert runtime.autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert runtime.autocast_dtype("fp32", torch.device("cuda")) is None
