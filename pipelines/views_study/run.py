@@ -1,0 +1,237 @@
+#!/usr/bin/env python
+"""The views study: does a student trained from K cached views per image match online distillation?
+
+    .venv/bin/python pipelines/views_study/run.py --out runs/views-study [--ks 1,2,4,8] [--seeds 0,1]
+        [--passes 12] [--write-doc docs/results-views.md]
+
+Fashion-MNIST, 10,000 training images (1,000 per class) and 2,000 test images (200 per class),
+exactly stratified by ``pipelines/fashion_mnist/make_stratified.py``; teacher efficientnet_lite0 at
+112 px (16 tokens + CLS); student ViT-Ti/16 at 64 px. Arms:
+
+- ``k{K}``: ``cospress extract-teacher --views K`` once per K (view seed 0, the same for every
+  arm, so the K = 4 store holds the first 4 views of the K = 8 one), then ``cospress distill
+  --store`` with R = min(3, K) views of each image per batch;
+- ``online``: ``cospress distill --teacher`` with R = 3: every epoch draws R fresh views of every
+  image (the views of epoch 0 are views 0..R-1 of the stores).
+
+Every arm trains the same number of steps of 192 views: ``--passes`` views of every training image
+in all (12 = 4 epochs at R = 3, 6 at R = 2, 12 at R = 1), with the first 20% of the steps as
+warm-up. Then ``cospress knn-eval``: kNN k = 20, T = 0.07 over classes 0-4 (5-9 held out as the
+near-OOD set, score = max cosine), fidelity (Spearman ρ, 10-NN overlap) to the teacher on the
+test images. Only the command line is called; each step is skipped when its output exists, so
+rerunning continues where it stopped. Wall times are per step; a store's extraction is charged to
+its arm once and shared by its seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TEACHER, TEACHER_SIZE = "efficientnet_lite0", 112
+STUDENT, STUDENT_SIZE = "vit_tiny_patch16_224", 64
+BATCH, MAX_R = 192, 3
+
+
+def cli(*args: str, log: Path) -> float:
+    """Run `cospress ARGS` (output appended to `log`); return its wall time in seconds."""
+    cmd = [sys.executable, "-m", "cospress", *args]
+    print("+ cospress " + " ".join(args), flush=True)
+    t0 = time.perf_counter()
+    with log.open("a") as f:
+        f.write("+ cospress " + " ".join(args) + "\n")
+        f.flush()
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    return time.perf_counter() - t0
+
+
+class Study:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a, self.out = a, Path(a.out).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = self.out / "commands.log"
+        self.times_path = self.out / "times.json"
+        self.times = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
+        self.data = Path(a.data).resolve()
+        self.train_src, self.test_src = f"folder:{self.data / 'train'}", f"folder:{self.data / 'test'}"
+
+    def timed(self, name: str, *args: str) -> float:
+        """Run a CLI step once; its wall time is kept in times.json (a rerun reads it back)."""
+        if name not in self.times:
+            self.times[name] = cli(*args, log=self.log)
+            self.times_path.write_text(json.dumps(self.times, indent=1))
+        return self.times[name]
+
+    def make_data(self) -> None:
+        if not (self.data / "test").is_dir():
+            script = ROOT / "pipelines" / "fashion_mnist" / "make_stratified.py"
+            subprocess.run([sys.executable, str(script), "--out", str(self.data)], check=True)
+
+    def store(self, k: int) -> Path:
+        store = self.out / f"store-k{k}"
+        self.timed(
+            f"extract-k{k}", "extract-teacher", "--data", self.train_src, "--teacher", TEACHER,
+            "--image-size", str(TEACHER_SIZE), "--views", str(k), "--seed", "0", "--shard-size", "1000",
+            "--workers", "1", "--out", str(store), "--no-progress", *self.a.extract_args,
+        )  # fmt: skip
+        return store
+
+    def schedule(self, r: int) -> list[str]:
+        epochs = self.a.passes // r
+        return ["--views-per-image", str(r), "--epochs", str(epochs), "--warmup-epochs", f"{0.2 * epochs:g}"]
+
+    def distill(self, arm: str, seed: int) -> Path:
+        run = self.out / f"{arm}-s{seed}"
+        common = [
+            "--student", STUDENT, "--student-size", str(STUDENT_SIZE), "--batch-size", str(BATCH),
+            "--val-bank", "2000", "--workers", "1", "--seed", str(seed), "--out", str(run), "--no-progress",
+        ]  # fmt: skip
+        if arm == "online":
+            source = ["--teacher", TEACHER, "--image-size", str(TEACHER_SIZE), "--data", self.train_src]
+            r = MAX_R
+        else:
+            k = int(arm[1:])
+            source, r = ["--store", str(self.store(k))], min(MAX_R, k)
+        if not (run / "export" / "student.json").exists():
+            resume = ["--resume"] if (run / "last.json").exists() else []
+            self.timed(f"distill-{arm}-s{seed}", "distill", *source, *common, *self.schedule(r), *resume,
+                       *self.a.distill_args)  # fmt: skip
+            cli("export", str(run), "--out", str(run / "export"), log=self.log)
+        return run / "export"
+
+    def evaluate(self, name: str, model: str) -> dict:
+        out = self.out / f"eval-{name}"
+        if not (out / "report.json").exists():
+            fidelity = "none" if name == "teacher" else f"teacher:{TEACHER}@{TEACHER_SIZE}"
+            self.timed(
+                f"eval-{name}", "knn-eval", "--model", model, "--train", self.train_src, "--test", self.test_src,
+                "--ood-classes", "5,6,7,8,9", "--protocol", "dino", "--k", "10,20,100,200",
+                "--temperature", "0.07", "--crop-pct", "1.0", "--no-robustness", "--fidelity-teacher", fidelity,
+                "--workers", "1", "--cache-dir", str(self.out / "embedding-cache"), "--out", str(out),
+            )  # fmt: skip
+        return json.loads((out / "report.json").read_text())
+
+    def steps(self, arm: str, seed: int) -> int:
+        metrics = self.out / f"{arm}-s{seed}" / "metrics.jsonl"
+        return sum(1 for line in metrics.read_text().splitlines() if '"step"' in line and '"loss' in line)
+
+
+def row(study: Study, arm: str, seed: int, report: dict) -> dict:
+    fid = report.get("fidelity") or {}
+    t = study.times
+    extract = t.get(f"extract-{arm}", 0.0) / len(study.a.seeds)
+    return {
+        "arm": arm,
+        "seed": seed,
+        "top1": report["top1"],
+        "auroc": report["auroc"],
+        "fpr95": report["fpr95"],
+        "spearman": fid.get("spearman"),
+        "overlap10": fid.get("knn10_overlap"),
+        "steps": study.steps(arm, seed),
+        "distill_s": t.get(f"distill-{arm}-s{seed}"),
+        "extract_share_s": extract,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/views-study")
+    p.add_argument("--data", default="data/fashion-mnist-10k", help="stratified folders (made if absent)")
+    p.add_argument("--ks", default="1,2,4,8", help="cached arms: K views per image")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--no-online", action="store_true", help="leave out the online arm")
+    p.add_argument("--passes", type=int, default=12, help="views of every training image over the run")
+    p.add_argument("--extract-args", default="", help="extra extract-teacher flags, e.g. '--token-codec int8'")
+    p.add_argument("--distill-args", default="", help="extra distill flags for every arm")
+    p.add_argument("--write-doc", default=None, help="also write the markdown section to this file")
+    a = p.parse_args()
+    a.seeds = [int(s) for s in a.seeds.split(",")]
+    a.extract_args, a.distill_args = a.extract_args.split(), a.distill_args.split()
+    arms = [f"k{k}" for k in a.ks.split(",")] + ([] if a.no_online else ["online"])
+    study = Study(a)
+    study.make_data()
+    teacher = study.evaluate("teacher", f"teacher:{TEACHER}@{TEACHER_SIZE}")
+    rows = []
+    for seed in a.seeds:  # every arm of seed 0 first: a partial study already compares the arms
+        for arm in arms:
+            report = study.evaluate(f"{arm}-s{seed}", str(study.distill(arm, seed)))
+            rows.append(row(study, arm, seed, report))
+            (study.out / "results.json").write_text(json.dumps({"teacher": teacher, "rows": rows}, indent=1))
+    text = table(rows, teacher, a)
+    (study.out / "results.md").write_text(text)
+    plot(rows, teacher, study.out / "views_study.png")
+    if a.write_doc:
+        Path(a.write_doc).write_text(text)
+    print(text)
+
+
+def _ms(values: list[float], digits: int, scale: float = 1.0) -> str:
+    vals = [v * scale for v in values if v is not None]
+    if len(vals) < 2:
+        return f"{vals[0]:.{digits}f}" if vals else "—"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def table(rows: list[dict], teacher: dict, a: argparse.Namespace) -> str:
+    head = "| arm | seed | steps | kNN top-1 % | OOD AUROC | FPR95 % | Spearman ρ | 10-NN overlap | distill min | + store share min |"
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(
+            f"| {r['arm']} | {r['seed']} | {r['steps']} | {r['top1']:.2f} | {r['auroc']:.3f} | {100 * r['fpr95']:.1f} "
+            f"| {r['spearman']:.3f} | {r['overlap10']:.3f} | {r['distill_s'] / 60:.1f} | {r['extract_share_s'] / 60:.1f} |"
+        )
+    lines += ["", "| arm | seeds | kNN top-1 % | OOD AUROC | FPR95 % | Spearman ρ | 10-NN overlap |", "|" + "---|" * 7]
+    lines.append(f"| teacher @112 | — | {teacher['top1']:.2f} | {teacher['auroc']:.3f} | {100 * teacher['fpr95']:.1f} | 1 | 1 |")
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        rs = [r for r in rows if r["arm"] == arm]
+        lines.append(
+            f"| {arm} | {len(rs)} | {_ms([r['top1'] for r in rs], 2)} | {_ms([r['auroc'] for r in rs], 3)} "
+            f"| {_ms([r['fpr95'] for r in rs], 1, 100)} | {_ms([r['spearman'] for r in rs], 3)} "
+            f"| {_ms([r['overlap10'] for r in rs], 3)} |"
+        )
+    setup = (
+        f"Views study: {a.passes} views of every training image per run (batch {BATCH}, R = min(3, K)), "
+        f"seeds {','.join(map(str, a.seeds))}; extra extract flags {' '.join(a.extract_args) or 'none'}, "
+        f"extra distill flags {' '.join(a.distill_args) or 'none'}."
+    )
+    return setup + "\n\n" + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], teacher: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = (("top1", "kNN top-1 %"), ("auroc", "OOD AUROC"), ("spearman", "Spearman ρ to the teacher"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    cached = sorted({int(r["arm"][1:]) for r in rows if r["arm"] != "online"})
+    for ax, (key, label) in zip(axes, metrics):
+        for k in cached:
+            vals = [r[key] for r in rows if r["arm"] == f"k{k}"]
+            ax.scatter([k] * len(vals), vals, color="tab:blue", s=14)
+        means = [statistics.mean(r[key] for r in rows if r["arm"] == f"k{k}") for k in cached]
+        ax.plot(cached, means, "-o", color="tab:blue", label="cached K views")
+        online = [r[key] for r in rows if r["arm"] == "online"]
+        if online:
+            ax.axhline(statistics.mean(online), color="tab:orange", ls="--", label="online (fresh views)")
+        if key != "spearman":
+            ax.axhline(teacher[key], color="gray", ls=":", label="teacher")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(cached, [str(k) for k in cached])
+        ax.set_xlabel("K (cached views per image)")
+        ax.set_title(label)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
