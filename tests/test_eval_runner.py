@@ -85,6 +85,8 @@ def test_run_knn_eval_end_to_end(folders, tmp_path, caplog):
     assert on_disk["classes"] == ["class_0", "class_1", "class_2", "class_3"]
     assert on_disk["batch_sizes"]["attack"] < 4  # sized to the 1 MB budget, not --batch-size
     assert on_disk["counts"]["bank"] == 36  # class 3 removed from the bank
+    assert on_disk["model"]["params"] > 0 and on_disk["model"]["gflops_per_image"] > 0
+    assert "M parameters" in (tmp_path / "out" / "report.md").read_text()
     assert on_disk["counts"]["test_in_distribution"] == 15
     assert set(on_disk["ood"]) == {"max_cos", "knn5"}
     assert set(on_disk["ood_sets"]) == {"heldout_classes", f"folder:{root / 'ood'}"}

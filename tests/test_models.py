@@ -287,3 +287,21 @@ def test_resample_tokens_downsamples_by_area():
     cols = torch.arange(2.0).repeat(4).view(1, 8, 1)  # 4x2 map, value = column index
     mixed = resample_tokens(cols, (4, 2), (2, 4))
     torch.testing.assert_close(mixed.view(2, 4), torch.tensor([[0.0, 0.25, 0.75, 1.0]] * 2))
+
+
+def test_model_cost_counts_params_and_the_flops_of_a_vit_forward():
+    """2 FLOPs per multiply-accumulate: patch embedding + per block qkv/proj/MLP (12 D^2 per token) and
+    the attention products (2 T^2 D), the fused-attention setting of the model left as it was."""
+    from cospress.models.cost import model_cost
+    from cospress.models.students import build_student
+
+    dim, depth, size, patch = 32, 2, 32, 16
+    student = build_student("vit_tiny_patch16_224", size, embed_dim=dim, depth=depth, num_heads=2)
+    fused = [m.fused_attn for m in student.modules() if hasattr(m, "fused_attn")]
+    cost = model_cost(student)
+    patches = (size // patch) ** 2
+    tokens = patches + 1
+    macs = patches * 3 * patch * patch * dim + depth * (tokens * 12 * dim * dim + 2 * tokens * tokens * dim)
+    assert cost["params"] == sum(p.numel() for p in student.parameters())
+    assert cost["gflops_per_image"] == pytest.approx(2 * macs / 1e9, rel=1e-6)
+    assert [m.fused_attn for m in student.modules() if hasattr(m, "fused_attn")] == fused

@@ -38,6 +38,13 @@ def _fmt(x: Any, digits: int = 2) -> str:
 def markdown(report: dict) -> str:
     """Human-readable tables of a report dict (the structure written to report.json)."""
     lines = [f"# kNN evaluation of `{report['config'].get('model')}`", ""]
+    model = report.get("model") or {}
+    if "params" in model:
+        lines += [
+            f"{model.get('name')} at {model.get('input_size')} px: {model['params'] / 1e6:.2f} M parameters, "
+            f"{model['gflops_per_image']:.3f} GFLOPs per image (forward)",
+            "",
+        ]
     for section in (
         _md_counts,
         _md_knn,

@@ -38,6 +38,7 @@ from cospress.evaluate.labels import ClassMap, match_classes
 from cospress.evaluate.linear import linear_probe
 from cospress.evaluate.models import LoadedModel, load_model, pixel_features_fn
 from cospress.evaluate.report import PlotData, write_report
+from cospress.models.cost import model_cost
 from cospress.runtime import pick_device, seed_everything, tune_malloc
 from cospress.utils import redact_config
 
@@ -224,6 +225,7 @@ def _model_entry(cfg: EvalConfig, loaded: LoadedModel) -> dict[str, Any]:
         "spec": cfg.model,
         "kind": loaded.kind,
         **loaded.model.describe(),
+        **model_cost(loaded.model),
         "teacher_spec": loaded.teacher_spec,
     }
 
