@@ -85,7 +85,9 @@ class Bare:
         out = []
         for i in range(steps + WARMUP_STEPS):
             t0 = time.perf_counter()
-            losses = train_step(self.model, self.opt, self.images, self.teacher, self.cfg.lr, self.cfg, True, self.grids)
+            losses = train_step(
+                self.model, self.opt, self.images, self.teacher, self.cfg.lr, self.cfg, True, self.grids
+            )
             float(losses["total"])  # the step is finished when its loss can be read
             if i >= WARMUP_STEPS:
                 out.append(self.cfg.batch_size / (time.perf_counter() - t0))
@@ -104,7 +106,13 @@ def run_rates(cfg: DistillConfig, steps: int) -> list[float]:
 
 def spread(values: list[float]) -> dict[str, float]:
     q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "q1": q[0], "q3": q[2]}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "q1": q[0],
+        "q3": q[2],
+    }
 
 
 def main() -> None:
@@ -144,15 +152,23 @@ def main() -> None:
     bare = Bare(DistillConfig(store=store, **common), reader.dim, grid_t)
     phases = {
         "bare": lambda n, tag: bare.rates(n),
-        "cached": lambda n, tag: run_rates(DistillConfig(store=store, out=str(work / f"cached-{tag}"), **common), n),
-        "online": lambda n, tag: run_rates(DistillConfig(out=str(work / f"online-{tag}"), **common, **online_source), n),
+        "cached": lambda n, tag: run_rates(
+            DistillConfig(store=store, out=str(work / f"cached-{tag}"), **common), n
+        ),
+        "online": lambda n, tag: run_rates(
+            DistillConfig(out=str(work / f"online-{tag}"), **common, **online_source), n
+        ),
     }
     names = list(phases)
     rounds: list[dict[str, float]] = []
     for r in range(a.repeats + 1):  # round 0 warms up (imports, page cache, allocator) and is not kept
         order = names[r % 3 :] + names[: r % 3]
         rates = {name: statistics.median(phases[name](a.steps, f"r{r}")) for name in order}
-        print(f"round {r}{' (warm-up)' if r == 0 else ''}: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()), flush=True)
+        print(
+            f"round {r}{' (warm-up)' if r == 0 else ''}: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()),
+            flush=True,
+        )
         if r:
             rounds.append(rates)
     ratio_bare = [x["cached"] / x["bare"] for x in rounds]
@@ -178,7 +194,9 @@ def main() -> None:
         print(f"{name:7s} {s['median']:7.1f} views/s (rounds {s['min']:.1f}-{s['max']:.1f})")
     for key in ("cached_over_bare", "cached_over_online"):
         s = result[key]
-        print(f"{key} = {s['median']:.2f} (rounds {s['min']:.2f}-{s['max']:.2f}, IQR {s['q1']:.2f}-{s['q3']:.2f})")
+        print(
+            f"{key} = {s['median']:.2f} (rounds {s['min']:.2f}-{s['max']:.2f}, IQR {s['q1']:.2f}-{s['q3']:.2f})"
+        )
     print(f"wrote {a.out}")
 
 

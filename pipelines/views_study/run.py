@@ -148,7 +148,9 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--no-online", action="store_true", help="leave out the online arm")
     p.add_argument("--passes", type=int, default=12, help="views of every training image over the run")
-    p.add_argument("--extract-args", default="", help="extra extract-teacher flags, e.g. '--token-codec int8'")
+    p.add_argument(
+        "--extract-args", default="", help="extra extract-teacher flags, e.g. '--token-codec int8'"
+    )
     p.add_argument("--distill-args", default="", help="extra distill flags for every arm")
     p.add_argument("--write-doc", default=None, help="also write the markdown section to this file")
     a = p.parse_args()
@@ -187,8 +189,14 @@ def table(rows: list[dict], teacher: dict, a: argparse.Namespace) -> str:
             f"| {r['arm']} | {r['seed']} | {r['steps']} | {r['top1']:.2f} | {r['auroc']:.3f} | {100 * r['fpr95']:.1f} "
             f"| {r['spearman']:.3f} | {r['overlap10']:.3f} | {r['distill_s'] / 60:.1f} | {r['extract_share_s'] / 60:.1f} |"
         )
-    lines += ["", "| arm | seeds | kNN top-1 % | OOD AUROC | FPR95 % | Spearman ρ | 10-NN overlap |", "|" + "---|" * 7]
-    lines.append(f"| teacher @112 | — | {teacher['top1']:.2f} | {teacher['auroc']:.3f} | {100 * teacher['fpr95']:.1f} | 1 | 1 |")
+    lines += [
+        "",
+        "| arm | seeds | kNN top-1 % | OOD AUROC | FPR95 % | Spearman ρ | 10-NN overlap |",
+        "|" + "---|" * 7,
+    ]
+    lines.append(
+        f"| teacher @112 | — | {teacher['top1']:.2f} | {teacher['auroc']:.3f} | {100 * teacher['fpr95']:.1f} | 1 | 1 |"
+    )
     for arm in dict.fromkeys(r["arm"] for r in rows):
         rs = [r for r in rows if r["arm"] == arm]
         lines.append(
@@ -213,7 +221,7 @@ def plot(rows: list[dict], teacher: dict, path: Path) -> None:
     metrics = (("top1", "kNN top-1 %"), ("auroc", "OOD AUROC"), ("spearman", "Spearman ρ to the teacher"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     cached = sorted({int(r["arm"][1:]) for r in rows if r["arm"] != "online"})
-    for ax, (key, label) in zip(axes, metrics):
+    for ax, (key, label) in zip(axes, metrics, strict=True):
         for k in cached:
             vals = [r[key] for r in rows if r["arm"] == f"k{k}"]
             ax.scatter([k] * len(vals), vals, color="tab:blue", s=14)
