@@ -426,7 +426,7 @@ def test_identity_keys_keep_the_order_stage_1_writes():
     full = full_identity(ident, StoreLayout(4, 2, 3, 8, 0, 1, False))
     assert list(full) == [
         "format", "schema_version", "teacher", "center_view", "seed", "source", "param_names", "precision",
-        "view_policy", "policy_fingerprint", "k", "num_rows", "shard_size", "num_views", "dim", "num_tokens",
-        "num_params", "tokens", "shapes", "dtypes",
+        "view_policy", "policy_fingerprint", "k", "token_codec", "num_rows", "shard_size", "num_views", "dim",
+        "num_tokens", "num_params", "tokens", "shapes", "dtypes",
     ]  # fmt: skip
     assert StoreLayout.from_manifest(full) == StoreLayout(4, 2, 3, 8, 0, 1, False)

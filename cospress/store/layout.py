@@ -11,16 +11,21 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-ARRAY_NAMES = ("cls", "tokens", "views", "keys", "labels", "valid")
+from cospress.store.codecs import codec_name, stored_bytes_per_token, token_dim
+
+ARRAY_NAMES = ("cls", "tokens", "token_scale", "views", "keys", "labels", "valid")
 DTYPES = {
     "cls": "float16",
     "tokens": "float16",
+    "token_scale": "float16",
     "views": "float32",
     "keys": "str",
     "labels": "int64",
     "valid": "uint8",
 }
-FILL_VALUES: dict[str, Any] = {"cls": 0, "tokens": 0, "views": 0, "keys": "", "labels": -1, "valid": 0}
+FILL_VALUES: dict[str, Any] = {
+    "cls": 0, "tokens": 0, "token_scale": 0, "views": 0, "keys": "", "labels": -1, "valid": 0,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -28,7 +33,9 @@ class StoreLayout:
     """Rows, shards and array shapes of a store.
 
     ``num_rows`` N, ``shard_size`` rows per shard, ``stored_views`` V, ``dim`` D, ``num_tokens`` T,
-    ``num_params`` P (view params per view), ``tokens``: whether the token array is kept.
+    ``num_params`` P (view params per view), ``tokens``: whether the token array is kept;
+    ``token_codec`` how (`cospress.store.codecs`: fp16, int8, pca) and ``token_dim`` the values kept
+    per token (the teacher dim, or the projection's components for pca; 0 = the teacher dim).
     """
 
     num_rows: int
@@ -38,6 +45,12 @@ class StoreLayout:
     num_tokens: int
     num_params: int
     tokens: bool
+    token_codec: str = "fp16"
+    token_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.token_dim:
+            object.__setattr__(self, "token_dim", int(self.dim))
 
     @classmethod
     def from_manifest(cls, doc: dict) -> StoreLayout:
@@ -50,6 +63,8 @@ class StoreLayout:
             num_tokens=int(doc["num_tokens"]),
             num_params=int(doc["num_params"]),
             tokens=bool(doc["tokens"]),
+            token_codec=codec_name(doc),
+            token_dim=token_dim(doc),
         )
 
     def to_manifest(self) -> dict[str, Any]:
@@ -64,16 +79,21 @@ class StoreLayout:
             "num_params": int(self.num_params),
             "tokens": bool(self.tokens),
             "shapes": shapes,
-            "dtypes": {n: DTYPES[n] for n in shapes},
+            "dtypes": {n: self.dtype(n) for n in shapes},
         }
+
+    def dtype(self, name: str) -> str:
+        """The dtype of array ``name``: tokens are int8 in the int8 and pca codecs."""
+        return "int8" if name == "tokens" and self.token_codec != "fp16" else DTYPES[name]
 
     def with_rows(self, num_rows: int) -> StoreLayout:
         """The same layout with another row count (a merged, appended or exported store)."""
         return dataclasses.replace(self, num_rows=int(num_rows))
 
     def shapes(self) -> dict[str, list[int]]:
-        """Shape of every array: cls [N, V, D], tokens [N, V, T, D] (only when kept), views [N, V, P],
-        keys, labels and valid [N]; in `ARRAY_NAMES` order."""
+        """Shape of every array: cls [N, V, D], tokens [N, V, T, token_dim] (only when kept),
+        token_scale [N, V, T] (kept tokens of the int8 and pca codecs), views [N, V, P], keys, labels
+        and valid [N]; in `ARRAY_NAMES` order."""
         n, v = self.num_rows, self.stored_views
         shapes = {
             "cls": [n, v, self.dim],
@@ -83,16 +103,22 @@ class StoreLayout:
             "valid": [n],
         }
         if self.tokens:
-            shapes["tokens"] = [n, v, self.num_tokens, self.dim]
+            shapes["tokens"] = [n, v, self.num_tokens, self.token_dim]
+            if self.token_codec != "fp16":
+                shapes["token_scale"] = [n, v, self.num_tokens]
         return {name: shapes[name] for name in ARRAY_NAMES if name in shapes}
 
     def estimate_bytes(self) -> int:
-        """Uncompressed bytes: ``N x V x (1 + T) x D x 2`` (float16) + views, keys, labels.
+        """Uncompressed bytes: ``N x V x (D x 2 + T x b)`` (float16 CLS, b bytes per token: 2 D for
+        fp16, D + 2 for int8, k + 2 for pca) + views, keys, labels.
 
         Lossless compression gains only ~1.15x on float16 embeddings, so this is close to the size
         on disk. Keys are counted at 32 bytes each.
         """
-        per_row_feat = self.stored_views * (1 + (self.num_tokens if self.tokens else 0)) * self.dim * 2
+        per_token = stored_bytes_per_token(self.token_codec, self.dim, self.token_dim)
+        per_row_feat = self.stored_views * (
+            self.dim * 2 + (self.num_tokens * per_token if self.tokens else 0)
+        )
         per_row_other = self.stored_views * self.num_params * 4 + 8 + 1 + 32
         return int(self.num_rows) * (per_row_feat + per_row_other)
 
@@ -114,7 +140,7 @@ def array_chunks(name: str, shape: list[int], shard_size: int) -> tuple[tuple[in
     the 1-D arrays (keys, labels, valid) get one inner chunk per shard.
     """
     shard = (shard_size, *shape[1:])
-    if name == "tokens":
+    if name in ("tokens", "token_scale"):
         chunk = (1, 1, *shape[2:])
     elif len(shape) > 1:
         chunk = (1, *shape[1:])

@@ -12,6 +12,8 @@ import json
 import re
 from typing import Any
 
+from cospress.errors import StoreError
+from cospress.store.fidelity import combine
 from cospress.store.layout import StoreLayout
 from cospress.store.schema import FORMAT_NAME, SCHEMA_VERSION, shorten
 from cospress.utils import keys_sha256, redact_config
@@ -38,6 +40,7 @@ FIELD_LABELS = {
     "num_tokens": "number of tokens",
     "num_params": "number of view parameters",
     "tokens": "tokens kept",
+    "token_codec": "token codec",
     "dtypes": "dtypes",
     "shapes": "shapes",
     "schema_version": "schema version",
@@ -70,6 +73,8 @@ def _field_values(name: str, old: Any, new: Any) -> tuple[Any, Any]:
     """The values that matter for comparing one identity field (e.g. the teacher's fingerprint)."""
     if name == "decode" and (old is None or new is None):
         return None, None  # a store written before the decode path was recorded: not compared
+    if name == "token_codec":  # a store written before codecs existed keeps fp16 tokens
+        return old or {"name": "fp16"}, new or {"name": "fp16"}
     if name == "teacher" and isinstance(old, dict) and isinstance(new, dict):
         if "fingerprint" in old and "fingerprint" in new:
             return old["fingerprint"], new["fingerprint"]
@@ -105,6 +110,7 @@ def make_identity(
     param_names: list[str] | tuple[str, ...],
     precision: str | None = None,
     decode: str | None = None,
+    token_codec: dict | None = None,
 ) -> dict:
     """The run part of a store identity: what makes two extractions the same run.
 
@@ -113,7 +119,8 @@ def make_identity(
     views per image extracted, ``precision`` the teacher's autocast dtype and ``decode`` the resolved
     decode path (``cpu``: PIL in workers, ``device:cuda``: nvjpeg, ``device:cpu``); stage 1 records
     both, so a resume with another decode is refused rather than mixing two decoders in one store.
-    `full_identity` adds the layout fields.
+    ``token_codec`` is `cospress.store.projection.codec_entry` (default fp16). `full_identity` adds
+    the layout fields.
     """
     # Keys in the order stage 1 has always written them, so identity files stay byte-identical.
     identity: dict[str, Any] = {
@@ -130,6 +137,8 @@ def make_identity(
     identity["view_policy"] = dict(view_policy)
     identity["policy_fingerprint"] = str(policy_fingerprint)
     identity["k"] = int(k)
+    if token_codec is not None:
+        identity["token_codec"] = dict(token_codec)
     return identity
 
 
@@ -179,6 +188,9 @@ def build_manifest(identity: dict, commits: list[dict], extra: dict | None, vers
         "created": now_utc(),
         "extra": redact_config(dict(extra or {})),
     }
+    fidelity = combine([c.get("fidelity") for c in commits])
+    if fidelity is not None:
+        manifest["fidelity"] = fidelity
     if padding:
         counts["padding"] = sum(b - a for a, b in padding)
         counts["rows"] = rows + counts["padding"]
@@ -226,17 +238,20 @@ MANIFEST_ONLY_FIELDS = (
     "padding",
     "arrays",
     "metadata_sha256",
+    "fidelity",
 )
 
 
 def full_identity(identity: dict, layout: StoreLayout) -> dict:
     """The run identity plus the layout fields (shapes, dtypes, ...): what ``cospress-store.json`` holds."""
-    full = {
-        "format": FORMAT_NAME,
-        "schema_version": SCHEMA_VERSION,
-        **redact_config(run_identity(identity)),  # a source URL's credentials and query never stored
-        **layout.to_manifest(),
-    }
+    run = redact_config(run_identity(identity))  # a source URL's credentials and query never stored
+    codec = run.get("token_codec") or {"name": layout.token_codec}
+    if codec.get("name") != layout.token_codec:
+        raise StoreError(
+            f"the identity's token codec {codec.get('name')} is not the layout's {layout.token_codec}"
+        )
+    run["token_codec"] = codec
+    full = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, **run, **layout.to_manifest()}
     return json.loads(json.dumps(full))  # plain JSON types, as they will read back
 
 

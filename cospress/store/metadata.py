@@ -21,7 +21,11 @@ _ZARR_DTYPES = {"str": "string"}  # the store's dtype names -> zarr v3 data_type
 
 def metadata_files(manifest: dict, commit_key: Callable[[int], str], identity_file: str) -> list[str]:
     """Paths (relative to the store root) of every metadata file of a store with this manifest."""
+    from cospress.store.projection import FILES as PROJECTION_FILES
+
     arrays = [f"{name}/zarr.json" for name in manifest["shapes"]]
+    if manifest.get("tokens") and (manifest.get("token_codec") or {}).get("name") == "pca":
+        arrays += list(PROJECTION_FILES)
     commits = [commit_key(int(s["shard"])) for s in manifest["shards"]]
     return ["zarr.json", *arrays, identity_file, *commits]
 

@@ -23,20 +23,19 @@ from zarr.core.sync import sync as zarr_sync
 
 from cospress.errors import StoreError
 from cospress.store import manifest as mf
+from cospress.store.checks import ReaderChecks
+from cospress.store.codecs import decode_tokens
 from cospress.store.layout import StoreLayout
 from cospress.store.metadata import check_array
+from cospress.store.projection import read_projection
 from cospress.store.remote import FileCacheStore, check_range_support, is_local
 from cospress.store.schema import validate_manifest
-from cospress.utils import redact_config, redact_text, redact_url
+from cospress.utils import redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
 
-def _mismatch(shard: int | None, array: str | None, file: str, expected: str, actual: str | None) -> dict:
-    return {"shard": shard, "array": array, "file": file, "expected": expected, "actual": actual}
-
-
-class StoreReader:
+class StoreReader(ReaderChecks):
     """A read-only view of a complete store.
 
     Attributes: ``manifest`` (dict), ``layout`` (`StoreLayout`), ``num_rows`` N, ``num_views`` V
@@ -88,6 +87,7 @@ class StoreReader:
         self._direct: dict[str, Any] = {}
         self._keys: list[str] | None = None
         self._cols: tuple[np.ndarray, np.ndarray] | None = None
+        self._projection: Any = None
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.url, self.cache_dir, self.storage_options))
@@ -190,13 +190,15 @@ class StoreReader:
         rows: Sequence[int] | np.ndarray,
         views: Sequence[Sequence[int]] | np.ndarray | None = None,
         tokens: bool = True,
+        raw: bool = False,
     ) -> dict[str, Any]:
         """Read rows (any order, repeats allowed).
 
         ``views``: per row, the view indices to return (same count v for every row), or None for
         all V. Returns cls float16 [n, v, Dt], tokens float16 [n, v, T, Dt] (None when the store
-        has none or ``tokens=False``), views float32 [n, v, P], labels int64 [n], valid bool [n],
-        keys list[str], rows int64 [n].
+        has none or ``tokens=False``; decoded from the store's token codec), views float32 [n, v, P],
+        labels int64 [n], valid bool [n], keys list[str], rows int64 [n]. ``raw``: tokens as stored
+        (int8 [n, v, T, token_dim] for int8 / pca) and ``token_scale`` float16 [n, v, T] (None for fp16).
         """
         r = self._rows(rows)
         uniq, inv = np.unique(r, return_inverse=True)
@@ -215,26 +217,57 @@ class StoreReader:
         for name in ("cls", "views"):
             data = self._gather(name, [(int(i),) for i in uniq])[inv]  # one row = one inner chunk
             out[name] = data if sel is None else np.take_along_axis(data, sel[:, :, None], axis=1)
-        out["tokens"] = self._read_tokens(r, sel) if (tokens and self.has_tokens) else None
+        out["tokens"], out["token_scale"] = None, None
+        if tokens and self.has_tokens:
+            out["tokens"], out["token_scale"] = self._tokens(
+                self._read_tokens("tokens", r, sel), self._read_tokens("token_scale", r, sel) if self._lossy else None,
+                raw,
+            )  # fmt: skip
+        if not raw:
+            del out["token_scale"]
         labels, valid, keys = self._columns()
         out["labels"] = labels[r]
         out["valid"] = valid[r]
         out["keys"] = [keys[i] for i in r]
         return out
 
-    def _read_tokens(self, r: np.ndarray, sel: np.ndarray | None) -> np.ndarray:
-        """tokens [n, v, T, Dt]: each needed (row, view) chunk is fetched once, all concurrently."""
+    @property
+    def _lossy(self) -> bool:
+        return self.layout.token_codec != "fp16"
+
+    @property
+    def projection(self) -> Any:
+        """The stored projection of a pca store (`cospress.store.codecs.Projection`), else None."""
+        if self.layout.token_codec != "pca" or not self.has_tokens:
+            return None
+        if self._projection is None:
+            self._projection = self._guarded(
+                lambda: read_projection(self._zarr_store(), self.manifest, self.display)
+            )
+        return self._projection
+
+    def _tokens(self, stored: np.ndarray, scale: np.ndarray | None, raw: bool) -> tuple[Any, Any]:
+        """(tokens, token_scale) as `read_rows` returns them: decoded float16 unless ``raw``."""
+        if raw or not self._lossy:
+            return stored, scale
+        return decode_tokens(self.layout.token_codec, stored, scale, self.projection), None
+
+    def _read_tokens(self, name: str, r: np.ndarray, sel: np.ndarray | None) -> np.ndarray:
+        """``tokens`` [n, v, T, token_dim] or ``token_scale`` [n, v, T]: each needed (row, view) chunk
+        is fetched once, all concurrently."""
+        shape = self.manifest["shapes"][name][2:]
+        dtype = np.dtype(self.layout.dtype(name))
         if sel is None:  # whole rows: one read per row covers its V chunks
             uniq, inv = np.unique(r, return_inverse=True)
             if not uniq.size:
-                return np.zeros((0, self.stored_views, self.num_tokens, self.dim), np.float16)
-            return self._gather("tokens", [(int(i),) for i in uniq])[inv]
+                return np.zeros((0, self.stored_views, *shape), dtype)
+            return self._gather(name, [(int(i),) for i in uniq])[inv]
         pairs = np.stack([np.repeat(r, sel.shape[1]), sel.reshape(-1)], axis=1)
         if not pairs.size:
-            return np.zeros((r.size, sel.shape[1], self.num_tokens, self.dim), np.float16)
+            return np.zeros((r.size, sel.shape[1], *shape), dtype)
         uniq, inv = np.unique(pairs, axis=0, return_inverse=True)
-        data = self._gather("tokens", [(int(i), int(v)) for i, v in uniq])
-        return data[inv.reshape(-1)].reshape(r.size, sel.shape[1], self.num_tokens, self.dim)
+        data = self._gather(name, [(int(i), int(v)) for i, v in uniq])
+        return data[inv.reshape(-1)].reshape(r.size, sel.shape[1], *shape)
 
     def _direct_reader(self, name: str) -> Any:
         """A :class:`~cospress.store.shardio.ShardFileReader` for a local array whose codecs it
@@ -273,8 +306,8 @@ class StoreReader:
             self._cols = (self.labels(), self.valid())
         return self._cols[0], self._cols[1], self._keys_cached()
 
-    def read_shard(self, shard: int) -> dict[str, Any]:
-        """Every array of one shard, as `read_rows` returns them (all views)."""
+    def read_shard(self, shard: int, raw: bool = False) -> dict[str, Any]:
+        """Every array of one shard, as `read_rows` returns them (all views; ``raw`` likewise)."""
         if not 0 <= shard < self.num_shards:
             raise StoreError(f"shard {shard} is out of range: the store has {self.num_shards} shards")
         start, stop = self.manifest["shards"][shard]["rows"]
@@ -286,113 +319,18 @@ class StoreReader:
                 return direct.read_shard(shard, stop - start)
             return np.asarray(a[name][start:stop])
 
-        return {
+        tokens, scale = None, None
+        if self.has_tokens:
+            tokens, scale = self._tokens(rows("tokens"), rows("token_scale") if self._lossy else None, raw)
+        out = {
             "rows": np.arange(start, stop, dtype=np.int64),
             "cls": rows("cls"),
-            "tokens": rows("tokens") if self.has_tokens else None,
+            "tokens": tokens,
             "views": rows("views"),
             "labels": np.asarray(a["labels"][start:stop], dtype=np.int64),
             "valid": np.asarray(a["valid"][start:stop]).astype(bool),
             "keys": [str(k) for k in a["keys"][start:stop]],
         }
-
-    # ---- checks -------------------------------------------------------------------------------
-    def check_identity(
-        self, expect_teacher: str | None = None, policy_fingerprint: str | None = None
-    ) -> None:
-        """StoreError unless the store was made by this teacher and view policy.
-
-        ``expect_teacher`` is a teacher fingerprint (``FeatureModel.fingerprint()``) or, less
-        strictly, a teacher name; ``policy_fingerprint`` is ``ViewPolicy.fingerprint()``.
-        """
-        teacher = self.manifest.get("teacher") or {}
-        if expect_teacher is not None and expect_teacher not in (
-            teacher.get("fingerprint"),
-            teacher.get("name"),
-        ):
-            raise StoreError(
-                f"{self.display} was made by teacher {teacher.get('name')} (fingerprint "
-                f"{str(teacher.get('fingerprint'))[:12]}), not {expect_teacher[:64]}: use the matching teacher "
-                "or extract a store with this one"
-            )
-        have = self.manifest.get("policy_fingerprint")
-        if policy_fingerprint is not None and policy_fingerprint != have:
-            raise StoreError(
-                f"{self.display} was made with view policy {str(have)[:12]}, not {policy_fingerprint[:12]}: "
-                "use the store's policy (cospress inspect shows it) or extract a new store"
-            )
-
-    def _hash_file(self, path: str) -> str | None:
-        h = hashlib.sha256()
-        try:
-            with self._fs.open(path, "rb") as f:
-                while block := f.read(1 << 22):
-                    h.update(block)
-        except FileNotFoundError:
-            return None
-        except Exception as e:
-            raise StoreError(
-                f"cannot read {redact_url(path)} of {self.display}: "
-                f"{redact_text(f'{type(e).__name__}: {e}')}; check the network and retry"
-            ) from None
-        return h.hexdigest()
-
-    def verify(self, progress: Callable[[int, int], None] | None = None) -> list[dict]:
-        """Recompute the sha256 of every shard file and (schema 1.3 on) every metadata file: each
-        array's zarr.json, the group's, the identity, the commits; returns the mismatches.
-
-        Each bad entry: {shard, array, file, expected, actual} (actual None when the file is missing;
-        shard and array None for a metadata file).
-        ``progress(done, total)`` is called after each shard.
-        """
-        bad = []
-        shards = self.manifest["shards"]
-        for done, entry in enumerate(shards, 1):
-            for name, expected in entry["sha256"].items():
-                ndim = len(self.manifest["shapes"][name])
-                rel = mf.shard_file_key(name, entry["shard"], ndim)
-                actual = self._hash_file(self._path(rel))
-                if actual != expected:
-                    bad.append(_mismatch(entry["shard"], name, rel, expected, actual))
-            if progress is not None:
-                progress(done, len(shards))
-        for rel, expected in self.manifest.get("metadata_sha256", {}).items():  # schema 1.3 on
-            actual = self._hash_file(self._path(rel))
-            if actual != expected:
-                bad.append(_mismatch(None, None, rel, expected, actual))
-        if bad:
-            log.warning("%s: %d files do not match the manifest", self.display, len(bad))
-        return bad
-
-    def summary(self) -> dict:
-        """What `cospress inspect` shows: teacher, policy, shapes, counts, shards, size."""
-        m = self.manifest
-        teacher = m.get("teacher") or {}
-        disk = None
-        if is_local(self.url):
-            disk = sum(f.stat().st_size for f in Path(self._root).rglob("*") if f.is_file())
-        out = {
-            "url": self.display,
-            "schema_version": m.get("schema_version"),
-            "cospress_version": m.get("cospress_version"),
-            "created": m.get("created"),
-            "teacher": {
-                k: teacher.get(k) for k in ("name", "fingerprint", "input_size", "layer", "dim", "grid")
-            },
-            "source": {k: (m.get("source") or {}).get(k) for k in ("spec", "kind", "count", "keys_sha256")},
-            "policy_fingerprint": m.get("policy_fingerprint"),
-            "view_policy": m.get("view_policy"),
-            "k": m.get("k"),
-            "center_view": m.get("center_view"),
-            "seed": m.get("seed"),
-            "shapes": m["shapes"],
-            "dtypes": m["dtypes"],
-            "tokens": self.has_tokens,
-            "shard_size": self.shard_size,
-            "shards": self.num_shards,
-            "counts": m.get("counts"),
-            "skipped": len(m.get("skipped", [])),
-            "estimated_bytes": self.layout.estimate_bytes(),
-            "bytes_on_disk": disk,
-        }
-        return redact_config(out)  # an older store may hold a source URL with its credentials
+        if raw:
+            out["token_scale"] = scale
+        return out

@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 from cospress.errors import StoreError
+from cospress.store.codecs import CODEC_NAMES
 from cospress.store.layout import StoreLayout
 
 # 1.1: appended stores (padding rows, counts.padding).
@@ -16,7 +17,9 @@ from cospress.store.layout import StoreLayout
 #      store's and the shards'; 1.1 sources hold the sha256 of the key list's JSON.
 # 1.3: the manifest holds `metadata_sha256` (every zarr.json, the identity, the commits) and
 #      `arrays` (each array's encoding); the identity may hold `decode` (the decode path).
-SCHEMA_VERSION = "1.3"
+# 1.4: token codecs: the identity's `token_codec` ({"name": fp16 | int8 | pca, ...}); int8 and pca
+#      stores hold int8 `tokens` and a float16 `token_scale`, pca stores `token_projection/`.
+SCHEMA_VERSION = "1.4"
 FORMAT_NAME = "cospress-store"
 
 _INT = (int,)
@@ -83,6 +86,7 @@ def _check_layout(doc: dict) -> None:
             raise ValueError(f"{name!r} must be at least 1, got {doc[name]}")
     if doc["num_tokens"] < 0:
         raise ValueError(f"'num_tokens' must be 0 or more, got {doc['num_tokens']}")
+    _check_codec(doc)
     expected = StoreLayout.from_manifest(doc).to_manifest()
     if doc["shapes"] != expected["shapes"]:
         raise ValueError(f"'shapes' {shorten(doc['shapes'])} do not match the layout fields")
@@ -146,6 +150,17 @@ def _check_teacher_grid(doc: dict) -> None:
     ok = isinstance(grid, list) and len(grid) == 2 and all(_is_int(g, 1) for g in grid)
     if not ok or (doc["num_tokens"] > 0 and grid[0] * grid[1] != doc["num_tokens"]):
         raise ValueError(f"'teacher'.'grid' {shorten(grid)} is not [h, w] with h x w = num_tokens")
+
+
+def _check_codec(doc: dict) -> None:
+    codec = doc.get("token_codec", {"name": "fp16"})
+    if not isinstance(codec, dict) or codec.get("name") not in CODEC_NAMES:
+        raise ValueError(f"'token_codec' {shorten(codec)} is not one of {', '.join(CODEC_NAMES)}")
+    if codec["name"] == "pca" and not (
+        _is_int(codec.get("components"), 1) and codec["components"] <= doc["dim"]
+        and _is_hex(codec.get("projection_sha256"))
+    ):  # fmt: skip
+        raise ValueError("'token_codec' pca needs 'components' (1 to dim) and a hex 'projection_sha256'")
 
 
 def _check_run_fields(doc: dict) -> None:

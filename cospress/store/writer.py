@@ -22,14 +22,18 @@ from zarr.codecs import BloscCodec
 import cospress
 from cospress.errors import StoreError
 from cospress.store import manifest as mf
+from cospress.store.codecs import Projection, decode_tokens, encode_tokens
+from cospress.store.fidelity import codec_fidelity, sample_views
 from cospress.store.layout import DTYPES, FILL_VALUES, StoreLayout, array_chunks
 from cospress.store.metadata import array_encoding, metadata_files
+from cospress.store.projection import read_projection, write_projection
 from cospress.store.schema import FORMAT_NAME, check_schema_version
 from cospress.store.shardio import ShardLayout, encode_shard
 from cospress.utils import atomic_write_bytes, atomic_write_json, keys_sha256, sha256_file
 
 log = logging.getLogger(__name__)
 
+FIDELITY_VIEWS = 4  # views per shard whose codec error a commit records (lossy codecs)
 _CONFIG = {"write_empty_chunks": True}  # every inner chunk is stored: shard files are deterministic
 
 
@@ -42,7 +46,18 @@ def _compressor(name: str) -> Any:
 
 
 def _looks_like_store(path: Path) -> bool:
-    return (path / mf.IDENTITY_FILE).exists() or (path / mf.MANIFEST_FILE).exists()
+    if (path / mf.IDENTITY_FILE).exists() or (path / mf.MANIFEST_FILE).exists():
+        return True
+    try:  # the group is written first: a store whose creation was interrupted
+        return json.loads((path / "zarr.json").read_text())["attributes"]["format"] == FORMAT_NAME
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _create_group(p: Path) -> None:
+    """The store's root Zarr group (written first: a folder holding it is a store being created)."""
+    if not (p / "zarr.json").exists():
+        zarr.create_group(store=zarr.storage.LocalStore(p), zarr_format=3, attributes={"format": FORMAT_NAME})
 
 
 def _prepare_folder(p: Path, overwrite: bool) -> None:
@@ -65,10 +80,13 @@ def _prepare_folder(p: Path, overwrite: bool) -> None:
 class StoreWriter:
     """Writes one store at a local path. Use `StoreWriter.open`, not the constructor."""
 
-    def __init__(self, path: Path, identity: dict, arrays: dict[str, zarr.Array]):
+    def __init__(
+        self, path: Path, identity: dict, arrays: dict[str, zarr.Array], projection: Projection | None = None
+    ):
         self.path = path
         self.identity = identity
         self.arrays = arrays
+        self.projection = projection
         self.layout = StoreLayout.from_manifest(identity)
         self.num_rows = self.layout.num_rows
         self.shard_size = self.layout.shard_size
@@ -87,13 +105,15 @@ class StoreWriter:
         *,
         overwrite: bool = False,
         create: bool = True,
+        projection: Projection | None = None,
     ) -> StoreWriter:
         """Create (``create=True``, rank 0) or open (other ranks, after a barrier) a store.
 
         ``identity`` is the run identity (see `cospress.store.manifest.make_identity`); the layout
         fields (shapes, dtypes, shard size, ...) are added here. An existing store must have the
         same identity, else StoreError names the fields that differ. ``overwrite`` deletes an
-        existing store first (never a folder that is not a cospress store).
+        existing store first (never a folder that is not a cospress store). A ``pca`` store is
+        created with its ``projection`` (written before the identity); an existing one uses its own.
         """
         if layout.num_rows < 1 or layout.shard_size < 1:
             raise StoreError(
@@ -105,6 +125,9 @@ class StoreWriter:
         if create:
             _prepare_folder(p, overwrite)
             if not (p / mf.IDENTITY_FILE).exists():
+                _create_group(p)
+                if layout.tokens and layout.token_codec == "pca":
+                    write_projection(p, full, projection)
                 atomic_write_json(p / mf.IDENTITY_FILE, full)
         stored = cls._read_identity(p)
         check_schema_version(stored.get("schema_version"), str(p))
@@ -115,7 +138,9 @@ class StoreWriter:
                 "--overwrite replaces it (or choose another store path)"
             )
         arrays = cls._open_arrays(p, full, create=create)
-        return cls(p, full, arrays)
+        layout = StoreLayout.from_manifest(full)
+        proj = read_projection(p, full, str(p)) if layout.tokens and layout.token_codec == "pca" else None
+        return cls(p, full, arrays, proj)
 
     @staticmethod
     def _read_identity(p: Path) -> dict:
@@ -136,7 +161,8 @@ class StoreWriter:
         if not (p / "zarr.json").exists():
             if not create:
                 raise StoreError(f"{p} has no zarr group yet; rank 0 must create the store first")
-            zarr.create_group(store=store, zarr_format=3, attributes={"format": FORMAT_NAME})
+            _create_group(p)
+        layout = StoreLayout.from_manifest(ident)
         arrays = {}
         for name, shape in ident["shapes"].items():
             if (p / name / "zarr.json").exists():
@@ -149,7 +175,7 @@ class StoreWriter:
             if not create:
                 raise StoreError(f"{p}/{name} does not exist yet; rank 0 must create the store first")
             chunks, shards = array_chunks(name, shape, ident["shard_size"])
-            dtype = str if DTYPES[name] == "str" else DTYPES[name]
+            dtype = str if DTYPES[name] == "str" else layout.dtype(name)
             arrays[name] = zarr.create_array(
                 store=store,
                 name=name,
@@ -206,7 +232,7 @@ class StoreWriter:
             raise StoreError(f"write_shard: {name} has shape {list(arr.shape)}, expected {shape}")
         if name == "keys":
             return arr.astype(str)
-        return arr.astype(DTYPES[name], copy=False)
+        return arr.astype(self.layout.dtype(name), copy=False)
 
     def write_shard(
         self,
@@ -219,13 +245,16 @@ class StoreWriter:
         labels: Any,
         valid: Any,
         skipped: list[dict] | None = None,
+        token_scale: Any | None = None,
     ) -> dict:
         """Write one whole shard, hash its files and commit it; returns the commit.
 
-        Arguments hold the shard's ``n`` rows: cls [n, V, Dt], tokens [n, V, T, Dt] (None when the
-        store keeps no tokens), views [n, V, P], keys [n], labels [n], valid [n] (0 = skipped input,
-        its features zero-filled); ``skipped`` = [{key, reason}]. Rewriting a shard first removes its
-        commit, so a crash mid-write leaves it uncommitted.
+        Arguments hold the shard's ``n`` rows: cls [n, V, Dt], tokens [n, V, T, Dt] float (None when
+        the store keeps no tokens), views [n, V, P], keys [n], labels [n], valid [n] (0 = skipped input,
+        its features zero-filled); ``skipped`` = [{key, reason}]. Tokens are encoded with the store's
+        codec, and for a lossy codec the commit records its `fidelity` on a few views; tokens already
+        encoded (a copy from a store of the same codec: merge, import) come with their ``token_scale``.
+        Rewriting a shard first removes its commit, so a crash mid-write leaves it uncommitted.
         """
         if shard < self.protected_shards:
             raise StoreError(
@@ -234,10 +263,13 @@ class StoreWriter:
         start, stop = self.shard_rows(shard)
         n = stop - start
         data = {"cls": cls, "views": views, "keys": keys, "labels": labels, "valid": valid}
+        fidelity = None
         if self.identity["tokens"]:
             if tokens is None:
                 raise StoreError("this store keeps tokens: write_shard needs tokens [n, V, T, Dt]")
-            data["tokens"] = tokens
+            data["tokens"], scale, fidelity = self._encode(tokens, token_scale, cls, valid)
+            if scale is not None:
+                data["token_scale"] = scale
         elif tokens is not None:
             raise StoreError(
                 "this store was created without tokens; pass tokens=None (or re-create it with tokens)"
@@ -264,9 +296,37 @@ class StoreWriter:
             "counts": {"rows": n, "valid": n_valid, "skipped": n - n_valid},
             "written": mf.now_utc(),
         }
+        if fidelity is not None:
+            commit["fidelity"] = fidelity
         atomic_write_json(commit_path, commit)
         log.debug("committed shard %d (rows %d-%d, %d valid)", shard, start, stop, n_valid)
         return commit
+
+    def _encode(
+        self, tokens: Any, scale: Any | None, cls: Any, valid: Any
+    ) -> tuple[np.ndarray, np.ndarray | None, dict | None]:
+        """(tokens as stored, token_scale or None, fidelity on a few views or None)."""
+        codec = self.layout.token_codec
+        if codec == "fp16":
+            if scale is not None:
+                raise StoreError("this store keeps fp16 tokens: write_shard takes no token_scale")
+            return np.asarray(tokens), None, None
+        if scale is not None:  # already encoded with this store's codec (and projection)
+            return np.asarray(tokens), np.asarray(scale), None
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 4 or tokens.shape[-1] != self.layout.dim:
+            raise StoreError(
+                f"write_shard: tokens have shape {list(tokens.shape)}, expected [n, V, T, {self.layout.dim}]"
+            )
+        enc, sc = encode_tokens(codec, tokens, self.projection)
+        pairs = sample_views(np.asarray(valid), self.layout.stored_views, FIDELITY_VIEWS)
+        fidelity = None
+        if pairs and self.layout.num_tokens >= 2:
+            rows, views = (np.array(x) for x in zip(*pairs, strict=True))
+            ref = tokens[rows, views].astype(np.float32)
+            dec = decode_tokens(codec, enc[rows, views], sc[rows, views], self.projection)
+            fidelity = codec_fidelity(ref, dec, np.asarray(cls)[rows, views])
+        return enc, sc, fidelity
 
     def _write_array_shard(self, name: str, key: str, start: int, stop: int, value: np.ndarray) -> str:
         """Write one array's shard file whole; returns its sha256.

@@ -1,0 +1,140 @@
+"""What `StoreReader` checks and reports without reading rows: identity, checksums, the summary."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cospress.errors import StoreError
+from cospress.store import manifest as mf
+from cospress.store.remote import is_local
+from cospress.utils import redact_config, redact_text, redact_url
+
+log = logging.getLogger("cospress.store.reader")
+
+
+def _mismatch(shard: int | None, array: str | None, file: str, expected: str, actual: str | None) -> dict:
+    return {"shard": shard, "array": array, "file": file, "expected": expected, "actual": actual}
+
+
+class ReaderChecks:
+    """The checks of a store reader (mixed into `cospress.store.reader.StoreReader`, which sets
+    ``manifest``, ``display``, ``url``, ``layout``, ``_fs``, ``_root`` and ``_path``)."""
+
+    manifest: dict
+    display: str
+    url: str
+    layout: Any
+    has_tokens: bool
+    shard_size: int
+    num_shards: int
+    _fs: Any
+    _root: str
+
+    def _path(self, key: str) -> str:
+        return f"{self._root}/{key}"
+
+    def check_identity(
+        self, expect_teacher: str | None = None, policy_fingerprint: str | None = None
+    ) -> None:
+        """StoreError unless the store was made by this teacher and view policy.
+
+        ``expect_teacher`` is a teacher fingerprint (``FeatureModel.fingerprint()``) or, less
+        strictly, a teacher name; ``policy_fingerprint`` is ``ViewPolicy.fingerprint()``.
+        """
+        teacher = self.manifest.get("teacher") or {}
+        if expect_teacher is not None and expect_teacher not in (
+            teacher.get("fingerprint"),
+            teacher.get("name"),
+        ):
+            raise StoreError(
+                f"{self.display} was made by teacher {teacher.get('name')} (fingerprint "
+                f"{str(teacher.get('fingerprint'))[:12]}), not {expect_teacher[:64]}: use the matching teacher "
+                "or extract a store with this one"
+            )
+        have = self.manifest.get("policy_fingerprint")
+        if policy_fingerprint is not None and policy_fingerprint != have:
+            raise StoreError(
+                f"{self.display} was made with view policy {str(have)[:12]}, not {policy_fingerprint[:12]}: "
+                "use the store's policy (cospress inspect shows it) or extract a new store"
+            )
+
+    def _hash_file(self, path: str) -> str | None:
+        h = hashlib.sha256()
+        try:
+            with self._fs.open(path, "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            raise StoreError(
+                f"cannot read {redact_url(path)} of {self.display}: "
+                f"{redact_text(f'{type(e).__name__}: {e}')}; check the network and retry"
+            ) from None
+        return h.hexdigest()
+
+    def verify(self, progress: Callable[[int, int], None] | None = None) -> list[dict]:
+        """Recompute the sha256 of every shard file and (schema 1.3 on) every metadata file: each
+        array's zarr.json, the group's, the identity, the commits; returns the mismatches.
+
+        Each bad entry: {shard, array, file, expected, actual} (actual None when the file is missing;
+        shard and array None for a metadata file).
+        ``progress(done, total)`` is called after each shard.
+        """
+        bad = []
+        shards = self.manifest["shards"]
+        for done, entry in enumerate(shards, 1):
+            for name, expected in entry["sha256"].items():
+                ndim = len(self.manifest["shapes"][name])
+                rel = mf.shard_file_key(name, entry["shard"], ndim)
+                actual = self._hash_file(self._path(rel))
+                if actual != expected:
+                    bad.append(_mismatch(entry["shard"], name, rel, expected, actual))
+            if progress is not None:
+                progress(done, len(shards))
+        for rel, expected in self.manifest.get("metadata_sha256", {}).items():  # schema 1.3 on
+            actual = self._hash_file(self._path(rel))
+            if actual != expected:
+                bad.append(_mismatch(None, None, rel, expected, actual))
+        if bad:
+            log.warning("%s: %d files do not match the manifest", self.display, len(bad))
+        return bad
+
+    def summary(self) -> dict:
+        """What `cospress inspect` shows: teacher, policy, shapes, counts, shards, size."""
+        m = self.manifest
+        teacher = m.get("teacher") or {}
+        disk = None
+        if is_local(self.url):
+            disk = sum(f.stat().st_size for f in Path(self._root).rglob("*") if f.is_file())
+        out = {
+            "url": self.display,
+            "schema_version": m.get("schema_version"),
+            "cospress_version": m.get("cospress_version"),
+            "created": m.get("created"),
+            "teacher": {
+                k: teacher.get(k) for k in ("name", "fingerprint", "input_size", "layer", "dim", "grid")
+            },
+            "source": {k: (m.get("source") or {}).get(k) for k in ("spec", "kind", "count", "keys_sha256")},
+            "policy_fingerprint": m.get("policy_fingerprint"),
+            "view_policy": m.get("view_policy"),
+            "k": m.get("k"),
+            "center_view": m.get("center_view"),
+            "seed": m.get("seed"),
+            "shapes": m["shapes"],
+            "dtypes": m["dtypes"],
+            "tokens": self.has_tokens,
+            "token_codec": m.get("token_codec") or {"name": "fp16"},
+            "fidelity": m.get("fidelity"),
+            "shard_size": self.shard_size,
+            "shards": self.num_shards,
+            "counts": m.get("counts"),
+            "skipped": len(m.get("skipped", [])),
+            "estimated_bytes": self.layout.estimate_bytes(),
+            "bytes_on_disk": disk,
+        }
+        return redact_config(out)  # an older store may hold a source URL with its credentials
