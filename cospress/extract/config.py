@@ -29,6 +29,14 @@ class ExtractConfig:
     image_size: int | None = setting(None, help="Teacher input resolution.", shown="the teacher's")
     limit: int | None = setting(None, help="Use a deterministic subset of N images.")
     tokens: bool = setting(True, help="Store patch tokens.")
+    token_codec: str = setting(
+        "fp16",
+        help="How tokens are stored: fp16, int8 (per-token scale; ~0.5x the bytes), pca:K (K principal "
+        "components fitted on a sample, then int8) or pca (the fewest components reaching --token-fidelity).",
+    )
+    token_fidelity: float = setting(
+        0.99, help="pca without K: the fidelity to reach (1 - mean |token-cosine error| on held-out views)."
+    )
     center_view: bool = setting(False, help="Also store the full-image view (as view index K).")
     seed: int = setting(0, help="Seed of the view parameters.")
     workers: int = shared.workers_setting("decode + replay of the views")
@@ -61,6 +69,11 @@ class ExtractConfig:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
+        from cospress.store.codecs import parse_codec
+
+        parse_codec(self.token_codec)  # a bad codec fails here, in one line
+        if not 0 < self.token_fidelity <= 1:
+            raise ConfigError(f"--token-fidelity must be in (0, 1], got {self.token_fidelity}")
         if self.append and self.overwrite:
             raise ConfigError("--append adds to an existing store, --overwrite replaces it: choose one")
         if not 0 < self.scale_min <= self.scale_max <= 1:

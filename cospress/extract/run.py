@@ -71,7 +71,7 @@ def _extract(cfg: ExtractConfig, ctx: DistContext, progress: Callable[[int, int]
         num_rows=len(source), shard_size=cfg.shard_size, stored_views=cfg.stored_views, dim=teacher.dim,
         num_tokens=teacher.num_tokens, num_params=len(PARAM_NAMES), tokens=cfg.tokens,
     )  # fmt: skip
-    store = open_store(cfg, identity, layout, source, teacher.name, ctx.is_main)
+    store = open_store(cfg, identity, layout, source, teacher, ctx.is_main)  # + the token codec
     # the reader: this rank's shards that are not committed yet
     writer = store.writer
     committed = writer.committed_shards()

@@ -3,6 +3,7 @@ background so the teacher keeps running while a shard is compressed and written.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import shutil
@@ -16,10 +17,13 @@ import numpy as np
 
 from cospress.config import save_config
 from cospress.errors import StoreError
+from cospress.extract.codec_fit import choose_codec, stored_codec
 from cospress.extract.config import ExtractConfig
 from cospress.runtime import barrier
 from cospress.store import StoreLayout, StoreWriter
 from cospress.store.append import open_append, plan_append
+from cospress.store.codecs import parse_codec
+from cospress.store.projection import codec_entry
 from cospress.utils import human_bytes
 
 log = logging.getLogger(__name__)
@@ -127,33 +131,50 @@ class OpenedStore:
 
 
 def open_store(
-    cfg: ExtractConfig, identity: dict, layout: StoreLayout, source: Any, teacher_name: str, is_main: bool
+    cfg: ExtractConfig, identity: dict, layout: StoreLayout, source: Any, teacher: Any, is_main: bool
 ) -> OpenedStore:
     """Create (main rank) or open (other ranks, after a barrier) the store at ``cfg.out``.
 
     ``layout`` is that of a new store of the source's rows; with ``cfg.append`` the store grows by
-    the source's keys it lacks.
+    the source's keys it lacks. The main rank chooses the token codec (`codec_fit.choose_codec`:
+    for pca the projection is fitted here, before any shard, or taken from the store); other ranks
+    take the store's.
     """
     out = Path(cfg.out)
-    keys, labels, plan = source.keys(), source.labels(), None
+    keys, labels, plan, projection = source.keys(), source.labels(), None, None
+    if is_main:
+        entry, projection = choose_codec(cfg, source, teacher)
+    else:
+        entry = codec_entry(parse_codec(cfg.token_codec).name if cfg.tokens else "fp16")
+        if entry["name"] == "pca":
+            barrier()  # the main rank fits the projection and creates the store first
+            entry = (stored_codec(out) or (entry, None))[0]
+    identity = {**identity, "token_codec": entry}
+    layout = dataclasses.replace(
+        layout, token_codec=entry["name"], token_dim=int(entry.get("components") or layout.dim)
+    )
     if cfg.append:
         plan = plan_append(out, identity, keys, labels, identity["source"], layout)
         keys, labels, layout = plan.keys, plan.labels, plan.layout  # per row of the grown store
     estimate = layout.estimate_bytes()
     if is_main:
         log.info(
-            "store %s: %d images x %d views, teacher %s (dim %d, %d tokens) -> about %s before compression "
+            "store %s: %d images x %d views, teacher %s (dim %d, %d tokens, %s) -> about %s before compression "
             "(float16 embeddings compress only ~1.15x)",
-            out, len(keys), layout.stored_views, teacher_name, layout.dim,
-            layout.num_tokens if layout.tokens else 0, human_bytes(estimate),
+            out, len(keys), layout.stored_views, teacher.name, layout.dim,
+            layout.num_tokens if layout.tokens else 0, entry["name"], human_bytes(estimate),
         )  # fmt: skip
         if not (cfg.overwrite is False and (out / "manifest.json").exists()):
             check_free_disk(out, estimate)
         if plan is not None:
             writer = open_append(plan)
         else:
-            writer = StoreWriter.open(out, identity, layout, overwrite=cfg.overwrite, create=True)
+            writer = StoreWriter.open(
+                out, identity, layout, overwrite=cfg.overwrite, create=True, projection=projection
+            )
         save_config(cfg, out / "extract-config.yaml")
+        if entry["name"] == "pca" and layout.tokens:
+            barrier()  # the other ranks wait for the projection above
     barrier()
     if not is_main:
         writer = StoreWriter.open(out, identity if plan is None else plan.identity, layout, create=False)

@@ -74,7 +74,7 @@ def _field_values(name: str, old: Any, new: Any) -> tuple[Any, Any]:
     if name == "decode" and (old is None or new is None):
         return None, None  # a store written before the decode path was recorded: not compared
     if name == "token_codec":  # a store written before codecs existed keeps fp16 tokens
-        return old or {"name": "fp16"}, new or {"name": "fp16"}
+        return _codec_text(old), _codec_text(new)
     if name == "teacher" and isinstance(old, dict) and isinstance(new, dict):
         if "fingerprint" in old and "fingerprint" in new:
             return old["fingerprint"], new["fingerprint"]
@@ -87,10 +87,23 @@ def _field_values(name: str, old: Any, new: Any) -> tuple[Any, Any]:
     return old, new
 
 
+def _codec_text(codec: Any) -> str:
+    """``fp16``, ``int8`` or ``pca:K (projection <sha256 prefix>)``."""
+    codec = codec or {"name": "fp16"}
+    if codec.get("name") != "pca":
+        return str(codec.get("name"))
+    return f"pca:{codec.get('components')} (projection {str(codec.get('projection_sha256'))[:12]})"
+
+
 def identity_diff(old: dict, new: dict) -> list[str]:
-    """Human descriptions of the identity fields that differ between two identities."""
+    """Human descriptions of the identity fields that differ between two identities (another token
+    codec is named once: the dtypes and shapes it implies are left out)."""
     out = []
+    codec_differs = _field_values("token_codec", old.get("token_codec"), new.get("token_codec"))
+    skip = {"dtypes", "shapes"} if codec_differs[0] != codec_differs[1] else set()
     for name in sorted(set(old) | set(new), key=lambda n: (n not in FIELD_LABELS, n)):
+        if name in skip:
+            continue
         a, b = _field_values(name, old.get(name), new.get(name))
         if a != b:
             label = FIELD_LABELS.get(name, name)

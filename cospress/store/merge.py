@@ -3,7 +3,8 @@
 ``merge_stores([A, B], C)`` copies A's rows, then B's, shard by shard into a new store C (read by
 row, so inputs may be remote and may have other shard sizes). Everything in the identity but the
 source must match; C's source lists both inputs and hashes C's keys. A key present in two inputs
-is refused: merged stores are over disjoint data.
+is refused: merged stores are over disjoint data. Tokens are copied as stored, so only stores of one
+token codec (and, for pca, one projection) merge, and the merged store holds the same bytes.
 """
 
 from __future__ import annotations
@@ -96,10 +97,11 @@ def _copy_shard(
     """Write one shard of the merged store: row i comes from row ``where[i]`` of input ``which[i]``."""
     start, stop = writer.shard_rows(shard)
     tokens = writer.layout.tokens
+    lossy = tokens and writer.layout.token_codec != "fp16"
     parts = []
     for i in np.unique(which[start:stop]):
         sel = where[start:stop][which[start:stop] == i]
-        parts.append(readers[int(i)].read_rows(sel, tokens=tokens))
+        parts.append(readers[int(i)].read_rows(sel, tokens=tokens, raw=True))  # tokens copied as stored
     data = {name: np.concatenate([p[name] for p in parts]) for name in ("cls", "views", "labels", "valid")}
     keys = [k for p in parts for k in p["keys"]]
     skipped = [
@@ -111,6 +113,7 @@ def _copy_shard(
         shard,
         cls=data["cls"],
         tokens=np.concatenate([p["tokens"] for p in parts]) if tokens else None,
+        token_scale=np.concatenate([p["token_scale"] for p in parts]) if lossy else None,
         views=data["views"],
         keys=keys,
         labels=data["labels"],
@@ -146,7 +149,9 @@ def merge_stores(
         first.layout, num_rows=len(keys), shard_size=int(shard_size or first.shard_size)
     )
     identity = {**mf.run_identity(first.manifest), "source": _merged_source(readers, keys)}
-    writer = StoreWriter.open(out, identity, layout, overwrite=overwrite, create=True)
+    writer = StoreWriter.open(
+        out, identity, layout, overwrite=overwrite, create=True, projection=first.projection
+    )
     which = np.concatenate([np.full(len(r), i, np.int64) for i, r in enumerate(rows)])
     where = np.concatenate(rows)
     reasons = {s["key"]: s["reason"] for r in readers for s in r.manifest.get("skipped", [])}

@@ -22,13 +22,17 @@ FILES = (f"{GROUP}/zarr.json", f"{GROUP}/mean/zarr.json", f"{GROUP}/mean/c/0",
          f"{GROUP}/basis/zarr.json", f"{GROUP}/basis/c/0/0")  # fmt: skip
 
 
-def codec_entry(name: str, projection: Projection | None = None) -> dict[str, Any]:
-    """The identity's ``token_codec`` for a codec (and, for pca, its projection)."""
+def codec_entry(name: str, projection: Projection | None = None, fit: dict | None = None) -> dict[str, Any]:
+    """The identity's ``token_codec`` for a codec (and, for pca, its projection and what its fit
+    recorded: sample views, held-out fidelity)."""
     if name != "pca":
         return {"name": name}
     if projection is None:
         raise StoreError("a pca token codec needs its fitted projection")
-    return {"name": "pca", "components": projection.components, "projection_sha256": projection.sha256()}
+    entry = {"name": "pca", "components": projection.components, "projection_sha256": projection.sha256()}
+    if fit is not None:
+        entry["fit"] = dict(fit)
+    return entry
 
 
 def write_projection(store: Any, identity: dict, projection: Projection | None) -> None:

@@ -3,13 +3,16 @@
 One sample per store row (append padding left out), in row order::
 
     <key>.cls.npy      float16 [V, Dt]        (np.save, no pickle)
-    <key>.tokens.npy   float16 [V, T, Dt]     only when the store keeps tokens
+    <key>.tokens.npy   float16 [V, T, Dt]     only when the store keeps tokens; as stored: int8
+                                              [V, T, token_dim] in the int8 and pca codecs
+    <key>.token_scale.npy  float16 [V, T]     the int8 and pca codecs only
     <key>.json         {"key", "label", "valid", "views": [[P floats] x V], "reason"?}
 
 ``<key>`` is the store key percent-encoded (`encode_key`: ``.`` -> ``%2E``, ``/`` -> ``%2F``, ...),
 since WebDataset splits member names at the first dot; the json keeps the original key.
 ``cospress-wds.json`` (written last) holds the store identity, each tar's name, sample count and
-sha256, and the skipped inputs, so `import_wds` rebuilds a store of the same identity. Import never
+sha256, and the skipped inputs, so `import_wds` rebuilds a store of the same identity (a pca store's
+projection travels as ``token_projection-mean.npy`` and ``-basis.npy``, named in the sidecar). Import never
 unpickles (each ``.npy`` header is read and checked against the identity's shape and float16 before
 any data), reads members in memory (nothing is extracted to disk), refuses a member larger than a
 sample of the store can hold before reading it, and refuses absolute paths, ``..`` and non-regular
@@ -18,7 +21,6 @@ members.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -38,6 +40,14 @@ from cospress.store.layout import StoreLayout
 from cospress.store.merge import real_rows
 from cospress.store.reader import StoreReader
 from cospress.store.schema import validate_identity
+from cospress.store.wds_files import (
+    load_npy,
+    member_limits,
+    npy_bytes,
+    read_projection_files,
+    safe_member,
+    write_projection_files,
+)
 from cospress.store.writer import StoreWriter
 from cospress.utils import atomic_write_json, sha256_file
 
@@ -45,7 +55,7 @@ log = logging.getLogger(__name__)
 
 SIDECAR = "cospress-wds.json"
 WDS_FORMAT = "cospress-wds"
-WDS_VERSION = 1
+WDS_VERSION = 2  # 2: token codecs (token_scale members, the projection files); 1 still imports
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_-]+\.tar$")
 
 
@@ -59,12 +69,6 @@ def decode_key(encoded: str) -> str:
     return unquote(encoded)
 
 
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
-    return buf.getvalue()
-
-
 def _sample(data: dict[str, Any], i: int, reasons: dict[str, str]) -> dict[str, Any]:
     """The WebDataset sample of row ``i`` of a `StoreReader.read_rows` result."""
     key = data["keys"][i]
@@ -76,9 +80,15 @@ def _sample(data: dict[str, Any], i: int, reasons: dict[str, str]) -> dict[str, 
     }
     if not data["valid"][i]:
         meta["reason"] = reasons.get(key, "skipped")
-    sample = {"__key__": encode_key(key), "cls.npy": _npy(data["cls"][i]), "json": json.dumps(meta).encode()}
+    sample = {
+        "__key__": encode_key(key),
+        "cls.npy": npy_bytes(data["cls"][i]),
+        "json": json.dumps(meta).encode(),
+    }
     if data["tokens"] is not None:
-        sample["tokens.npy"] = _npy(data["tokens"][i])
+        sample["tokens.npy"] = npy_bytes(data["tokens"][i])
+    if data.get("token_scale") is not None:
+        sample["token_scale.npy"] = npy_bytes(data["token_scale"][i])
     return sample
 
 
@@ -108,7 +118,7 @@ def export_wds(
     counts: dict[str, int] = {}  # samples per tar, in writing order
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, mtime=0.0) as sink:
         for b in range(0, len(rows), reader.shard_size):
-            data = reader.read_rows(rows[b : b + reader.shard_size])
+            data = reader.read_rows(rows[b : b + reader.shard_size], raw=True)  # tokens as stored
             for i in range(len(data["keys"])):
                 sink.write(_sample(data, i, reasons))
                 counts[Path(sink.fname).name] = counts.get(Path(sink.fname).name, 0) + 1
@@ -124,6 +134,8 @@ def export_wds(
         "exported_from": {"url": reader.display, "keys_sha256": m.get("keys_sha256")},
         "cospress_version": cospress.__version__,
     }
+    if reader.projection is not None:
+        sidecar["projection"] = write_projection_files(out, reader.projection)
     atomic_write_json(out / SIDECAR, sidecar)
     log.info("exported %s: %d samples in %d tar shards to %s", reader.display, len(rows), len(counts), out)
     return sidecar
@@ -145,7 +157,7 @@ def _read_sidecar(src: Path) -> dict:
         problem = "it is not a JSON object"
     elif doc.get("format") != WDS_FORMAT:
         problem = f"'format' is not {WDS_FORMAT!r}"
-    elif doc.get("version") != WDS_VERSION:
+    elif doc.get("version") not in (1, WDS_VERSION):
         problem = f"'version' {str(doc.get('version'))[:20]} is not {WDS_VERSION}: use a matching cospress"
     elif not isinstance(doc.get("shards"), list) or not isinstance(doc.get("samples"), int):
         problem = "'shards' must be a list and 'samples' an integer"
@@ -171,27 +183,6 @@ def _read_sidecar(src: Path) -> dict:
     return doc
 
 
-def _safe_member(member: tarfile.TarInfo, tar: Path) -> None:
-    name = member.name
-    parts = name.replace("\\", "/").split("/")
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
-        raise StoreError(f"{tar} holds an unsafe member path {name[:80]!r}; refusing to import it")
-    if not member.isfile():
-        raise StoreError(f"{tar} holds {name[:80]!r}, which is not a regular file; refusing to import it")
-
-
-_NPY_HEADER_MAX = 1 << 16  # np.save writes headers of ~128 bytes; format 1.0 allows up to 64 KiB
-
-
-def member_limits(ident: dict) -> dict[str, int]:
-    """The most bytes each member of a sample of a store with identity ``ident`` can hold."""
-    v, dim, t, p = ident["num_views"], ident["dim"], ident["num_tokens"], ident["num_params"]
-    limits = {"cls.npy": _NPY_HEADER_MAX + v * dim * 2, "json": (1 << 20) + v * p * 32}
-    if ident["tokens"]:
-        limits["tokens.npy"] = _NPY_HEADER_MAX + v * t * dim * 2
-    return limits
-
-
 def _samples(tar_path: Path, limits: dict[str, int]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(encoded key, {suffix: bytes}) per sample, in member order, read in memory: only the members
     named in ``limits``, each refused before it is read when larger than its limit."""
@@ -199,7 +190,7 @@ def _samples(tar_path: Path, limits: dict[str, int]) -> Iterator[tuple[str, dict
     members: dict[str, bytes] = {}
     with tarfile.open(tar_path, "r:") as tar:
         for member in tar:
-            _safe_member(member, tar_path)
+            safe_member(member, tar_path)
             base = member.name.rsplit("/", 1)[-1]
             if "." not in base:
                 raise StoreError(f"{tar_path}: member {base[:80]!r} has no suffix; not a cospress export")
@@ -221,32 +212,6 @@ def _samples(tar_path: Path, limits: dict[str, int]) -> Iterator[tuple[str, dict
         yield key, members
 
 
-def _load_npy(raw: bytes, shape: list[int], what: str) -> np.ndarray:
-    """The float16 array of shape ``shape`` in .npy bytes ``raw``; the header is read and checked
-    first, so a crafted header (a huge shape, an object dtype) allocates nothing and unpickles nothing."""
-    from numpy.lib import format as npy_format
-
-    f = io.BytesIO(raw)
-    try:
-        version = npy_format.read_magic(f)
-        read_header = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
-        if version not in read_header:
-            raise ValueError(f"unsupported .npy format version {version}")
-        got, fortran, dtype = read_header[version](f, max_header_size=_NPY_HEADER_MAX)
-    except ValueError as e:
-        raise StoreError(f"{what} is not a plain .npy array ({e}); export the store again") from None
-    if dtype.hasobject:
-        raise StoreError(f"{what} is not a plain .npy array (object dtype); export the store again")
-    if dtype.str[1:] != "f2" or list(got) != shape or fortran:
-        raise StoreError(
-            f"{what} is {dtype} {str(list(got))[:60]}, expected float16 {shape}; export the store again"
-        )
-    data = raw[f.tell() :]
-    if len(data) != int(np.prod(shape)) * 2:
-        raise StoreError(f"{what} holds {len(data)} data bytes, not {int(np.prod(shape)) * 2}; export again")
-    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(np.float16)
-
-
 class _ShardFiller:
     """Collects imported rows and writes each store shard once it is full."""
 
@@ -266,6 +231,7 @@ class _ShardFiller:
     def _write(self) -> None:
         r = self.rows
         tokens = np.stack([x["tokens"] for x in r]) if self.writer.identity["tokens"] else None
+        scale = np.stack([x["token_scale"] for x in r]) if r[0].get("token_scale") is not None else None
         self.writer.write_shard(
             self.shard,
             cls=np.stack([x["cls"] for x in r]),
@@ -275,12 +241,16 @@ class _ShardFiller:
             labels=np.array([x["label"] for x in r], np.int64),
             valid=np.array([x["valid"] for x in r], np.uint8),
             skipped=[{"key": x["key"], "reason": x["reason"]} for x in r if not x["valid"]],
+            token_scale=scale,
         )
 
 
 def _parse_sample(enc: str, files: dict[str, bytes], ident: dict, where: str) -> dict[str, Any]:
     v, dim, t, p = ident["num_views"], ident["dim"], ident["num_tokens"], ident["num_params"]
+    layout = StoreLayout.from_manifest(ident)
+    lossy = ident["tokens"] and layout.token_codec != "fp16"
     need = {"cls.npy", "json"} | ({"tokens.npy"} if ident["tokens"] else set())
+    need |= {"token_scale.npy"} if lossy else set()
     if not need <= set(files):
         raise StoreError(f"{where}: sample {enc[:60]!r} lacks {sorted(need - set(files))}; export again")
     try:
@@ -307,9 +277,17 @@ def _parse_sample(enc: str, files: dict[str, bytes], ident: dict, where: str) ->
         "valid": meta["valid"],
         "reason": str(meta.get("reason", "skipped")),
         "views": views,
-        "cls": _load_npy(files["cls.npy"], [v, dim], f"{where}: {enc[:60]}.cls.npy"),
-        "tokens": _load_npy(files["tokens.npy"], [v, t, dim], f"{where}: {enc[:60]}.tokens.npy")
+        "cls": load_npy(files["cls.npy"], [v, dim], f"{where}: {enc[:60]}.cls.npy"),
+        "tokens": load_npy(
+            files["tokens.npy"],
+            [v, t, layout.token_dim],
+            f"{where}: {enc[:60]}.tokens.npy",
+            "|i1" if lossy else "<f2",
+        )
         if ident["tokens"]
+        else None,  # fmt: skip
+        "token_scale": load_npy(files["token_scale.npy"], [v, t], f"{where}: {enc[:60]}.token_scale.npy")
+        if lossy
         else None,
     }
 
@@ -334,7 +312,10 @@ def import_wds(
                 f"{path} does not match its sha256 in {SIDECAR}: corrupted; copy or export it again"
             )
     layout = StoreLayout.from_manifest(ident)
-    writer = StoreWriter.open(out, mf.run_identity(ident), layout, overwrite=overwrite, create=True)
+    projection = read_projection_files(src, doc)
+    writer = StoreWriter.open(
+        out, mf.run_identity(ident), layout, overwrite=overwrite, create=True, projection=projection
+    )
     filler = _ShardFiller(writer)
     seen: set[str] = set()
     count = 0
