@@ -71,7 +71,8 @@ def decode_setting() -> Any:
     )
 
 
-# The crop and flip of a view, shared by stage 1 and stage 2's online mode (data.views.ViewPolicy).
+# The crop, flip, RandAugment and erasing of a view, shared by stage 1 and stage 2's online mode
+# (data.policy.ViewPolicy).
 def scale_min_setting(prefix: str = "") -> Any:
     return setting(0.08, help=f"{prefix}RandomResizedCrop minimum area.")
 
@@ -82,6 +83,17 @@ def scale_max_setting(prefix: str = "") -> Any:
 
 def flip_setting(prefix: str = "") -> Any:
     return setting(0.5, help=f"{prefix}Probability of a horizontal flip.")
+
+
+def rand_augment_setting(prefix: str = "") -> Any:
+    return setting(
+        "",
+        help=f"{prefix}RandAugment as timm's string, e.g. rand-m9-mstd0.5-inc1 (the paper's); empty = off.",
+    )
+
+
+def erase_prob_setting(prefix: str = "") -> Any:
+    return setting(0.0, help=f"{prefix}Probability of random erasing (timm RandomErasing, one box, pixel noise).")
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:

@@ -47,6 +47,8 @@ class DistillConfig:
     scale_min: float = shared.scale_min_setting("Online mode: ")
     scale_max: float = shared.scale_max_setting("Online mode: ")
     flip: float = shared.flip_setting("Online mode: ")
+    rand_augment: str = shared.rand_augment_setting("Online mode: ")
+    erase_prob: float = shared.erase_prob_setting("Online mode: ")
     method: str = setting("cospress", help="cospress (the paper), cosine, mse or smooth-l1.")
     compressor: str = setting("linear", help="Compressor h: linear (paper: LayerNorm + Linear) or mlp.")
     compressor_first: bool = setting(
@@ -147,6 +149,14 @@ def validate(cfg: DistillConfig) -> None:
     _one_of("decode", cfg.decode, DECODE_CHOICES)
     if cfg.teacher is None and (cfg.limit is not None or cfg.weights or cfg.image_size):
         raise ConfigError("limit, weights and image_size apply to online mode (--teacher) only")
+    if cfg.teacher is None and (cfg.rand_augment or cfg.erase_prob):
+        raise ConfigError(
+            "rand_augment and erase_prob apply to online mode (--teacher): a store replays the views it recorded"
+        )
+    if cfg.teacher is not None:
+        from cospress.distill.online import online_policy
+
+        online_policy(cfg)  # a bad RandAugment string or probability fails here, in one line
     if cfg.teacher is not None and cfg.compressor_first:
         raise ConfigError("compressor_first fits h from a store's features: online mode (--teacher) has none")
     if cfg.compressor_first and cfg.method != "cospress":

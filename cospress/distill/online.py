@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from cospress.data.device_decode import decode_replay
-from cospress.data.views import ViewPolicy, sample_view_params
+from cospress.data.policy import ViewPolicy
+from cospress.data.views import sample_view_params
 from cospress.distill.model import teacher_features
 from cospress.models.features import Features
 from cospress.runtime import autocast, autocast_dtype
@@ -79,6 +80,16 @@ class OnlineTeacher:
         }
 
 
+def online_policy(cfg: Any) -> ViewPolicy:
+    """The view policy of an online run (its DistillConfig): crop, flip, RandAugment, erasing."""
+    return ViewPolicy(
+        scale=(cfg.scale_min, cfg.scale_max),
+        flip=cfg.flip,
+        rand_augment=cfg.rand_augment,
+        erase_prob=cfg.erase_prob,
+    )
+
+
 def load_online_teacher(cfg: Any, keys: list[str], device: torch.device) -> OnlineTeacher:
     """The teacher of ``cfg`` (the run's DistillConfig) on ``device``, frozen, with the run's view policy."""
     from cospress.models.teachers import build_teacher
@@ -86,7 +97,7 @@ def load_online_teacher(cfg: Any, keys: list[str], device: torch.device) -> Onli
     teacher = build_teacher(cfg.teacher, weights=cfg.weights, image_size=cfg.image_size).to(device)
     if hasattr(teacher, "to_channels_last"):
         teacher.to_channels_last()
-    policy = ViewPolicy(scale=(cfg.scale_min, cfg.scale_max), flip=cfg.flip)
+    policy = online_policy(cfg)
     views = OnlineViews(policy, int(cfg.seed), keys, int(cfg.views_per_image), int(teacher.input_size))
     tokens = bool(cfg.use_tokens and teacher.num_tokens > 0)
     return OnlineTeacher(teacher, views, autocast_dtype(cfg.precision, device), tokens)

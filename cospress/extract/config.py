@@ -11,7 +11,7 @@ from cospress.data.sources import DEFAULT_MAX_PIXELS
 from cospress.errors import ConfigError
 
 if TYPE_CHECKING:
-    from cospress.data.views import ViewPolicy
+    from cospress.data.policy import ViewPolicy
 
 
 @dataclass
@@ -48,6 +48,8 @@ class ExtractConfig:
     color_jitter: float = setting(0.0, help="Probability of colour jitter.")
     grayscale: float = setting(0.0, help="Probability of grayscale.")
     blur: float = setting(0.0, help="Probability of gaussian blur.")
+    rand_augment: str = shared.rand_augment_setting()
+    erase_prob: float = shared.erase_prob_setting()
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, help="Skip images with more pixels (decompression bombs).")
     precision: str = shared.precision_setting()
     device: str = shared.device_setting()
@@ -78,6 +80,7 @@ class ExtractConfig:
             raise ConfigError("--append adds to an existing store, --overwrite replaces it: choose one")
         if not 0 < self.scale_min <= self.scale_max <= 1:
             raise ConfigError(f"need 0 < scale-min <= scale-max <= 1, got {self.scale_min}, {self.scale_max}")
+        self.policy()  # a bad RandAugment string or probability fails here, in one line
 
     @property
     def stored_views(self) -> int:
@@ -85,7 +88,7 @@ class ExtractConfig:
         return self.views + int(self.center_view)
 
     def policy(self) -> ViewPolicy:
-        from cospress.data.views import ViewPolicy
+        from cospress.data.policy import ViewPolicy
 
         return ViewPolicy(
             scale=(self.scale_min, self.scale_max),
@@ -93,4 +96,6 @@ class ExtractConfig:
             color_jitter=self.color_jitter,
             grayscale=self.grayscale,
             blur=self.blur,
+            rand_augment=self.rand_augment,
+            erase_prob=self.erase_prob,
         )

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cospress.data.device_decode import Encoded, worker_read
 from cospress.data.sources import Source
-from cospress.data.views import PARAM_NAMES, ViewPolicy, center_view_params, replay_view, sample_view_params
+from cospress.data.views import ViewPolicy, center_view_params, replay_view, sample_view_params
 from cospress.errors import BadImageError
 
 
@@ -54,7 +54,7 @@ class ViewDataset(Dataset):
             sample_view_params(self.policy, self.seed, key, v, width, height) for v in range(self.views)
         ]
         if self.center:
-            params.append(center_view_params(width, height))
+            params.append(center_view_params(width, height, self.policy.version))
         return np.stack(params).astype(np.float32)
 
     def _skipped(self, row: int, reason: str) -> dict[str, Any]:
@@ -62,7 +62,7 @@ class ViewDataset(Dataset):
         return {
             "row": row,
             "images": None,
-            "params": np.zeros((stored_views, len(PARAM_NAMES)), np.float32),
+            "params": np.zeros((stored_views, self.policy.num_params), np.float32),
             "reason": reason,
         }
 

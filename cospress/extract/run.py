@@ -20,7 +20,6 @@ from cospress import __version__
 from cospress.config import to_dict
 from cospress.data.device_decode import resolve_decode
 from cospress.data.sources import open_source
-from cospress.data.views import PARAM_NAMES
 from cospress.extract.config import ExtractConfig
 from cospress.extract.reader import ViewDataset, shard_batches, view_loader
 from cospress.extract.teacher import TeacherPass, load_teacher, run_teacher
@@ -64,12 +63,12 @@ def _extract(cfg: ExtractConfig, ctx: DistContext, progress: Callable[[int, int]
     identity = make_identity(
         teacher=teacher.describe(), view_policy=policy.to_dict(), policy_fingerprint=policy.fingerprint(),
         k=cfg.views, center_view=cfg.center_view, seed=cfg.seed, source=source.describe(),
-        param_names=PARAM_NAMES, precision=str(amp).replace("torch.", "") if amp else "float32",
+        param_names=policy.param_names, precision=str(amp).replace("torch.", "") if amp else "float32",
         decode=decode if decode == "cpu" else f"{decode}:{ctx.device.type}",
     )  # fmt: skip
     layout = StoreLayout(
         num_rows=len(source), shard_size=cfg.shard_size, stored_views=cfg.stored_views, dim=teacher.dim,
-        num_tokens=teacher.num_tokens, num_params=len(PARAM_NAMES), tokens=cfg.tokens,
+        num_tokens=teacher.num_tokens, num_params=policy.num_params, tokens=cfg.tokens,
     )  # fmt: skip
     store = open_store(cfg, identity, layout, source, teacher, ctx.is_main)  # + the token codec
     # the reader: this rank's shards that are not committed yet
