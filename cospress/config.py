@@ -93,7 +93,14 @@ def rand_augment_setting(prefix: str = "") -> Any:
 
 
 def erase_prob_setting(prefix: str = "") -> Any:
-    return setting(0.0, help=f"{prefix}Probability of random erasing (timm RandomErasing, one box, pixel noise).")
+    return setting(0.0, help=f"{prefix}Probability of random erasing (timm RandomErasing, one box).")
+
+
+def erase_mode_setting(prefix: str = "") -> Any:
+    return setting(
+        "pixel",
+        help=f"{prefix}Erasing fill: pixel (noise, timm train.py / DeiT), rand (one colour) or const (the mean).",
+    )
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:

@@ -128,6 +128,10 @@ def test_imagenet_recipe_is_the_paper_setting():
     assert d.weight_decay == pytest.approx(0.05)
     assert d.temperatures == pytest.approx([0.01 * i for i in range(1, 11)])
     assert d.method == "cospress"
+    # the reference run's augmentation and schedule (the paper's run config)
+    assert (e.rand_augment, e.erase_prob, e.scale_min, e.flip) == ("rand-m9-mstd0.5-inc1", 0.25, 0.08, 0.5)
+    assert e.policy().version == 2 and e.color_jitter == 0
+    assert (d.epochs, d.warmup_epochs, d.views_per_image) == (300, 5, 3)
 
 
 def test_fashion_mnist_recipe_matches_the_reference_setup():

@@ -49,6 +49,7 @@ class DistillConfig:
     flip: float = shared.flip_setting("Online mode: ")
     rand_augment: str = shared.rand_augment_setting("Online mode: ")
     erase_prob: float = shared.erase_prob_setting("Online mode: ")
+    erase_mode: str = shared.erase_mode_setting("Online mode: ")
     method: str = setting("cospress", help="cospress (the paper), cosine, mse or smooth-l1.")
     compressor: str = setting("linear", help="Compressor h: linear (paper: LayerNorm + Linear) or mlp.")
     compressor_first: bool = setting(
@@ -149,9 +150,9 @@ def validate(cfg: DistillConfig) -> None:
     _one_of("decode", cfg.decode, DECODE_CHOICES)
     if cfg.teacher is None and (cfg.limit is not None or cfg.weights or cfg.image_size):
         raise ConfigError("limit, weights and image_size apply to online mode (--teacher) only")
-    if cfg.teacher is None and (cfg.rand_augment or cfg.erase_prob):
+    if cfg.teacher is None and (cfg.rand_augment or cfg.erase_prob or cfg.erase_mode != "pixel"):
         raise ConfigError(
-            "rand_augment and erase_prob apply to online mode (--teacher): a store replays the views it recorded"
+            "rand_augment, erase_prob and erase_mode apply to online mode (--teacher): a store replays the views it recorded"
         )
     if cfg.teacher is not None:
         from cospress.distill.online import online_policy

@@ -87,6 +87,7 @@ def online_policy(cfg: Any) -> ViewPolicy:
         flip=cfg.flip,
         rand_augment=cfg.rand_augment,
         erase_prob=cfg.erase_prob,
+        erase_mode=cfg.erase_mode,
     )
 
 

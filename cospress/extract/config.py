@@ -50,6 +50,7 @@ class ExtractConfig:
     blur: float = setting(0.0, help="Probability of gaussian blur.")
     rand_augment: str = shared.rand_augment_setting()
     erase_prob: float = shared.erase_prob_setting()
+    erase_mode: str = shared.erase_mode_setting()
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, help="Skip images with more pixels (decompression bombs).")
     precision: str = shared.precision_setting()
     device: str = shared.device_setting()
@@ -98,4 +99,5 @@ class ExtractConfig:
             blur=self.blur,
             rand_augment=self.rand_augment,
             erase_prob=self.erase_prob,
+            erase_mode=self.erase_mode,
         )

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 NPROC=${NPROC:-8}
 HERE=pipelines/imagenet_dinov2
-STORE=${STORE:-/data/stores/imagenet-dinov2-vits14-k8}
+STORE=${STORE:-/data/stores/imagenet-dinov2-vits14-k10}
 RUNS=${RUNS:-runs/imagenet}
 TEACHER_SPEC=teacher:vit_small_patch14_dinov2.lvd142m@224
 TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC")
