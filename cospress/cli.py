@@ -50,6 +50,10 @@ console = Console(stderr=True)
 log = logging.getLogger("cospress.cli")
 
 
+_NOISY = ("numcodecs", "zarr", "fsspec", "urllib3", "PIL", "matplotlib", "timm", "aiohttp", "faiss",
+          "faiss.loader", "botocore", "aiobotocore", "s3fs")  # fmt: skip
+
+
 @app.callback()
 def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
@@ -63,21 +67,7 @@ def _main(
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
         force=True,
     )
-    for noisy in (
-        "numcodecs",
-        "zarr",
-        "fsspec",
-        "urllib3",
-        "PIL",
-        "matplotlib",
-        "timm",
-        "aiohttp",
-        "faiss",
-        "faiss.loader",
-        "botocore",
-        "aiobotocore",
-        "s3fs",
-    ):
+    for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
@@ -218,19 +208,31 @@ def inspect_cmd(
     store: str = STORE,
     cache_dir: str = CACHE_DIR,
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    reference: str = typer.Option(
+        None,
+        "--reference",
+        help="Measure the token codec's fidelity against this store of the same run (e.g. its fp16 store).",
+    ),  # fmt: skip
+    rows: int = typer.Option(64, "--rows", help="Rows sampled for --reference (one view each)."),
 ) -> None:
-    """Print a store's summary: teacher, view policy, shapes, sizes, skipped inputs."""
+    """Print a store's summary: teacher, view policy, token codec and its fidelity, shapes, sizes, skipped inputs."""
     with user_errors():
         from cospress.store import StoreReader
+        from cospress.store.fidelity import measure_against
 
-        summary = StoreReader(store, cache_dir=cache_dir).summary()
+        reader = StoreReader(store, cache_dir=cache_dir)
+        summary = reader.summary()
+        if reference:
+            summary["fidelity_vs_reference"] = measure_against(
+                reader, StoreReader(reference, cache_dir=cache_dir), rows
+            )
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
         return
-    rows = []
+    rows_out = []
     for k, v in summary.items():
-        rows.append((k, json.dumps(v, default=str) if isinstance(v, (dict, list)) else v))
-    _table(f"store {summary['url']}", rows)
+        rows_out.append((k, json.dumps(v, default=str) if isinstance(v, (dict, list)) else v))
+    _table(f"store {summary['url']}", rows_out)
 
 
 @app.command("verify")

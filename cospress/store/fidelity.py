@@ -65,8 +65,12 @@ def codec_fidelity(
     if cls is not None:
         c = np.asarray(cls, np.float32)[:, None, :]
         ref, dec = np.concatenate([c, ref], axis=1), np.concatenate([c, dec], axis=1)
-    return {"views": int(ref.shape[0]), "cos_abs_err_mean": cos["mean"], "cos_abs_err_max": cos["max"],
-            **local_kl(ref, dec)}  # fmt: skip
+    out = {"cos_abs_err_mean": cos["mean"], "cos_abs_err_max": cos["max"], **local_kl(ref, dec)}
+    return {"views": int(ref.shape[0]), **{k: _round(v) for k, v in out.items()}}
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.4g}")
 
 
 def combine(parts: list[dict]) -> dict[str, Any] | None:
@@ -81,10 +85,10 @@ def combine(parts: list[dict]) -> dict[str, Any] | None:
 
     return {
         "views": n,
-        "cos_abs_err_mean": mean("cos_abs_err_mean"),
+        "cos_abs_err_mean": _round(mean("cos_abs_err_mean")),
         "cos_abs_err_max": float(max(p["cos_abs_err_max"] for p in parts)),
-        "local_kl": mean("local_kl"),
-        "local_kl_rel_change": mean("local_kl_rel_change"),
+        "local_kl": _round(mean("local_kl")),
+        "local_kl_rel_change": _round(mean("local_kl_rel_change")),
     }
 
 
@@ -97,4 +101,30 @@ def sample_views(valid: np.ndarray, views: int, count: int) -> list[tuple[int, i
     return [(int(r), int(r) % views) for r in np.unique(pick)]
 
 
-__all__ = ["TAU", "codec_fidelity", "combine", "local_kl", "sample_views", "token_cosine_error"]
+def measure_against(store: Any, reference: Any, rows: int = 64) -> dict[str, Any]:
+    """`codec_fidelity` of ``store``'s decoded tokens against ``reference``'s (two `StoreReader` of
+    the same run, e.g. an int8 store and the fp16 store of the same teacher, views and keys), on up
+    to ``rows`` valid rows spread over the store (one view each, as in `sample_views`)."""
+    from cospress.errors import StoreError
+
+    if not (store.has_tokens and reference.has_tokens):
+        raise StoreError("fidelity --reference needs two stores that keep tokens")
+    ref_rows = {k: i for i, k in enumerate(reference.keys())}
+    keys = store.keys()
+    pairs = [(r, v) for r, v in sample_views(store.valid(), store.stored_views, rows) if keys[r] in ref_rows]
+    if not pairs or reference.dim != store.dim or reference.num_tokens != store.num_tokens:
+        raise StoreError(
+            f"{reference.display} shares no rows (or not the token shape) with {store.display}: "
+            "use a reference store of the same teacher, source and views"
+        )
+    r, v = (np.array(x) for x in zip(*pairs, strict=True))
+    got = store.read_rows(r, views=v[:, None])
+    want = reference.read_rows([ref_rows[keys[i]] for i in r], views=v[:, None])
+    if not np.array_equal(got["views"], want["views"]):
+        raise StoreError(f"{reference.display} holds other views of these rows: not the same run's store")
+    return codec_fidelity(want["tokens"][:, 0].astype(np.float32), got["tokens"][:, 0], want["cls"][:, 0])
+
+
+__all__ = [
+    "TAU", "codec_fidelity", "combine", "local_kl", "measure_against", "sample_views", "token_cosine_error",
+]  # fmt: skip

@@ -263,17 +263,7 @@ class StoreWriter:
         start, stop = self.shard_rows(shard)
         n = stop - start
         data = {"cls": cls, "views": views, "keys": keys, "labels": labels, "valid": valid}
-        fidelity = None
-        if self.identity["tokens"]:
-            if tokens is None:
-                raise StoreError("this store keeps tokens: write_shard needs tokens [n, V, T, Dt]")
-            data["tokens"], scale, fidelity = self._encode(tokens, token_scale, cls, valid)
-            if scale is not None:
-                data["token_scale"] = scale
-        elif tokens is not None:
-            raise StoreError(
-                "this store was created without tokens; pass tokens=None (or re-create it with tokens)"
-            )
+        fidelity = self._add_tokens(data, tokens, token_scale)
         checked = {name: self._check(name, value, n) for name, value in data.items()}
         commit_path = self.path / mf.commit_key(shard)
         commit_path.unlink(missing_ok=True)
@@ -301,6 +291,21 @@ class StoreWriter:
         atomic_write_json(commit_path, commit)
         log.debug("committed shard %d (rows %d-%d, %d valid)", shard, start, stop, n_valid)
         return commit
+
+    def _add_tokens(self, data: dict, tokens: Any | None, token_scale: Any | None) -> dict | None:
+        """Put the encoded tokens (and token_scale) into ``data``; returns the fidelity or None."""
+        if not self.identity["tokens"]:
+            if tokens is not None:
+                raise StoreError(
+                    "this store was created without tokens; pass tokens=None (or re-create it with tokens)"
+                )
+            return None
+        if tokens is None:
+            raise StoreError("this store keeps tokens: write_shard needs tokens [n, V, T, Dt]")
+        data["tokens"], scale, fidelity = self._encode(tokens, token_scale, data["cls"], data["valid"])
+        if scale is not None:
+            data["token_scale"] = scale
+        return fidelity
 
     def _encode(
         self, tokens: Any, scale: Any | None, cls: Any, valid: Any
