@@ -34,10 +34,12 @@ def _smooth(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
 
 
-def _jpeg(arr: np.ndarray, orientation: int = 1, mode: str = "RGB", quality: int = 90) -> bytes:
+def _jpeg(
+    arr: np.ndarray, orientation: int = 1, mode: str = "RGB", quality: int = 90, progressive: bool = False
+) -> bytes:
     im = Image.fromarray(arr).convert(mode)
     buf = io.BytesIO()
-    kw = {}
+    kw = {"progressive": True} if progressive else {}
     if orientation != 1:
         exif = Image.Exif()
         exif[0x0112] = orientation
@@ -48,7 +50,7 @@ def _jpeg(arr: np.ndarray, orientation: int = 1, mode: str = "RGB", quality: int
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory) -> tuple[str, dict[str, str]]:
-    """A flat folder: RGB / grey / EXIF-rotated / CMYK JPEGs, PNGs, and bad files; name -> expected kind."""
+    """A flat folder: RGB / grey / progressive / EXIF-rotated / CMYK JPEGs, PNGs, and bad files; name -> kind."""
     root = tmp_path_factory.mktemp("mixed")
     rng = np.random.default_rng(0)
     kinds = {}
@@ -60,6 +62,12 @@ def mixed(tmp_path_factory) -> tuple[str, dict[str, str]]:
         kinds[f"png{i}.png"] = "pixels"
     (root / "grey.jpg").write_bytes(_jpeg(_smooth(rng, 40, 50), mode="L"))
     kinds["grey.jpg"] = "jpeg"
+    (root / "progressive.jpg").write_bytes(_jpeg(_smooth(rng, 44, 60), progressive=True))
+    kinds["progressive.jpg"] = "jpeg"
+    (root / "progressive_orient6.jpg").write_bytes(
+        _jpeg(_smooth(rng, 30, 50), orientation=6, progressive=True)
+    )
+    kinds["progressive_orient6.jpg"] = "jpeg"
     for o in range(2, 9):
         (root / f"orient{o}.jpg").write_bytes(_jpeg(_smooth(rng, 36, 52), orientation=o))
         kinds[f"orient{o}.jpg"] = "jpeg"
@@ -224,7 +232,8 @@ def _store(tmp_path: Path):
 
 
 def test_distill_batches_device_vs_cpu(tmp_path):
-    from cospress.distill.data import BatchPlan, DistillBatches, _Lazy, device_images, key_index
+    from cospress.distill.data import BatchPlan, DistillBatches, _Lazy, key_index
+    from cospress.distill.prefetch import device_images
     from cospress.store.reader import StoreReader
 
     url, spec = _store(tmp_path)
@@ -314,3 +323,96 @@ def test_decode_view_items_for_stage_one(mixed):
         ref = torch.stack([replay_view(image, p, 16) for p in it["params"]])
         assert it["images"].shape == (2, 3, 16, 16)
         assert int((it["images"].int() - ref.int()).abs().max()) <= REPLAY_TOL
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+# nvjpeg has its own IDCT and chroma upsampling: its pixels are within a few grey levels of
+# libjpeg-turbo's on these smooth images. First guesses, to be checked on the first GPU run (the
+# assertion messages print the measured values).
+NVJPEG_MEAN_TOL, NVJPEG_MAX_TOL = 2.0, 48
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvjpeg)")
+
+
+@needs_cuda
+def test_mixed_jpeg_batch_on_cuda_matches_the_cpu_path(mixed):
+    """One batch of RGB, grey, progressive, EXIF-rotated (1..8), CMYK, PNG and corrupt files decoded by
+    nvjpeg gives the CPU path's shapes and reasons, and its pixels within the nvjpeg tolerance."""
+    spec, kinds = mixed
+    src = open_source(spec)
+    batch = dd.pack([dd.read_encoded(src, i) for i in range(len(src))])
+    cpu, cpu_errors = dd.decode_batch(batch, "cpu")
+    gpu, gpu_errors = dd.decode_batch(batch.pin_memory(), "cuda")
+    assert gpu_errors == cpu_errors and sum(bool(e) for e in cpu_errors) == 3
+    for key, a, b in zip(src.keys(), cpu, gpu, strict=True):
+        assert (a is None) == (b is None), key
+        if a is None:
+            continue
+        assert b.device.type == "cuda" and b.dtype == torch.uint8 and b.shape == a.shape, key
+        if key == "broken_scan.jpg":  # scan data destroyed: decoders may fill it differently
+            continue
+        d = (b.cpu().int() - a.int()).abs().float()
+        assert d.mean() <= NVJPEG_MEAN_TOL and d.max() <= NVJPEG_MAX_TOL, (
+            key,
+            float(d.mean()),
+            float(d.max()),
+        )
+
+
+@needs_cuda
+def test_decode_replay_on_cuda_matches_the_cpu_path(mixed):
+    spec, _ = mixed
+    src = open_source(spec)
+    items = [dd.read_encoded(src, i) for i in range(len(src))]
+    policy = ViewPolicy(color_jitter=0.8, grayscale=0.2, blur=0.5)
+    params = [
+        np.stack([sample_view_params(policy, 0, k, v, max(it.width, 1), max(it.height, 1)) for v in range(3)])
+        for k, it in zip(src.keys(), items, strict=True)
+    ]
+    keep = [i for i, k in enumerate(src.keys()) if k != "broken_scan.jpg"]
+    items, params = [items[i] for i in keep], [params[i] for i in keep]
+    cpu, cpu_errors = dd.decode_replay(dd.pack(items), params, 24, "cpu")
+    gpu, gpu_errors = dd.decode_replay(dd.pack(items), params, 24, "cuda")
+    assert gpu_errors == cpu_errors and gpu.shape == cpu.shape and gpu.device.type == "cuda"
+    d = (gpu.cpu().int() - cpu.int()).abs().float()
+    assert d.mean() <= NVJPEG_MEAN_TOL and d.max() <= NVJPEG_MAX_TOL, (float(d.mean()), float(d.max()))
+
+
+@needs_cuda
+def test_decode_leaves_blocks_freed_with_pending_work_alone_on_cuda():
+    """A block freed on the current stream while a queued kernel still reads it must not become a
+    decode output: nvjpeg writes on its own stream, which waits for nothing (device_decode._decode_jpegs).
+
+    The current stream sleeps ~0.5 s, then copies ``t``; ``t`` is freed meanwhile and a decode of the
+    same size follows. Had the decode been handed t's block, the copy would read the decoded pixels.
+    """
+    arr = _smooth(np.random.default_rng(5), 48, 64)
+    data = torch.frombuffer(bytearray(_jpeg(arr)), dtype=torch.uint8)
+    item = dd.Encoded(dd.KIND_JPEG, data=data, width=64, height=48)
+    dd.decode_batch([item], "cuda")  # warm up nvjpeg (its first call allocates its own buffers)
+    torch.cuda.synchronize()
+    t = torch.full((3, 48, 64), 7, dtype=torch.uint8, device="cuda")
+    torch.cuda._sleep(1 << 30)  # the current stream is busy for a while
+    copy = t.clone()  # queued after the sleep: reads t's block later
+    del t  # free to the allocator now, still to be read by the queued clone
+    images, errors = dd.decode_batch([item], "cuda")
+    torch.cuda.synchronize()
+    assert errors == [""]
+    assert bool((copy == 7).all()), "the decode overwrote a block a queued kernel still reads"
+    ref = torch.from_numpy(np.asarray(Image.open(io.BytesIO(bytes(data.numpy()))).convert("RGB")).copy())
+    d = (images[0].cpu().int() - ref.permute(2, 0, 1).int()).abs().float()
+    assert d.mean() <= NVJPEG_MEAN_TOL
+
+
+@needs_cuda
+def test_run_distill_gpu_decode_on_cuda(tmp_path):
+    """End to end on a GPU: --decode gpu (nvjpeg, prefetched on a side stream) trains like --decode cpu."""
+    from cospress.distill import DistillConfig, run_distill
+
+    url, _ = _store(tmp_path)
+    kw = {**BASE, "device": "cuda"}
+    a = run_distill(DistillConfig(store=url, out=str(tmp_path / "cpu"), decode="cpu", **kw))
+    b = run_distill(DistillConfig(store=url, out=str(tmp_path / "gpu"), decode="gpu", **kw))
+    assert a["steps"] == b["steps"] > 0
+    la, lb = a["last"]["loss/total"], b["last"]["loss/total"]
+    assert np.isfinite(lb) and abs(la - lb) < 5e-2 * max(abs(la), 1.0)
+    assert b["best_knn_accuracy"] is not None

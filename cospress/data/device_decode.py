@@ -247,8 +247,39 @@ def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
+_DECODE_STREAMS: dict[int, Any] = {}  # CUDA device index -> the stream decoded outputs are allocated on
+
+
 def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
-    """Decode JPEG byte tensors in one call; on failure one by one (None where that fails too)."""
+    """Decode JPEG byte tensors in one call; on failure one by one (None where that fails too).
+
+    Stream safety on CUDA: torchvision allocates the outputs for the caller's current stream, then
+    nvjpeg writes them on a stream of its own that waits for nothing. A block freed on the current
+    stream while queued kernels still use it (the targets' float16 copies, the last step's
+    activations) is free to the allocator, so the decoder could overwrite it before they ran. The
+    outputs are therefore allocated on a stream that runs nothing (``_DECODE_STREAMS``); the caller's
+    stream waits for the decode and is recorded on each output (``record_stream``): a block returns
+    to that pool only once the caller is done with it
+    (``test_decode_leaves_blocks_freed_with_pending_work_alone_on_cuda`` shows the race).
+    """
+    if device.type != "cuda":
+        return _decode_jpegs_on(datas, device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _DECODE_STREAMS.get(index)
+    if stream is None:
+        stream = _DECODE_STREAMS[index] = torch.cuda.Stream(device=index)
+    consumer = torch.cuda.current_stream(index)
+    with torch.cuda.stream(stream):
+        out = _decode_jpegs_on(datas, torch.device("cuda", index))
+    consumer.wait_stream(stream)
+    for img in out:
+        if img is not None:
+            img.record_stream(consumer)
+    return out
+
+
+def _decode_jpegs_on(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """:func:`_decode_jpegs` on the current stream."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():

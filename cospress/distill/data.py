@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cospress.data.device_decode import Encoded, decode_replay, pack, worker_read
+from cospress.data.device_decode import Encoded, pack, worker_read
 from cospress.data.views import replay_view
-from cospress.errors import BadImageError, ConfigError, StoreError
+from cospress.errors import ConfigError, StoreError
 from cospress.runtime import DistContext
 
 log = logging.getLogger(__name__)
@@ -279,8 +279,8 @@ class DistillBatches(Dataset):
     "cls": f16 [n*R, Dt], "tokens": f16 [n*R, T, Dt] or None, "params": f32 [n*R, P], "rows": int64 [n],
     "step": int}; views are image-major (image i's views at i*R .. i*R+R-1).
     decode "device" (bytes mode): "images" is None and the item also holds "encoded" (an
-    :class:`~cospress.data.device_decode.EncodedBatch` of the n images); :func:`device_images`
-    decodes and replays them on the compute device.
+    :class:`~cospress.data.device_decode.EncodedBatch` of the n images);
+    :func:`cospress.distill.prefetch.device_images` decodes and replays them on the compute device.
     ``online`` (``distill.online.OnlineViews``): view params drawn fresh, not read; "cls" / "tokens"
     None, "teacher_images" the views at the teacher's size (None in bytes mode).
     """
@@ -332,26 +332,6 @@ class DistillBatches(Dataset):
             return {**out, "images": None, "encoded": pack(encoded)}
         out["teacher_images"] = torch.stack(teacher_images) if teacher_images else None
         return {**out, "images": torch.stack(images)}
-
-
-def device_images(batch: dict[str, Any], size: int, device: torch.device) -> torch.Tensor:
-    """The student inputs of a batch: uint8 [n*R, 3, S, S] on ``device``, decoded there in bytes mode.
-
-    Raises BadImageError naming the first image that cannot be decoded (as the CPU path does).
-    """
-    if batch.get("images") is not None:
-        return batch["images"].to(device, non_blocking=True)
-    enc = batch["encoded"]
-    n = len(enc)
-    params = batch["params"].reshape(n, -1, batch["params"].shape[-1])
-    images, errors = decode_replay(enc, list(params), size, device)
-    bad = [(i, e) for i, e in enumerate(errors) if e]
-    if bad:
-        i, reason = bad[0]
-        raise BadImageError(
-            f"{reason} (store row {int(batch['rows'][i])}); remove it and re-extract the store"
-        )
-    return images
 
 
 class StepSampler(torch.utils.data.Sampler):

@@ -27,6 +27,7 @@ from cospress.runtime import autocast
 __all__ = [
     "DistillModel",
     "Schedule",
+    "compile_student",
     "compute_losses",
     "fit_compressor",
     "lr_at",
@@ -63,8 +64,11 @@ class DistillModel(nn.Module):
             self.head = nn.Sequential(nn.LayerNorm(ds), nn.Linear(ds, dt))
 
     def forward(self, images: torch.Tensor, teacher: Features) -> tuple[Features, Features]:
+        student = self.__dict__.get("compiled_student")  # set by compile_student (training only)
+        if student is None:
+            student = self.student
         with autocast(images.device, self.amp_dtype):
-            s = self.student(images)
+            s = student(images)
         s = s.float()
         if self.method == "cospress":
             frozen = not any(p.requires_grad for p in self.compressor.parameters())
@@ -72,6 +76,17 @@ class DistillModel(nn.Module):
                 z = self.compressor(teacher)
             return s, z
         return s, Features(cls=self.head(s.cls), tokens=self.head(s.tokens))
+
+
+def compile_student(model: DistillModel, backend: Any = "inductor") -> None:
+    """Train ``model`` with a ``torch.compile``d student; ``model.student`` itself stays plain.
+
+    The compiled student is kept outside the module tree (``model.compiled_student``, not a
+    submodule): parameter names and checkpoints stay unwrapped (no ``_orig_mod.``), and validation,
+    which embeds other batch sizes in eval mode under no_grad, runs the plain student instead of
+    recompiling it for each of those (tests/test_distill_compile.py counts the compilations).
+    """
+    model.__dict__["compiled_student"] = torch.compile(model.student, backend=backend)
 
 
 def compute_losses(

@@ -39,12 +39,12 @@ from cospress.distill.data import (
     TrainData,
     _Lazy,
     check_batch,
-    device_images,
     epoch_loader,
     key_index,
     split_rows,
 )
-from cospress.distill.model import DistillModel, Schedule, make_optimizer, teacher_features, train_step
+from cospress.distill.model import DistillModel, Schedule, compile_student, make_optimizer, train_step
+from cospress.distill.prefetch import prefetch, prepare_batch
 from cospress.distill.state import (
     MetricsLog,
     RunState,
@@ -85,7 +85,7 @@ def train(
     log.info("image decode: %s (%s)", decode, device)
     # set-up data
     data = open_train_data(cfg, ctx.world, device)
-    targets = data.online.features if data.online else teacher_features  # online teacher or the store
+    prep = functools.partial(prepare_batch, size=cfg.student_size, device=device, targets=not data.online)
     schedule = Schedule.for_run(cfg, data.steps_per_epoch)
     # set-up model (the same init on every rank; then seed + rank, so drop-path masks differ per rank)
     model = build_model(cfg, data, device, rank=ctx.rank)
@@ -109,12 +109,11 @@ def train(
         while at.epoch < cfg.epochs:
             plan, loader = epoch_loader(data, cfg, ctx, at.epoch, at.position, decode)
             t0 = time.perf_counter()
-            for batch in loader:
-                t_data = time.perf_counter() - t0
+            for ready in prefetch(loader, prep, device):  # k+1 is decoded + sent up while k trains
+                batch, t_data = ready.batch, time.perf_counter() - t0
                 lr = schedule(at.step)
-                images = device_images(batch, cfg.student_size, device)
-                teacher = targets(batch, device)
-                losses = train_step(dmodel, opt, images, teacher, lr, cfg, data.use_tokens, grids)
+                teacher = data.online.features(batch, device) if ready.teacher is None else ready.teacher
+                losses = train_step(dmodel, opt, ready.images, teacher, lr, cfg, data.use_tokens, grids)
                 at.step, at.position = at.step + 1, int(batch["step"]) + 1
                 views_done += cfg.batch_size
                 metrics.add_train(train_row(at, lr, cfg.batch_size, t_data, time.perf_counter() - t0), losses)
@@ -186,6 +185,7 @@ def open_train_data(cfg: DistillConfig, world: int, device: torch.device | None 
 
     Online mode (``cfg.teacher``): the source of ``--data`` and the teacher (on ``device``) instead.
     """
+    from cospress.data.policy import stored_policy
     from cospress.data.sources import open_source
     from cospress.store.reader import StoreReader
 
@@ -194,6 +194,7 @@ def open_train_data(cfg: DistillConfig, world: int, device: torch.device | None 
 
     reader = StoreReader(cfg.store, cache_dir=cfg.cache_dir)
     reader.check_identity(expect_teacher=cfg.expect_teacher)
+    stored_policy(reader.manifest.get("view_policy"), reader.num_params, reader.display)  # replayable?
     spec = cfg.data or (reader.manifest.get("source") or {}).get("spec")
     if not spec:
         raise ConfigError(
@@ -306,8 +307,8 @@ def build_model(cfg: DistillConfig, data: TrainData, device: torch.device, rank:
     if kernel != "n/a":
         log.info("student attention: %s (--attention %s)", kernel, cfg.attention)
     if cfg.compile:
-        student.compile()  # in place: parameter names (and checkpoints) stay unwrapped
-        log.info("the student is compiled with torch.compile (the first steps are slow)")
+        compile_student(model)  # training only: validation runs the plain module (no recompiles)
+        log.info("the student is compiled with torch.compile for training (the first steps are slow)")
     if data.use_tokens and tuple(student.grid) != data.grid_t:
         log.info(
             "teacher grid %s, student grid %s: the local term runs on the teacher's grid, the token target "
