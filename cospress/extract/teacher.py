@@ -40,18 +40,64 @@ class TeacherPass:
 
 def _features(
     teacher: Any, images: list[torch.Tensor], tokens: bool, device: torch.device, amp: torch.dtype | None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The teacher's float16 cls [n, V, D] and tokens [n, V, T, D] (None unless ``tokens``) of
-    n images' views, each uint8 [V, 3, S, S]."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's float16 cls [n, V, D] and tokens [n, V, T, D] (None unless ``tokens``) of n
+    images' views, each uint8 [V, 3, S, S], on ``device`` (the host copy is :class:`HostCopies`'s)."""
     n, v = len(images), len(images[0])
     x = torch.cat(images).to(device, non_blocking=True)
     with torch.inference_mode(), autocast(device, amp):
         feats = teacher(x)
-    cls = feats.cls.to(torch.float16).reshape(n, v, -1).cpu().numpy()
+    cls = feats.cls.to(torch.float16).reshape(n, v, -1)
     if not tokens:
         return cls, None
-    tok = feats.tokens.to(torch.float16).reshape(n, v, teacher.num_tokens, -1)
-    return cls, tok.cpu().numpy()
+    return cls, feats.tokens.to(torch.float16).reshape(n, v, teacher.num_tokens, -1)
+
+
+class HostCopies:
+    """Device-to-host copies of a batch's features into double-buffered pinned memory (CUDA).
+
+    ``start(tensors)`` queues the copies of batch k on a copy stream (after the teacher's work on
+    them) into pinned slot k % 2 and returns at once; ``wait(handle)`` blocks until they are done and
+    gives numpy views of the slot. The runner waits for batch k only after batch k+1's teacher forward
+    is queued, so the ~100 MB of tokens per batch come back while the GPU computes the next batch
+    (a pageable ``.cpu()`` waits for the whole stream, then copies at pageable speed). A slot is
+    written again two batches later, after its numbers were copied into the shard buffer.
+    On a CPU there is nothing to copy: ``start`` returns the tensors' numpy views (the same bytes
+    as before: tests/test_golden_store.py).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device=device) if self.cuda else None
+        self.slots: list[dict[int, torch.Tensor]] = [{}, {}]  # pinned, by position in ``tensors``
+        self.count = 0
+
+    def start(self, tensors: list[torch.Tensor | None]) -> Any:
+        if not self.cuda:
+            return [None if t is None else t.numpy() for t in tensors]
+        slot = self.slots[self.count % 2]
+        self.count += 1
+        self.stream.wait_stream(torch.cuda.current_stream(tensors[0].device))
+        out = []
+        with torch.cuda.stream(self.stream):
+            for j, t in enumerate(tensors):
+                if t is None:
+                    out.append(None)
+                    continue
+                if j not in slot or slot[j].numel() < t.numel() or slot[j].dtype != t.dtype:
+                    slot[j] = torch.empty(t.numel(), dtype=t.dtype, pin_memory=True)
+                host = slot[j][: t.numel()].view(t.shape)
+                host.copy_(t, non_blocking=True)
+                out.append(host)
+        # the device tensors stay referenced by the handle until the copies are done
+        return out, list(tensors), self.stream.record_event()
+
+    def wait(self, handle: Any) -> list[np.ndarray | None]:
+        if not self.cuda:
+            return handle
+        out, _, event = handle
+        event.synchronize()
+        return [None if t is None else t.numpy() for t in out]
 
 
 def _fill(buf: ShardBuffer, items: list[dict], cls: np.ndarray | None, tok: np.ndarray | None) -> int:
@@ -84,23 +130,44 @@ def run_teacher(
 ) -> TeacherPass:
     """Run the teacher over ``batches`` (of `ViewDataset` items, one shard each) into ``sink``.
 
-    ``progress(done_images)`` is called after every batch.
+    Batch k's features are copied back (:class:`HostCopies`) and written into its shard's buffer
+    once batch k+1's teacher forward is queued. ``progress(done_images)`` is called after every batch.
     """
-    res = TeacherPass()
+    res, copies, pending = TeacherPass(), HostCopies(device), None
     t0 = time.perf_counter()
     for items in batches:
         res.reading += time.perf_counter() - t0
-        shard = items[0]["row"] // cfg.shard_size
-        buf = sink.buffer(shard)
         decode_view_items(items, teacher.input_size, device)  # bytes mode: decode + replay here
         good = [it["images"] for it in items if it["images"] is not None]
         t1 = time.perf_counter()
-        cls, tok = _features(teacher, good, cfg.tokens, device, amp) if good else (None, None)
+        feats = _features(teacher, good, cfg.tokens, device, amp) if good else None
+        handle = copies.start(list(feats)) if feats is not None else None
         res.teacher += time.perf_counter() - t1
-        res.skipped += _fill(buf, items, cls, tok)
-        sink.filled(shard, len(items))
-        res.done += len(items)
-        if progress is not None:
-            progress(res.done)
+        if pending is not None:
+            _finish(pending, copies, sink, cfg, res, progress)
+        pending = (items, handle)
         t0 = time.perf_counter()
+    if pending is not None:
+        _finish(pending, copies, sink, cfg, res, progress)
     return res
+
+
+def _finish(
+    pending: tuple[list[dict], Any],
+    copies: HostCopies,
+    sink: ShardSink,
+    cfg: ExtractConfig,
+    res: TeacherPass,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Wait for a batch's host copies, write its rows into its shard's buffer, count it."""
+    items, handle = pending
+    t1 = time.perf_counter()
+    cls, tok = copies.wait(handle) if handle is not None else (None, None)
+    res.teacher += time.perf_counter() - t1
+    shard = items[0]["row"] // cfg.shard_size
+    res.skipped += _fill(sink.buffer(shard), items, cls, tok)
+    sink.filled(shard, len(items))
+    res.done += len(items)
+    if progress is not None:
+        progress(res.done)
