@@ -58,6 +58,8 @@ def test_big_images_are_groups_of_their_own(monkeypatch):
     )
     groups = rz._groups(imgs)
     assert len(groups) > 1 and sorted(b for g in groups for v in g for b in v) == list(range(10))
+    big = [g for g in groups if any(imgs[v[0]].shape[1] * imgs[v[0]].shape[2] > 1600 for v in g)]
+    assert all(len(g) == 1 for g in big)  # each big image is a group of its own
     ps = torch.from_numpy(
         np.stack(
             [sample_view_params(FULL, 0, f"k{i}", 0, im.shape[2], im.shape[1]) for i, im in enumerate(imgs)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -224,6 +225,15 @@ def test_a_version_2_store_distills_end_to_end(tiny, tmp_path):
         "distill", "--store", str(store), "--rand-augment", RA, "--out", str(tmp_path / "x"), check=False
     )
     assert "apply to online mode" in error_line(bad)
+    # a store of a policy version this code does not know is refused in one line, before any replay
+    newer = tmp_path / "newer"
+    shutil.copytree(store, newer)
+    (mpath,) = [p for p in newer.rglob("manifest.json")]
+    m = json.loads(mpath.read_text())
+    m["view_policy"]["version"] = 3
+    mpath.write_text(json.dumps(m))
+    bad = run_cli("distill", "--store", str(newer), "--out", str(tmp_path / "y"), *COMMON[:-1], check=False)
+    assert "view policy version 3 is unknown" in error_line(bad)
 
 
 def test_online_distill_with_randaugment_and_erasing(tiny, tmp_path):

@@ -169,3 +169,19 @@ class ViewPolicy:
     def fingerprint(self) -> str:
         """sha256 of :meth:`to_dict` (sorted keys): equal policies have equal fingerprints."""
         return sha256_json(self.to_dict())
+
+
+def stored_policy(view_policy: dict | None, num_params: int, where: str = "the store") -> ViewPolicy:
+    """The policy a store recorded, checked against its P; a one-line ConfigError for a version this
+    code does not know (a newer cospress wrote it) or a P that is not the policy's."""
+    try:
+        policy = ViewPolicy.from_dict(dict(view_policy or {}))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if policy.num_params != num_params:
+        raise ConfigError(
+            f"{where} records {num_params} view params per view, its view policy version "
+            f"{policy.version} has {policy.num_params}: the store is damaged or from another tool"
+        )
+    return policy
+

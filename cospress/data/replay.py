@@ -93,8 +93,8 @@ def replay_view(
         x = resize(x[None], size)[0]
     if p[IDX["flip"]] > 0.5:
         x = TF.horizontal_flip(x)
-    row = torch.tensor(p, dtype=torch.float32)[None]
     if version == 2:
+        row = torch.tensor(p, dtype=torch.float32)[None]
         x = apply_rand_augment(x[None], row[:, _RA0:])[0]
     x = _colour_single(x, p, size)
     if version == 2:
