@@ -82,8 +82,9 @@ def prefetch(
     device: torch.device,
     ahead: int | None = None,
 ) -> Iterator[Ready]:
-    """``prepare(batch)`` of every batch of ``loader``, in order, ``ahead`` batches (default :data:`AHEAD`)
-    prepared in a thread while the caller trains on the current one."""
+    """``prepare(batch)`` of every batch of ``loader``, in order, prepared in a thread while the caller
+    trains on the current one: up to ``ahead`` (default :data:`AHEAD`) wait ready in a queue while the
+    thread prepares the next. ``ahead`` 0: each batch is prepared in the caller's thread when asked for."""
     ahead = AHEAD if ahead is None else int(ahead)
     if ahead <= 0:
         for batch in loader:
