@@ -137,5 +137,6 @@ def test_prefetch_on_cuda_equals_preparing_in_turn(tmp_path):
     for a, b in zip(threaded, inline, strict=True):
         x = a.images.float().mean() + a.teacher.cls.sum()  # used on the training stream
         assert torch.isfinite(x)
-        assert torch.equal(a.images, b.images)
+        # cuBLAS on two streams need not be bitwise reproducible (the resize is a matmul): 1 grey level
+        assert int((a.images.int() - b.images.int()).abs().max()) <= 1
         assert torch.equal(a.teacher.cls, b.teacher.cls) and torch.equal(a.teacher.tokens, b.teacher.tokens)
