@@ -52,8 +52,9 @@ WARMUP_STEPS = 2  # steps of every phase left out of its median
 
 def make_store(path: Path, a: argparse.Namespace, teacher: dict) -> str:
     from cospress.extract import ExtractConfig, run_extract
+    from cospress.store import is_complete
 
-    if not (path / "manifest.json").exists():
+    if not is_complete(path):
         cfg = ExtractConfig(
             data="fashion-mnist:train", teacher=teacher["name"], weights=teacher["weights"],
             image_size=teacher["size"], views=a.views, limit=a.images, workers=a.workers,

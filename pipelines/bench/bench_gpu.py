@@ -415,7 +415,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         skipped["loss_fused"] = "the fused Triton kernel runs on CUDA only"
     store = work / "store_cpu"
-    if (store / "manifest.json").is_file():
+    from cospress.store import is_complete
+
+    if is_complete(store):
         section("distill_cpu", bench_distill, cfg, device, store, work / "run_cpu", "cpu", False)
         section("distill_gpu", bench_distill, cfg, device, store, work / "run_gpu", gpu_decode, False)
         if cfg["compile"]:

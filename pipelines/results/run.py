@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from cospress import checkpoint
+from cospress.store import is_complete
 
 METHODS = {
     "cospress": ["--method", "cospress"],
@@ -99,7 +100,7 @@ def main() -> None:
     cfg.write_text(EVAL_YAML)
     t0 = time.time()
     store = out / "store"
-    if not (store / "manifest.json").exists():
+    if not is_complete(store):
         cli(
             "extract-teacher",
             "--data",
