@@ -257,3 +257,29 @@ def test_online_distill_with_randaugment_and_erasing(tiny, tmp_path):
     )  # fmt: skip
     line = error_line(bad)
     assert "section 'q1' is unknown" in line and "rand-m9-n2-mstd0.5-inc1" in line
+
+
+def test_bytes_mode_decode_replay_with_randaugment_and_erasing(tiny):
+    """The device path (decode + batched replay, here on CPU tensors) replays version 2 views as the
+    per-image CPU path does: >= 99.5% of the pixels within 1 grey level."""
+    from cospress.data import device_decode as dd
+    from cospress.data.sources import open_source
+
+    images, _ = tiny
+    src = open_source(f"folder:{images}")
+    items = [dd.read_encoded(src, i) for i in range(len(src))]
+    keys = src.keys()
+    params = [
+        np.stack([sample_view_params(V2, 4, keys[i], v, it.width, it.height) for v in range(3)])
+        for i, it in enumerate(items)
+    ]
+    want = torch.stack([replay_view(src.load(i).image, p, 28) for i, ps in enumerate(params) for p in ps])
+    decoded, _ = dd.decode_batch(dd.pack(items), "cpu")
+    refs = [img for img, p in zip(decoded, params, strict=True) for _ in range(len(p))]
+    for batched in (False, True):  # decode_replay's default on the CPU; the matmul crop + resize of a GPU
+        if batched:
+            got = replay_views_batch(refs, np.concatenate(params), 28, batched=True)
+        else:
+            got = dd.decode_replay(dd.pack(items), params, 28, "cpu")[0]
+        diff = (got.int() - want.int()).abs()
+        assert (diff <= 1).float().mean() >= 0.995, (batched, int(diff.max()))
