@@ -228,9 +228,9 @@ def test_a_version_2_store_distills_end_to_end(tiny, tmp_path):
     # a store of a policy version this code does not know is refused in one line, before any replay
     newer = tmp_path / "newer"
     shutil.copytree(store, newer)
-    (mpath,) = [p for p in newer.rglob("manifest.json")]
+    mpath = newer / "cospress" / "manifest" / "zarr.json"  # the manifest record (a Zarr group node)
     m = json.loads(mpath.read_text())
-    m["view_policy"]["version"] = 3
+    m["attributes"]["view_policy"]["version"] = 3
     mpath.write_text(json.dumps(m))
     bad = run_cli("distill", "--store", str(newer), "--out", str(tmp_path / "y"), *COMMON[:-1], check=False)
     assert "view policy version 3 is unknown" in error_line(bad)
