@@ -311,3 +311,26 @@ def test_int8_extraction_resumes_and_refuses_fp16(images, weights, tmp_path):
     assert "dtypes" not in error_line(proc)  # the codec is named once
     run_cli(*_extract_args(images, weights, store, "--token-codec", "int8"))  # a rerun: nothing to do
     assert StoreReader(store).manifest["shards"] == m["shards"]
+
+
+def test_zarr_lists_every_store_without_a_warning(tmp_path):
+    """Schema 2.0: the records are Zarr group nodes, so zarr-python lists the store (deeply) without
+    its 'not recognized as a component of a Zarr hierarchy' warning, for every codec."""
+    import warnings
+
+    import zarr
+
+    data = make_rows(6)
+    t, d = data["tokens"].shape[2:]
+    proj = fit_projection(data["tokens"].astype(np.float32).reshape(-1, t, d), 4, 0.9)[0]
+    for codec in ("fp16", "int8", "pca"):
+        write_store(tmp_path / codec, codec, data, shard=4, projection=proj if codec == "pca" else None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            g = zarr.open_group(str(tmp_path / codec), mode="r")
+            names = {name for name, _ in g.members(max_depth=None)}
+        assert {"cls", "tokens", "cospress/manifest", "cospress/identity"} <= names
+        assert g["cospress/manifest"].attrs["schema_version"] == "2.0"
+        assert ("token_scale" in names) == (codec != "fp16") and ("token_projection/basis" in names) == (
+            codec == "pca"
+        )

@@ -297,14 +297,14 @@ def test_refuses_bad_stores_and_mismatches(store, tmp_path):
         run_distill(tiny_cfg(url, tmp_path / "a", expect_teacher="another-teacher"))
     broken = tmp_path / "nomanifest"
     shutil.copytree(url, broken)
-    (broken / "manifest.json").unlink()
+    (broken / mf.MANIFEST_FILE).unlink()
     with pytest.raises(StoreError, match="manifest"):
         run_distill(tiny_cfg(str(broken), tmp_path / "b"))
     future = tmp_path / "future"
     shutil.copytree(url, future)
-    m = json.loads((future / "manifest.json").read_text())
-    m["schema_version"] = "9.0"
-    (future / "manifest.json").write_text(json.dumps(m))
+    record = json.loads((future / mf.MANIFEST_FILE).read_text())  # a Zarr group node: the manifest in attributes
+    record["attributes"]["schema_version"] = "9.0"
+    (future / mf.MANIFEST_FILE).write_text(json.dumps(record))
     with pytest.raises(StoreError, match="schema version"):
         run_distill(tiny_cfg(str(future), tmp_path / "c"))
     other = make_images(tmp_path / "other", 4)

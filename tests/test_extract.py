@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,7 +16,11 @@ import torch
 import zarr
 from PIL import Image
 
+from cospress.store import StoreReader
+from cospress.store import manifest as mf
+from cospress.store.records import read_record
 from tests.helpers import cli_env, make_image_folder, make_tiny_teacher_weights, run_cli, torchrun_cli
+from tests.store_helpers import to_legacy
 
 ARRAYS = ("cls", "tokens", "views", "labels", "valid", "keys")
 
@@ -79,7 +82,7 @@ def reference_store(tmp_path_factory, images, weights) -> Path:
 
 
 def test_store_complete_and_verifies(reference_store):
-    manifest = json.loads((reference_store / "manifest.json").read_text())
+    manifest = read_record(reference_store, mf.MANIFEST_FILE)
     assert manifest["skipped"] == []
     g = zarr.open_group(str(reference_store), mode="r")
     assert g["cls"].shape == (24, 3, 64)
@@ -123,7 +126,7 @@ def test_rerun_is_a_noop_and_mismatch_is_refused(reference_store, images, weight
     assert "seed" in proc.stderr and "--overwrite" in proc.stderr
     assert "Traceback" not in proc.stderr
     run_cli(*_args(images, weights, out, "--seed", "1", "--overwrite"))
-    assert json.loads((out / "manifest.json").read_text())["seed"] == 1
+    assert read_record(out, mf.MANIFEST_FILE)["seed"] == 1
 
 
 def test_resume_with_another_decode_is_refused_and_old_stores_still_append(
@@ -133,19 +136,15 @@ def test_resume_with_another_decode_is_refused_and_old_stores_still_append(
     one store and is refused; a store written before it was recorded still resumes, verifies and appends."""
     out = tmp_path / "store"
     shutil.copytree(reference_store, out)
-    assert json.loads((out / "cospress-store.json").read_text())["decode"] == "cpu"
-    (out / "manifest.json").unlink()  # an unfinished store: its last shard not committed
-    (out / "commits" / "shard-000004.json").unlink()
+    assert read_record(out, mf.IDENTITY_FILE)["decode"] == "cpu"
+    (out / mf.MANIFEST_FILE).unlink()  # an unfinished store: its last shard not committed
+    (out / mf.commit_key(4)).unlink()
     proc = run_cli(*_args(images, weights, out, "--decode", "device"), check=False)
     assert proc.returncode == 2 and "decode path (store: cpu, this run: device:cpu)" in proc.stderr
     run_cli(*_args(images, weights, out, "--decode", "cpu"))
     _assert_same(_arrays(reference_store), _arrays(out))
-    # as a schema 1.2 store: no decode in the identity, no metadata fields in the manifest
-    for name in ("cospress-store.json", "manifest.json"):
-        doc = json.loads((out / name).read_text())
-        for key in ("decode", "metadata_sha256", "arrays"):
-            doc.pop(key, None)
-        (out / name).write_text(json.dumps({**doc, "schema_version": "1.2"}, indent=2))
+    # as a schema 1.2 store: records as root files, no decode in the identity, no metadata fields
+    to_legacy(out, "1.2", lambda doc: [doc.pop(key, None) for key in ("decode", "metadata_sha256", "arrays", "token_codec")])
     assert run_cli("verify", str(out)).returncode == 0
     data = tmp_path / "data"
     shutil.copytree(images, data)
@@ -153,7 +152,7 @@ def test_resume_with_another_decode_is_refused_and_old_stores_still_append(
     shutil.copy(next((data / "class_0").glob("*.png")), data / "class_3" / "new.png")
     args = _args(data, weights, out, "--append", "--decode", "cpu")
     run_cli(*args)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = StoreReader(out).manifest
     assert (
         manifest["decode"] == "cpu" and manifest["keys_sha256"] and "class_3/new.png" in _arrays(out)["keys"]
     )
@@ -161,7 +160,7 @@ def test_resume_with_another_decode_is_refused_and_old_stores_still_append(
 
 
 def _commits(store: Path) -> int:
-    return len(list((store / "commits").glob("*.json"))) if (store / "commits").exists() else 0
+    return len(list((store / mf.COMMITS_DIR).glob("shard-*/zarr.json")))
 
 
 def test_sigkill_then_rerun_is_bitwise_identical(reference_store, images, weights, tmp_path):
@@ -173,7 +172,7 @@ def test_sigkill_then_rerun_is_bitwise_identical(reference_store, images, weight
         proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
-            ready = (out / "cospress-store.json").exists() if target == 0 else _commits(out) >= target
+            ready = (out / mf.IDENTITY_FILE).exists() if target == 0 else _commits(out) >= target
             if ready:
                 break
             time.sleep(0.01)
@@ -181,7 +180,7 @@ def test_sigkill_then_rerun_is_bitwise_identical(reference_store, images, weight
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()
-        assert not (out / "manifest.json").exists() or proc.returncode == 0
+        assert not (out / mf.MANIFEST_FILE).exists() or proc.returncode == 0
     assert kills >= 2, "the runs finished before they could be killed"
     assert _commits(out) < 5
     run_cli(*_args(images, weights, out))
@@ -195,7 +194,7 @@ def test_two_ranks_equal_one_process(reference_store, images, weights, tmp_path)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same(_arrays(reference_store), _arrays(out))
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_record(out, mf.MANIFEST_FILE)
     assert len(manifest["shards"]) == 5
 
 
@@ -210,7 +209,7 @@ def test_bad_inputs_are_skipped_and_recorded(images, weights, tmp_path):
     Image.new("L", (1200, 1000)).save(bad / "bomb.png")  # over the --max-pixels limit below
     out = tmp_path / "store"
     proc = run_cli(*_args(data, weights, out, "--max-pixels", "500000"))
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_record(out, mf.MANIFEST_FILE)
     reasons = {s["key"]: s["reason"] for s in manifest["skipped"]}
     assert set(reasons) == {
         "class_0/zero.png",

@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 
 from cospress.errors import StoreError  # noqa: E402
 from cospress.store import StoreReader  # noqa: E402
+from cospress.store import manifest as mf  # noqa: E402
 from tests.helpers import (  # noqa: E402
     assert_same_losses,
     distill_train_losses,
@@ -145,9 +146,9 @@ def test_verify_over_http_finds_a_flipped_byte_and_refuses_a_partial_upload(stor
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     text = " ".join(proc.stderr.split())
     assert "corrupted shard 2 array tokens" in text and "verify failed: 1 corrupted" in text
-    (copy / "manifest.json").unlink()  # as if the upload stopped before its last file
+    (copy / mf.MANIFEST_FILE).unlink()  # as if the upload stopped before its last file
     line = error_line(run_cli("verify", f"{base}/flipped", check=False))
-    assert "has no manifest.json" in line and "finish the upload" in line
+    assert "has no manifest" in line and "finish the upload" in line
 
 
 def test_server_without_ranges_is_a_clear_cli_error_without_credentials(store):
@@ -194,3 +195,32 @@ def test_distill_over_http_equals_local(store, images, tmp_path):
     b = distill_train_losses(url, tmp_path / "http", images, str(tmp_path / "cache"))
     assert any((tmp_path / "cache").rglob("cls/c/*/0/0"))  # the targets came over HTTP, via the cache
     assert_same_losses(a, b)
+
+
+def test_codec_and_legacy_stores_over_http_equal_local(store, images, served, tmp_path):
+    """int8 and pca stores decode over HTTP as locally (the projection read by byte range too); a
+    store of the pre-2.0 layout (records as root files) reads and verifies over HTTP."""
+    from tests.store_helpers import to_legacy
+
+    root, base = served
+    weights = make_tiny_teacher_weights(tmp_path / "t.safetensors", img_size=32)
+    rows = np.random.default_rng(1).permutation(16)
+    views = np.tile([[2, 0]], (16, 1))
+    for name in ("int8", "pca:8"):
+        local = extract_tiny_store(images, weights, root / name.replace(":", "-"), token_codec=name)
+        a, b = StoreReader(local), StoreReader(f"{base}/{local.name}", cache_dir=str(tmp_path / "cache"))
+        assert b.manifest["token_codec"] == a.manifest["token_codec"] and b.verify() == []
+        np.testing.assert_array_equal(
+            b.read_rows(rows, views=views)["tokens"], a.read_rows(rows, views=views)["tokens"]
+        )
+        np.testing.assert_array_equal(
+            b.read_rows(rows, raw=True)["token_scale"], a.read_rows(rows, raw=True)["token_scale"]
+        )
+    legacy = root / "legacy"
+    shutil.copytree(store[0], legacy)
+    to_legacy(legacy, "1.3")
+    r = StoreReader(f"{base}/legacy")
+    assert r.manifest["schema_version"] == "1.3" and r.verify() == []
+    np.testing.assert_array_equal(
+        r.read_rows(rows)["tokens"], StoreReader(store[0]).read_rows(rows)["tokens"]
+    )

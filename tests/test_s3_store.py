@@ -114,7 +114,7 @@ def test_publish_then_every_reading_command_reads_s3(published, store, images, w
 def test_publish_refuses_an_incomplete_store_and_another_store(s3, store, images, weights, tmp_path):
     partial = Path(shutil.copytree(store, tmp_path / "partial"))
     (partial / mf.MANIFEST_FILE).unlink()
-    assert "has no manifest.json" in error_line(run_cli("publish", str(partial), URL + "-p", check=False))
+    assert "has no manifest" in error_line(run_cli("publish", str(partial), URL + "-p", check=False))
     other = helpers.extract_tiny_store(images, weights, tmp_path / "other", seed=1)  # another store
     url = "s3://bucket/stores/y"
     publish_store(store, url)
@@ -137,7 +137,7 @@ def test_a_killed_publish_is_refused_by_readers_and_a_rerun_finishes_it(s3, stor
     assert run_cli("publish", str(store), url, check=False).returncode == -9  # SIGKILL after 5 files
     there = [p.removeprefix(root + "/") for p in s3.find(root)]
     assert len(there) == 5 and mf.IDENTITY_FILE in there and mf.MANIFEST_FILE not in there
-    assert "has no manifest.json" in error_line(run_cli("inspect", url, check=False))
+    assert "has no manifest" in error_line(run_cli("inspect", url, check=False))
     monkeypatch.delenv(KILL_AFTER_ENV)
     info = publish_store(store, url)
     assert info["already_there"] == 5 and info["sent"] == info["files"] - 5
@@ -149,7 +149,7 @@ def test_a_killed_publish_is_refused_by_readers_and_a_rerun_finishes_it(s3, stor
     s3.pipe_file(shard, bytes(raw))
     monkeypatch.setenv(KILL_AFTER_ENV, "0")
     assert run_cli("publish", str(store), url, check=False).returncode == -9
-    assert "has no manifest.json" in error_line(run_cli("verify", url, check=False))
+    assert "has no manifest" in error_line(run_cli("verify", url, check=False))
     monkeypatch.delenv(KILL_AFTER_ENV)
     info = publish_store(store, url)
     assert info["sent"] == 2 and info["already_there"] == info["files"] - 2  # the shard, the manifest
@@ -165,7 +165,7 @@ def test_a_reader_during_a_publish_never_sees_a_partial_store(s3, store, images,
         try:  # a reader of its own, without listings cache: it sees what the server holds
             reader = StoreReader(url, storage_options={"use_listings_cache": False})
         except StoreError as e:
-            assert "has no manifest.json" in str(e)
+            assert "has no manifest" in str(e)
             seen.append(0)
             return
         if reader.manifest["created"] + str(reader.num_rows) not in verified:  # each version, when first seen

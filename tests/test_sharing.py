@@ -22,9 +22,11 @@ from cospress.store import SCHEMA_VERSION, StoreLayout, StoreReader, StoreWriter
 from cospress.store import manifest as mf  # noqa: E402
 from cospress.store.append import open_append, plan_append  # noqa: E402
 from cospress.store.merge import merge_stores  # noqa: E402
+from cospress.store.records import LEGACY, read_record  # noqa: E402
 from cospress.store.wds_io import SIDECAR, decode_key, encode_key, export_wds, import_wds  # noqa: E402
 from cospress.utils import keys_sha256, sha256_json  # noqa: E402
 from tests.helpers import cli_env, make_image_folder, make_tiny_teacher_weights, run_cli  # noqa: E402
+from tests.store_helpers import to_legacy  # noqa: E402
 
 V, D, T, P = 3, 8, 4, 5
 
@@ -200,17 +202,19 @@ def test_append_keeps_old_readers_and_hides_unpublished_shards(tmp_path):
 
 def test_schema_1_1_store_with_old_source_hash_reads_verifies_and_appends(tmp_path):
     """Stores of schema 1.1 hash their source's keys as JSON (`sha256_json`); they still read,
-    verify and take an append, which writes a 1.2 identity and keeps the old source as a part."""
+    verify and take an append, which keeps the store's (legacy) layout, writes a 1.4 identity and keeps
+    the old source as a part."""
     s = tmp_path / "s"
     old = make_store(s, "teamA", 6, 4, seed=8)
     old_hash = sha256_json(old["keys"])
-    for name in (mf.IDENTITY_FILE, mf.MANIFEST_FILE):
-        doc = json.loads((s / name).read_text())
-        doc["schema_version"] = "1.1"
+
+    def as_1_1(doc: dict) -> None:
         doc["source"] = {**doc["source"], "keys_sha256": old_hash}
-        for newer in ("metadata_sha256", "arrays"):  # schema 1.3 fields: a 1.1 store has none
+        for newer in ("metadata_sha256", "arrays", "token_codec"):  # a 1.1 store has none of them
             doc.pop(newer, None)
-        (s / name).write_text(json.dumps(doc, indent=2) + "\n")
+
+    to_legacy(s, "1.1", as_1_1)
+    assert (s / "manifest.json").is_file() and not (s / "cospress").exists()
     r = StoreReader(s)
     assert r.manifest["schema_version"] == "1.1" and r.verify() == []
     assert_rows_equal(r.read_rows(np.arange(6)), old)
@@ -220,7 +224,8 @@ def test_schema_1_1_store_with_old_source_hash_reads_verifies_and_appends(tmp_pa
     w = open_append(plan)
     _write(w, 2, new, 0, 3)
     m = w.finalize()
-    assert m["schema_version"] == SCHEMA_VERSION != "1.1"
+    assert m["schema_version"] == LEGACY.schema_version != SCHEMA_VERSION
+    assert (s / LEGACY.commit(2)).is_file() and not (s / "cospress").exists()  # the store's own layout
     assert m["source"]["parts"][0]["keys_sha256"] == old_hash
     assert m["source"]["keys_sha256"] == keys_sha256(old["keys"] + new["keys"])
     after = StoreReader(s)
@@ -413,7 +418,7 @@ def test_import_refuses_unsafe_tar_members(tmp_path, name, kind, match):
     (tmp_path / "w" / SIDECAR).write_text(json.dumps(side))
     with pytest.raises(StoreError, match=match):
         import_wds(tmp_path / "w", tmp_path / "t")
-    assert not (tmp_path / "evil.cls.npy").exists() and not (tmp_path / "t" / "manifest.json").exists()
+    assert not (tmp_path / "evil.cls.npy").exists() and not (tmp_path / "t" / mf.MANIFEST_FILE).exists()
 
 
 def test_import_refuses_pickles_tampering_and_bad_sidecars(tmp_path):
@@ -524,9 +529,9 @@ def test_partial_store_and_malformed_manifest_are_one_line_errors(tmp_path):
     make_store(tmp_path / "s", "team", 5, 2, seed=13)
     partial = tmp_path / "partial"
     shutil.copytree(tmp_path / "s", partial)
-    (partial / "manifest.json").unlink()  # an upload cut short: the manifest goes last
-    _one_line_error(run_cli("verify", str(partial), check=False), "has no manifest.json", "finish the upload")
-    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    (partial / mf.MANIFEST_FILE).unlink()  # an upload cut short: the manifest goes last
+    _one_line_error(run_cli("verify", str(partial), check=False), "has no manifest", "finish the upload")
+    m = read_record(tmp_path / "s", mf.MANIFEST_FILE)
     cases = [
         ({k: v for k, v in m.items() if k != "shards"}, "required key 'shards' is missing"),
         ({**m, "num_rows": "5"}, "'num_rows' must be integer"),
@@ -536,7 +541,9 @@ def test_partial_store_and_malformed_manifest_are_one_line_errors(tmp_path):
         ([1, 2], "not a JSON object"),
     ]
     for doc, match in cases:
-        (partial / "manifest.json").write_text(json.dumps(doc))
+        (partial / mf.MANIFEST_FILE).write_text(
+            json.dumps({"zarr_format": 3, "node_type": "group", "attributes": doc})
+        )
         with pytest.raises(StoreError, match=match) as e:
             StoreReader(partial)
         assert "\n" not in str(e.value) and "malformed" in str(e.value)

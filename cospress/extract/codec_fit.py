@@ -20,9 +20,9 @@ from cospress.errors import StoreError
 from cospress.extract.config import ExtractConfig
 from cospress.extract.reader import ViewDataset
 from cospress.runtime import autocast, autocast_dtype
-from cospress.store import manifest as mf
 from cospress.store.codecs import Projection, fit_projection, parse_codec
 from cospress.store.projection import codec_entry, read_projection
+from cospress.store.records import detect, read_record
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ HOLDOUT = 4
 def stored_codec(out: Path) -> tuple[dict, Projection | None] | None:
     """The token codec (and projection) of the store at ``out``, or None when there is none yet."""
     try:
-        identity = json.loads((out / mf.IDENTITY_FILE).read_text())
+        identity = read_record(out, detect(out).identity)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     entry = identity.get("token_codec") or {"name": "fp16"}

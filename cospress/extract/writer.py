@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cospress.config import save_config
+from cospress.config import save_config, to_dict
 from cospress.errors import StoreError
 from cospress.extract.codec_fit import choose_codec, stored_codec
 from cospress.extract.config import ExtractConfig
@@ -24,7 +24,8 @@ from cospress.store import StoreLayout, StoreWriter
 from cospress.store.append import open_append, plan_append
 from cospress.store.codecs import parse_codec
 from cospress.store.projection import codec_entry
-from cospress.utils import human_bytes
+from cospress.store.records import detect, write_record
+from cospress.utils import human_bytes, redact_config
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,15 @@ class OpenedStore:
     estimated_bytes: int
 
 
+def _save_config(cfg: ExtractConfig, out: Path) -> None:
+    """The resolved config beside the store (URLs redacted): its config record (a legacy store: YAML)."""
+    paths = detect(out)
+    if paths.legacy:
+        save_config(cfg, out / paths.config)
+    else:
+        write_record(out, paths.config, redact_config(to_dict(cfg)), paths)
+
+
 def open_store(
     cfg: ExtractConfig, identity: dict, layout: StoreLayout, source: Any, teacher: Any, is_main: bool
 ) -> OpenedStore:
@@ -164,7 +174,7 @@ def open_store(
             out, len(keys), layout.stored_views, teacher.name, layout.dim,
             layout.num_tokens if layout.tokens else 0, entry["name"], human_bytes(estimate),
         )  # fmt: skip
-        if not (cfg.overwrite is False and (out / "manifest.json").exists()):
+        if not (cfg.overwrite is False and (out / detect(out).manifest).exists()):
             check_free_disk(out, estimate)
         if plan is not None:
             writer = open_append(plan)
@@ -172,7 +182,7 @@ def open_store(
             writer = StoreWriter.open(
                 out, identity, layout, overwrite=cfg.overwrite, create=True, projection=projection
             )
-        save_config(cfg, out / "extract-config.yaml")
+        _save_config(cfg, out)
         if entry["name"] == "pca" and layout.tokens:
             barrier()  # the other ranks wait for the projection above
     barrier()

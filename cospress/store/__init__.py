@@ -3,6 +3,7 @@
 from cospress.store.layout import StoreLayout
 from cospress.store.manifest import make_identity
 from cospress.store.reader import StoreReader
+from cospress.store.records import is_complete
 from cospress.store.remote import check_range_support
 from cospress.store.schema import SCHEMA_VERSION
 from cospress.store.writer import StoreWriter
@@ -13,5 +14,6 @@ __all__ = [
     "StoreReader",
     "StoreWriter",
     "check_range_support",
+    "is_complete",
     "make_identity",
 ]

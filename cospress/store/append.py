@@ -19,6 +19,7 @@ from cospress.errors import StoreError
 from cospress.store import manifest as mf
 from cospress.store.layout import StoreLayout
 from cospress.store.reader import StoreReader
+from cospress.store.records import detect, remove_record, write_record
 from cospress.store.writer import StoreWriter
 from cospress.utils import atomic_write_json
 
@@ -53,9 +54,9 @@ class AppendPlan:
 
 
 def _open_complete(p: Path) -> StoreReader:
-    if not (p / mf.MANIFEST_FILE).is_file():
+    if not (p / detect(p).manifest).is_file():
         raise StoreError(
-            f"--append needs a complete store at {p} (no {mf.MANIFEST_FILE}): finish it with the command "
+            f"--append needs a complete store at {p} (it has no manifest): finish it with the command "
             "that made it, or drop --append to create a new store"
         )
     return StoreReader(p)
@@ -106,8 +107,9 @@ def plan_append(
     labels += [int(source_labels[i]) for i, _ in new]
     positions = np.full(len(keys), -1, np.int64)
     positions[start:] = [i for i, _ in new]
+    version = detect(p).schema_version  # a legacy store keeps its layout (and a 1.x version)
     if not new:
-        ident = mf.full_identity(mf.run_identity(old), layout.with_rows(old_rows))
+        ident = mf.full_identity(mf.run_identity(old), layout.with_rows(old_rows), version)
     else:
         real_all = real + [k for _, k in new]
         # the new source names every image only when it holds the old ones too (a grown folder)
@@ -116,7 +118,7 @@ def plan_append(
         old_src = old.get("source") or {}
         parts = list(old_src.get("parts") or [old_src]) + [source_info]
         src = mf.combined_source("append", spec, parts, real_all)
-        ident = mf.full_identity({**identity, "source": src}, layout.with_rows(len(keys)))
+        ident = mf.full_identity({**identity, "source": src}, layout.with_rows(len(keys)), version)
     return AppendPlan(p, ident, keys, labels, positions, old_rows, old_shards, start)
 
 
@@ -133,14 +135,15 @@ def open_append(plan: AppendPlan) -> StoreWriter:
     """Prepare a store for `plan`: new identity file and grown arrays (both atomic), the old
     manifest kept; returns a writer that writes only the new shards and never an old one."""
     p = plan.path
-    stored = StoreWriter._read_identity(p)
+    paths = detect(p)
+    stored = StoreWriter._read_identity(p, paths)
     if stored != plan.identity:
         # A different unfinished append may have left commits past the published shards: drop them.
-        for entry in (p / mf.COMMITS_DIR).iterdir():
-            shard = mf.parse_commit_name(entry.name)
+        for entry in (p / paths.commits).iterdir():
+            shard = paths.parse_commit(entry.name)
             if shard is not None and shard >= plan.old_shards:
-                entry.unlink()
-        atomic_write_json(p / mf.IDENTITY_FILE, plan.identity)
+                remove_record(p, paths.commit(shard), paths)
+        write_record(p, paths.identity, plan.identity, paths)
     for name in plan.identity["shapes"]:
         _resize_array(p, name, plan.identity["num_rows"])
     writer = StoreWriter.open(p, plan.identity, plan.layout, create=False)

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import re
 from typing import Any
 
 from cospress.errors import StoreError
 from cospress.store.fidelity import combine
 from cospress.store.layout import StoreLayout
+from cospress.store.records import NEW
 from cospress.store.schema import FORMAT_NAME, SCHEMA_VERSION, shorten
 from cospress.utils import keys_sha256, redact_config
 
-IDENTITY_FILE = "cospress-store.json"
-MANIFEST_FILE = "manifest.json"
-COMMITS_DIR = "commits"
+# The record paths of a store of this schema (2.0: Zarr group nodes under cospress/); a store of an
+# older schema keeps them as plain files at its root (`cospress.store.records.LEGACY`).
+IDENTITY_FILE = NEW.identity
+MANIFEST_FILE = NEW.manifest
+COMMITS_DIR = NEW.commits
+CONFIG_FILE = NEW.config
 
 # Human names for identity fields, used in mismatch errors.
 FIELD_LABELS = {
@@ -54,15 +57,8 @@ def shard_file_key(name: str, shard: int, ndim: int) -> str:
 
 
 def commit_key(shard: int) -> str:
-    return f"{COMMITS_DIR}/shard-{shard:06d}.json"
-
-
-_COMMIT_RE = re.compile(r"^shard-(\d{6,})\.json$")
-
-
-def parse_commit_name(name: str) -> int | None:
-    m = _COMMIT_RE.match(name)
-    return int(m.group(1)) if m else None
+    """The commit record of a shard in a store of this schema (`StorePaths.commit` for any)."""
+    return NEW.commit(shard)
 
 
 def now_utc() -> str:
@@ -182,7 +178,7 @@ def build_manifest(identity: dict, commits: list[dict], extra: dict | None, vers
     counts = {"rows": rows, "valid": valid, "skipped": rows - valid, "shards": len(commits)}
     manifest = {
         **identity,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": identity.get("schema_version", SCHEMA_VERSION),
         "format": FORMAT_NAME,
         "shards": [
             {
@@ -255,8 +251,9 @@ MANIFEST_ONLY_FIELDS = (
 )
 
 
-def full_identity(identity: dict, layout: StoreLayout) -> dict:
-    """The run identity plus the layout fields (shapes, dtypes, ...): what ``cospress-store.json`` holds."""
+def full_identity(identity: dict, layout: StoreLayout, version: str = SCHEMA_VERSION) -> dict:
+    """The run identity plus the layout fields (shapes, dtypes, ...): what the identity record holds
+    (``version``: the schema of the store's layout, `StorePaths.schema_version`)."""
     run = redact_config(run_identity(identity))  # a source URL's credentials and query never stored
     codec = run.get("token_codec") or {"name": layout.token_codec}
     if codec.get("name") != layout.token_codec:
@@ -264,7 +261,7 @@ def full_identity(identity: dict, layout: StoreLayout) -> dict:
             f"the identity's token codec {codec.get('name')} is not the layout's {layout.token_codec}"
         )
     run["token_codec"] = codec
-    full = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, **run, **layout.to_manifest()}
+    full = {"format": FORMAT_NAME, "schema_version": version, **run, **layout.to_manifest()}
     return json.loads(json.dumps(full))  # plain JSON types, as they will read back
 
 

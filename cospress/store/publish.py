@@ -25,7 +25,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from cospress.errors import CospressError, StoreError
 from cospress.store import manifest as mf
+from cospress.store import records
 from cospress.store.reader import StoreReader
+from cospress.store.records import LEGACY, NEW, StorePaths, detect
 from cospress.store.remote import is_local
 from cospress.utils import atomic_write, redact_text, redact_url, sha256_file
 
@@ -45,7 +47,7 @@ class LocalFile:
     sha256: str
 
 
-def _local_files(root: Path, manifest: dict) -> list[LocalFile]:
+def _local_files(root: Path, manifest: dict, paths: StorePaths) -> list[LocalFile]:
     """Every file of the store but temp files; the sha256 of shard files (and, from schema 1.3, of
     metadata files) comes from the manifest, the others' is computed."""
     known = dict(manifest.get("metadata_sha256") or {})
@@ -57,7 +59,7 @@ def _local_files(root: Path, manifest: dict) -> list[LocalFile]:
         if p.is_file() and not p.name.startswith("."):
             key = p.relative_to(root).as_posix()
             files.append(LocalFile(key, p.stat().st_size, known.get(key) or sha256_file(p)))
-    first = {mf.IDENTITY_FILE: 0, mf.MANIFEST_FILE: 2}  # identity first, manifest strictly last
+    first = {paths.identity: 0, paths.manifest: 2}  # identity first, manifest strictly last
     return sorted(files, key=lambda f: first.get(f.key, 1))
 
 
@@ -113,10 +115,11 @@ class _Destination:
         return self.sizes.get(f.key) == f.size and _remote_sha256(self.fs, self.path(f.key)) == f.sha256
 
     def identity(self) -> dict | None:
-        if mf.IDENTITY_FILE not in self.sizes:
+        key = next((p.identity for p in (NEW, LEGACY) if p.identity in self.sizes), None)
+        if key is None:
             return None
         try:
-            return json.loads(self.fs.cat_file(self.path(mf.IDENTITY_FILE)))
+            return records.loads(self.fs.cat_file(self.path(key)))
         except json.JSONDecodeError:
             return {"format": "not valid JSON"}
 
@@ -136,7 +139,8 @@ class _Destination:
             del self.sizes[key]
 
     def clear(self) -> None:
-        self.remove(mf.MANIFEST_FILE)  # first: readers then see an incomplete store
+        for paths in (NEW, LEGACY):
+            self.remove(paths.manifest)  # first: readers then see an incomplete store
         if self.sizes:
             self.fs.rm(self.root, recursive=True)
             self.sizes = {}
@@ -158,7 +162,7 @@ def _open_source(store: str | os.PathLike) -> tuple[Path, dict]:
         raise StoreError(f"publish copies a local store, not {redact_url(str(store))}: copy it locally first")
     root = Path(store).resolve()
     StoreReader(root)  # refuses an incomplete store (no manifest) or an unknown schema
-    identity = json.loads((root / mf.IDENTITY_FILE).read_text())
+    identity = records.read_record(root, detect(root).identity)
     return root, identity
 
 
@@ -195,7 +199,7 @@ def _check_destination(dest: _Destination, identity: dict, overwrite: bool) -> N
     if remote is None and not dest.sizes:
         return
     if remote is None:
-        what = f"files but no {mf.IDENTITY_FILE} (not a store)"
+        what = "files but no store identity (not a store)"
     elif diff := _other_store(remote, identity):
         what = f"another store (it differs in {'; '.join(diff[:3])})"
     else:
@@ -220,8 +224,9 @@ def _publish(
     if dest.local and Path(dest.root).resolve() == root:
         raise StoreError(f"{dest.display} is the store itself: publish to another folder or URL")
     _check_destination(dest, identity, overwrite)
-    manifest = json.loads((root / mf.MANIFEST_FILE).read_text())
-    files = _local_files(root, manifest)
+    paths = detect(root)
+    manifest = records.read_record(root, paths.manifest)
+    files = _local_files(root, manifest, paths)
     total = len(files) + len(manifest["shards"])
     kill = _kill_hook()
     todo, held = [], 0
@@ -232,8 +237,8 @@ def _publish(
         else:
             todo.append(f)
     if todo:
-        dest.remove(mf.MANIFEST_FILE)  # before anything changes: readers see an incomplete store
-        if not any(f.key == mf.MANIFEST_FILE for f in todo):
+        dest.remove(paths.manifest)  # before anything changes: readers see an incomplete store
+        if not any(f.key == paths.manifest for f in todo):
             todo.append(files[-1])  # the manifest was deleted: it goes back, last
             held -= 1
     for sent, f in enumerate(todo):

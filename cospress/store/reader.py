@@ -23,11 +23,13 @@ from zarr.core.sync import sync as zarr_sync
 
 from cospress.errors import StoreError
 from cospress.store import manifest as mf
+from cospress.store import records
 from cospress.store.checks import ReaderChecks
 from cospress.store.codecs import decode_tokens
 from cospress.store.layout import StoreLayout
 from cospress.store.metadata import check_array
 from cospress.store.projection import read_projection
+from cospress.store.records import LEGACY, NEW
 from cospress.store.remote import FileCacheStore, check_range_support, is_local
 from cospress.store.schema import validate_manifest
 from cospress.utils import redact_text, redact_url
@@ -96,30 +98,38 @@ class StoreReader(ReaderChecks):
         return f"{self._root}/{key}"
 
     def _read_manifest(self) -> dict:
+        """The manifest (schema 2.0: ``cospress/manifest/zarr.json``; before: ``manifest.json``); sets
+        ``paths``, the store's record layout."""
+        for paths in (NEW, LEGACY):
+            try:
+                raw = self._fs.cat_file(self._path(paths.manifest))
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            self._missing_manifest()
+        self.paths = paths
         try:
-            raw = self._fs.cat_file(self._path(mf.MANIFEST_FILE))
-        except FileNotFoundError:
-            # nothing there at all (e.g. a bucket that does not exist); an HTTP server cannot list a
-            # folder, so a store's own files are asked for first
-            present = (self._path(mf.IDENTITY_FILE), self._path("zarr.json"), self._root)
-            if not any(self._fs.exists(p) for p in present):
-                raise StoreError(f"nothing is at {self.display}: check the path or URL") from None
-            what = (
-                "it is incomplete"
-                if self._fs.exists(self._path(mf.IDENTITY_FILE))
-                else "it is incomplete or not a store"
-            )
-            raise StoreError(
-                f"{self.display} has no manifest.json: {what} (extraction still running or interrupted, "
-                "or a partial upload); rerun extract-teacher with the same arguments to finish it, or finish the upload"
-            ) from None
-        try:
-            manifest = json.loads(raw)
+            manifest = records.loads(raw)
         except json.JSONDecodeError as e:
             raise StoreError(
-                f"{self.display}/manifest.json is not valid JSON ({e}); re-upload or re-extract the store"
+                f"{self.display}/{paths.manifest} is not valid JSON ({e}); re-upload or re-extract the store"
             ) from None
         return validate_manifest(manifest, self.display)
+
+    def _missing_manifest(self) -> None:
+        # nothing there at all (e.g. a bucket that does not exist); an HTTP server cannot list a
+        # folder, so a store's own files are asked for first
+        identities = [self._path(p.identity) for p in (NEW, LEGACY)]
+        if not any(self._fs.exists(p) for p in (*identities, self._path("zarr.json"), self._root)):
+            raise StoreError(f"nothing is at {self.display}: check the path or URL")
+        created = any(self._fs.exists(p) for p in identities)
+        what = "it is incomplete" if created else "it is incomplete or not a store"
+        raise StoreError(
+            f"{self.display} has no manifest (the file written last): {what} (extraction still running "
+            "or interrupted, or a partial upload); rerun extract-teacher with the same arguments to finish it, "
+            "or finish the upload"
+        )
 
     def _zarr_store(self) -> Any:
         if is_local(self.url):

@@ -19,7 +19,10 @@ from cospress.store.layout import StoreLayout
 #      `arrays` (each array's encoding); the identity may hold `decode` (the decode path).
 # 1.4: token codecs: the identity's `token_codec` ({"name": fp16 | int8 | pca, ...}); int8 and pca
 #      stores hold int8 `tokens` and a float16 `token_scale`, pca stores `token_projection/`.
-SCHEMA_VERSION = "1.4"
+# 2.0: the store's records are Zarr group nodes under cospress/ (`cospress.store.records`), so
+#      zarr lists the store without warnings; 1.x stores (records as root files) are still read.
+SCHEMA_VERSION = "2.0"
+READABLE_MAJORS = ("1", "2")
 FORMAT_NAME = "cospress-store"
 
 _INT = (int,)
@@ -48,12 +51,12 @@ def shorten(value: Any) -> str:
 
 
 def check_schema_version(version: Any, where: str) -> None:
-    """Refuse a store whose schema MAJOR differs from this code's; a newer MINOR is readable."""
-    major = SCHEMA_VERSION.split(".")[0]
+    """Refuse a store whose schema MAJOR this code does not read; a newer MINOR is readable."""
     got = str(version)
-    if got.split(".")[0] != major:
+    if got.split(".")[0] not in READABLE_MAJORS:
+        majors = " and ".join(f"{m}.x" for m in READABLE_MAJORS)
         raise StoreError(
-            f"{where} has store schema version {got}; this cospress reads {major}.x only: "
+            f"{where} has store schema version {got}; this cospress reads {majors} only: "
             "use a cospress release that matches, or re-extract the store"
         )
 
@@ -230,6 +233,6 @@ def validate_manifest(doc: Any, where: str) -> dict:
         _check_manifest_extras(doc)
     except ValueError as e:
         raise StoreError(
-            f"{where}/manifest.json is malformed: {e}; re-upload or re-extract the store"
+            f"{where}: the manifest is malformed: {e}; re-upload or re-extract the store"
         ) from None
     return doc

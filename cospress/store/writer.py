@@ -27,9 +27,10 @@ from cospress.store.fidelity import codec_fidelity, sample_views
 from cospress.store.layout import DTYPES, FILL_VALUES, StoreLayout, array_chunks
 from cospress.store.metadata import array_encoding, metadata_files
 from cospress.store.projection import read_projection, write_projection
+from cospress.store.records import LEGACY, NEW, StorePaths, detect, read_record, remove_record, write_record
 from cospress.store.schema import FORMAT_NAME, check_schema_version
 from cospress.store.shardio import ShardLayout, encode_shard
-from cospress.utils import atomic_write_bytes, atomic_write_json, keys_sha256, sha256_file
+from cospress.utils import atomic_write_bytes, keys_sha256, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def _compressor(name: str) -> Any:
 
 
 def _looks_like_store(path: Path) -> bool:
-    if (path / mf.IDENTITY_FILE).exists() or (path / mf.MANIFEST_FILE).exists():
+    if any((path / key).exists() for paths in (NEW, LEGACY) for key in (paths.identity, paths.manifest)):
         return True
     try:  # the group is written first: a store whose creation was interrupted
         return json.loads((path / "zarr.json").read_text())["attributes"]["format"] == FORMAT_NAME
@@ -81,9 +82,11 @@ class StoreWriter:
     """Writes one store at a local path. Use `StoreWriter.open`, not the constructor."""
 
     def __init__(
-        self, path: Path, identity: dict, arrays: dict[str, zarr.Array], projection: Projection | None = None
-    ):
+        self, path: Path, identity: dict, arrays: dict[str, zarr.Array], projection: Projection | None = None,
+        paths: StorePaths = NEW,
+    ):  # fmt: skip
         self.path = path
+        self.paths = paths  # where its records are: the 2.0 layout, or a legacy store's own
         self.identity = identity
         self.arrays = arrays
         self.projection = projection
@@ -121,15 +124,16 @@ class StoreWriter:
                 f"(got {layout.num_rows}, {layout.shard_size})"
             )
         p = Path(path)
-        full = mf.full_identity(identity, layout)
         if create:
             _prepare_folder(p, overwrite)
-            if not (p / mf.IDENTITY_FILE).exists():
-                _create_group(p)
-                if layout.tokens and layout.token_codec == "pca":
-                    write_projection(p, full, projection)
-                atomic_write_json(p / mf.IDENTITY_FILE, full)
-        stored = cls._read_identity(p)
+        paths = detect(p)
+        full = mf.full_identity(identity, layout, paths.schema_version)
+        if create and not (p / paths.identity).exists():
+            _create_group(p)
+            if layout.tokens and layout.token_codec == "pca":
+                write_projection(p, full, projection)
+            write_record(p, paths.identity, full, paths)
+        stored = cls._read_identity(p, paths)
         check_schema_version(stored.get("schema_version"), str(p))
         diff = mf.identity_diff(stored, full)
         if diff:
@@ -140,19 +144,20 @@ class StoreWriter:
         arrays = cls._open_arrays(p, full, create=create)
         layout = StoreLayout.from_manifest(full)
         proj = read_projection(p, full, str(p)) if layout.tokens and layout.token_codec == "pca" else None
-        return cls(p, full, arrays, proj)
+        return cls(p, full, arrays, proj, paths)
 
     @staticmethod
-    def _read_identity(p: Path) -> dict:
+    def _read_identity(p: Path, paths: StorePaths | None = None) -> dict:
+        paths = paths or detect(p)
         try:
-            return json.loads((p / mf.IDENTITY_FILE).read_text())
+            return read_record(p, paths.identity)
         except FileNotFoundError:
             raise StoreError(
-                f"{p} has no {mf.IDENTITY_FILE}: the store was not created; run rank 0 with create=True first"
+                f"{p} has no {paths.identity}: the store was not created; run rank 0 with create=True first"
             ) from None
         except json.JSONDecodeError as e:
             raise StoreError(
-                f"{p}/{mf.IDENTITY_FILE} is not valid JSON ({e}); --overwrite replaces the store"
+                f"{p}/{paths.identity} is not valid JSON ({e}); --overwrite replaces the store"
             ) from None
 
     @staticmethod
@@ -201,19 +206,19 @@ class StoreWriter:
 
     def _read_commit(self, shard: int) -> dict | None:
         try:
-            return json.loads((self.path / mf.commit_key(shard)).read_text())
+            return read_record(self.path, self.paths.commit(shard))
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
     def committed_shards(self) -> set[int]:
         """Shards whose commit file is present and whose shard files all exist."""
         out: set[int] = set()
-        commits = self.path / mf.COMMITS_DIR
+        commits = self.path / self.paths.commits
         if not commits.is_dir():
             return out
         for entry in commits.iterdir():
-            shard = mf.parse_commit_name(entry.name)
-            if shard is None or shard >= self.num_shards:
+            shard = self.paths.parse_commit(entry.name)
+            if shard is None or shard >= self.num_shards or not (self.path / self.paths.commit(shard)).is_file():
                 continue
             if all((self.path / f).is_file() for f in self._shard_files(shard).values()):
                 out.add(shard)
@@ -265,10 +270,10 @@ class StoreWriter:
         data = {"cls": cls, "views": views, "keys": keys, "labels": labels, "valid": valid}
         fidelity = self._add_tokens(data, tokens, token_scale)
         checked = {name: self._check(name, value, n) for name, value in data.items()}
-        commit_path = self.path / mf.commit_key(shard)
-        commit_path.unlink(missing_ok=True)
+        commit_key = self.paths.commit(shard)
+        remove_record(self.path, commit_key, self.paths)
         if not self.protected_shards:  # an append keeps the old manifest until the new one replaces it
-            (self.path / mf.MANIFEST_FILE).unlink(missing_ok=True)
+            remove_record(self.path, self.paths.manifest, self.paths)
         files = self._shard_files(shard)
         sha = {
             name: self._write_array_shard(name, files[name], start, stop, value)
@@ -288,7 +293,7 @@ class StoreWriter:
         }
         if fidelity is not None:
             commit["fidelity"] = fidelity
-        atomic_write_json(commit_path, commit)
+        write_record(self.path, commit_key, commit, self.paths)
         log.debug("committed shard %d (rows %d-%d, %d valid)", shard, start, stop, n_valid)
         return commit
 
@@ -363,7 +368,7 @@ class StoreWriter:
         for shard in range(self.num_shards):
             commit = self._read_commit(shard)
             if commit is None:
-                raise StoreError(f"{self.path}/{mf.commit_key(shard)} is unreadable; rerun extract-teacher")
+                raise StoreError(f"{self.path}/{self.paths.commit(shard)} is unreadable; rerun extract-teacher")
             commits.append(commit)
         keys = [str(k) for k in self.arrays["keys"][:]]
         manifest = mf.build_manifest(self.identity, commits, extra, cospress.__version__)
@@ -372,9 +377,9 @@ class StoreWriter:
             name: array_encoding(json.loads((self.path / name / "zarr.json").read_text()))
             for name in self.identity["shapes"]
         }
-        files = metadata_files(manifest, mf.commit_key, mf.IDENTITY_FILE)
+        files = metadata_files(manifest, self.paths.commit, self.paths.identity)
         manifest["metadata_sha256"] = {rel: sha256_file(self.path / rel) for rel in files}
-        atomic_write_json(self.path / mf.MANIFEST_FILE, manifest)
+        write_record(self.path, self.paths.manifest, manifest, self.paths)
         log.info(
             "store complete: %s (%d rows, %d skipped)",
             self.path,
