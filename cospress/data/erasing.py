@@ -9,7 +9,7 @@ The fill is in pixel space (timm erases the normalised tensor; here teacher and 
 differently, so the fill is defined before normalisation, as timm's fill for ImageNet mean / std):
 ``const`` the ImageNet mean colour, ``rand`` one colour N(mean, std) per view (recorded), ``pixel``
 per-pixel noise N(mean, std): the view records a noise seed, and the noise is a counter-based hash of
-(seed, channel, row, column) computed in integers and float64 on the view's device, so it is the same
+(seed, channel, row and column within the box) computed in integers and float64 on the view's device, so it is the same
 on the CPU and on a GPU (white noise at each size: the same distribution, not the same pixels).
 """
 
@@ -57,39 +57,55 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def hash_noise(seeds: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
-    """Standard normal float64 [n, 3, size, size], a pure function of (seed, channel, row, column)."""
+def hash_noise(seeds: torch.Tensor, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """Standard normal float64 [n, 3, height, width]: a pure function of (seed, channel, row, column)
+    counted from the box's top-left corner (so of the box alone, whatever else is in the batch)."""
     n = len(seeds)
-    cells = torch.arange(3 * size * size, dtype=torch.int64, device=device).view(1, 3, size, size)
+    c = torch.arange(3, dtype=torch.int64, device=device).view(1, 3, 1, 1) << 24
+    yy = torch.arange(height, dtype=torch.int64, device=device).view(1, 1, -1, 1) << 12
+    xx = torch.arange(width, dtype=torch.int64, device=device).view(1, 1, 1, -1)
     s = _mix32(seeds.to(device, torch.int64).view(n, 1, 1, 1) & _MASK32)
-    a = _mix32((_mix32(cells) ^ s) & _MASK32)
+    a = _mix32((_mix32(c | yy | xx) ^ s) & _MASK32)
     b = _mix32((a ^ 0x9E3779B9) & _MASK32)
     u1 = ((a >> 8).double() + 0.5) / (1 << 24)
     u2 = ((b >> 8).double() + 0.5) / (1 << 24)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
 
 
+def _boxes(e: torch.Tensor, size: int) -> tuple[np.ndarray, ...]:
+    """Pixel boxes (top, left, h, w) int64 [n] of recorded fractions: floor(f * size + 0.5), clamped."""
+    f = e.numpy().astype(np.float64)
+    h = np.clip(np.floor(f[:, 2] * size + 0.5), 1, size).astype(np.int64)
+    w = np.clip(np.floor(f[:, 3] * size + 0.5), 1, size).astype(np.int64)
+    top = np.minimum(np.clip(np.floor(f[:, 0] * size + 0.5), 0, None), size - h).astype(np.int64)
+    left = np.minimum(np.clip(np.floor(f[:, 1] * size + 0.5), 0, None), size - w).astype(np.int64)
+    return top, left, h, w
+
+
 def apply_erasing(x: torch.Tensor, erase: torch.Tensor) -> torch.Tensor:
-    """Erase the recorded boxes of float [B, 3, S, S] in [0, 1]; erase: CPU float [B, 8]. In place."""
+    """Erase the recorded boxes of float [B, 3, S, S] in [0, 1]; erase: CPU float [B, 8]. In place.
+
+    The fills are computed on the device over the boxes' bounding size and written with one indexed
+    copy (indices built on the CPU from the recorded boxes: no device sync)."""
     rows = torch.nonzero(erase[:, 2] > 0).flatten()
     if not len(rows):
         return x
-    size = x.shape[-1]
-    e = erase[rows].double()
-    h = (e[:, 2] * size + 0.5).floor().clamp(1, size)
-    w = (e[:, 3] * size + 0.5).floor().clamp(1, size)
-    top = torch.minimum((e[:, 0] * size + 0.5).floor().clamp_min(0), size - h)
-    left = torch.minimum((e[:, 1] * size + 0.5).floor().clamp_min(0), size - w)
-    pos = torch.arange(size, dtype=torch.float64)
-    in_y = (pos[None] >= top[:, None]) & (pos[None] < (top + h)[:, None])
-    in_x = (pos[None] >= left[:, None]) & (pos[None] < (left + w)[:, None])
-    mask = (in_y[:, :, None] & in_x[:, None, :]).unsqueeze(1).to(x.device)  # [n, 1, S, S]
-    fill = e[:, 4:7].view(-1, 3, 1, 1).to(x.device).expand(-1, -1, size, size)
-    noisy = e[:, 7] > 0
-    if bool(noisy.any()):
-        std = torch.tensor(NOISE_STD, dtype=torch.float64, device=x.device).view(1, 3, 1, 1)
-        noise = hash_noise(e[:, 7], size, x.device) * std * noisy.to(x.device).view(-1, 1, 1, 1)
-        fill = fill + noise
-    idx = rows.to(x.device)
-    x.index_copy_(0, idx, torch.where(mask, fill.clamp(0.0, 1.0).to(x.dtype), x[idx]))
+    size, device = x.shape[-1], x.device
+    e = erase[rows]
+    top, left, h, w = _boxes(e, size)
+    hb, wb = int(h.max()), int(w.max())
+    valid = (np.arange(hb)[None, :, None] < h[:, None, None]) & (
+        np.arange(wb)[None, None, :] < w[:, None, None]
+    )
+    n_i, dy, dx = np.nonzero(valid)  # [m]: the pixels of every box
+    flat = torch.from_numpy((n_i * hb + dy) * wb + dx)
+    where = [torch.from_numpy(v) for v in (rows.numpy()[n_i], top[n_i] + dy, left[n_i] + dx)]
+    fill = e[:, 4:7].double().to(device).view(-1, 3, 1, 1).expand(-1, -1, hb, wb)
+    if bool((e[:, 7] > 0).any()):
+        std = torch.tensor(NOISE_STD, dtype=torch.float64, device=device).view(1, 3, 1, 1)
+        noisy = (e[:, 7] > 0).to(device, torch.float64).view(-1, 1, 1, 1)
+        fill = fill + hash_noise(e[:, 7].double(), hb, wb, device) * std * noisy
+    values = fill.clamp(0.0, 1.0).to(x.dtype).permute(0, 2, 3, 1).reshape(-1, 3)
+    n_idx, y_idx, x_idx = (t.to(device) for t in where)
+    x[n_idx, :, y_idx, x_idx] = values.index_select(0, flat.to(device))
     return x

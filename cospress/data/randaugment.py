@@ -249,15 +249,15 @@ def _affine(names: list[str], values: list[float]) -> torch.Tensor:
 def _geometric(y: torch.Tensor, names: list[str], values: list[float]) -> torch.Tensor:
     """All geometric ops of one slot in one grid_sample: bilinear, PIL's border rule, fill FILL."""
     n, _, size, _ = y.shape
-    centres = (torch.arange(size, dtype=torch.float64) + 0.5) / size
-    gv, gu = torch.meshgrid(centres, centres, indexing="ij")
-    base = torch.stack([gu, gv, torch.ones_like(gu)], -1).reshape(-1, 3)  # [S*S, 3]
-    src = torch.einsum("nij,pj->npi", _affine(names, values), base)  # [n, S*S, 2] (u, v)
-    inside = ((src >= 0) & (src < 1)).all(-1).reshape(n, 1, size, size)
-    grid = (src * 2 - 1).reshape(n, size, size, 2).to(y.device, torch.float32)
-    warped = F.grid_sample(y, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    a = _affine(names, values)  # [n, 2, 3] in [0, 1] coordinates -> the same map in grid_sample's [-1, 1]
+    theta = torch.cat([a[:, :, :2], a[:, :, :2].sum(2, keepdim=True) + 2 * a[:, :, 2:] - 1], 2)
+    grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)  # float64, pixel centres
+    inside = ((grid >= -1) & (grid < 1)).all(-1).unsqueeze(1).to(y.device)  # PIL: outside -> the fill
+    warped = F.grid_sample(
+        y, grid.to(y.device, torch.float32), mode="bilinear", padding_mode="border", align_corners=False
+    )
     fill = torch.tensor(FILL, dtype=y.dtype, device=y.device).view(1, 3, 1, 1)
-    return torch.where(inside.to(y.device), _trunc(warped), fill)
+    return torch.where(inside, _trunc(warped), fill)
 
 
 def apply_rand_augment(x: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
