@@ -8,9 +8,10 @@ erase the same region at their sizes; its pixels are ``floor(fraction * size + 0
 The fill is in pixel space (timm erases the normalised tensor; here teacher and student normalise
 differently, so the fill is defined before normalisation, as timm's fill for ImageNet mean / std):
 ``const`` the ImageNet mean colour, ``rand`` one colour N(mean, std) per view (recorded), ``pixel``
-per-pixel noise N(mean, std): the view records a noise seed, and the noise is a counter-based hash of
-(seed, channel, row and column within the box) computed in integers and float64 on the view's device, so it is the same
-on the CPU and on a GPU (white noise at each size: the same distribution, not the same pixels).
+per-pixel noise N(mean, std): the view records a noise seed, and the noise is a counter-based hash
+of (seed, channel, row and column within the box) computed in integers and float64 on the view's
+device, so it is the same on the CPU and on a GPU (white noise at each size: the same distribution,
+not the same pixels).
 """
 
 from __future__ import annotations
