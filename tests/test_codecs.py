@@ -334,3 +334,27 @@ def test_zarr_lists_every_store_without_a_warning(tmp_path):
         assert ("token_scale" in names) == (codec != "fp16") and ("token_projection/basis" in names) == (
             codec == "pca"
         )
+
+
+def test_int8_targets_reach_the_step_as_q_times_scale(tmp_path):
+    """Stage 2 keeps an int8 store's tokens int8 through the loader (half the bytes, no decode in the
+    worker); `teacher_features` multiplies by the scales: the same targets as the decoded float16."""
+    import torch
+
+    from cospress.distill.data import read_targets
+    from cospress.distill.model import teacher_features
+
+    data = make_rows(7)
+    write_store(tmp_path / "s", "int8", data, shard=3)
+    r = StoreReader(tmp_path / "s")
+    n, v = data["tokens"].shape[:2]
+    rows, views = np.arange(n), np.random.default_rng(0).integers(0, v, size=(n, 1))
+    kept = read_targets(r, rows, views, True, keep_int8=True)
+    assert kept["tokens"].dtype == torch.int8 and kept["token_scale"].shape == kept["tokens"].shape[:2]
+    got = teacher_features(kept, torch.device("cpu")).tokens
+    raw = r.read_rows(rows, views=views, raw=True)
+    want = raw["tokens"].astype(np.float32) * raw["token_scale"].astype(np.float32)[..., None]
+    np.testing.assert_array_equal(got.numpy(), want.reshape(got.shape))
+    decoded = teacher_features(read_targets(r, rows, views, True), torch.device("cpu")).tokens
+    assert decoded.dtype == torch.float32 and "token_scale" not in read_targets(r, rows, views, True)
+    torch.testing.assert_close(decoded, got, rtol=2e-3, atol=1e-4)  # float16 rounding of q * scale

@@ -254,12 +254,17 @@ class _Lazy:
         return self._source
 
 
-def read_targets(reader: Any, rows: np.ndarray, views: np.ndarray, tokens: bool) -> dict[str, Any]:
+def read_targets(
+    reader: Any, rows: np.ndarray, views: np.ndarray, tokens: bool, keep_int8: bool = False
+) -> dict[str, Any]:
     """Cached targets of rows [n] x their views [n, R], flattened image-major to n*R views:
 
     cls f16 [n*R, Dt], tokens f16 [n*R, T, Dt] or None, params f32 [n*R, P] (the recorded view parameters).
+    ``keep_int8``: an int8 store's tokens stay int8, with "token_scale" f16 [n*R, T] (`teacher_features`
+    decodes them: half the bytes through the loader and to the device, no decode in the worker).
     """
-    data = reader.read_rows(np.asarray(rows, dtype=np.int64), views=np.asarray(views), tokens=tokens)
+    raw = keep_int8 and tokens and reader.layout.token_codec == "int8"
+    data = reader.read_rows(np.asarray(rows, dtype=np.int64), views=np.asarray(views), tokens=tokens, raw=raw)
 
     def flat(a: Any) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a))
@@ -268,6 +273,8 @@ def read_targets(reader: Any, rows: np.ndarray, views: np.ndarray, tokens: bool)
     out = {"cls": flat(data["cls"]), "params": flat(data["views"]), "tokens": None}
     if tokens and data.get("tokens") is not None:
         out["tokens"] = flat(data["tokens"])
+    if raw:
+        out["token_scale"] = flat(data["token_scale"])
     return out
 
 
@@ -306,8 +313,8 @@ class DistillBatches(Dataset):
         rows, views = self.plan.rows_views(int(step))
         out = {"cls": None, "tokens": None, "rows": torch.as_tensor(rows), "step": int(step)}
         if self.online is None:
-            t = read_targets(self.lazy.reader, rows, views, self.tokens)
-            out["cls"], out["tokens"] = t["cls"], t["tokens"]
+            t = read_targets(self.lazy.reader, rows, views, self.tokens, keep_int8=True)
+            out["cls"], out["tokens"], out["token_scale"] = t["cls"], t["tokens"], t.get("token_scale")
             stored = t["params"].numpy().reshape(len(rows), views.shape[1], -1)
             return self._replay(out, rows, lambda i, w, h: stored[i])
         e = self.plan.epoch

@@ -147,6 +147,8 @@ def teacher_features(batch: dict[str, Any], device: torch.device) -> Features:
         tokens = cls.new_zeros((cls.shape[0], 0, cls.shape[1]))
     else:
         tokens = tok.to(device, non_blocking=True).float()
+        if batch.get("token_scale") is not None:  # an int8 store's tokens: q * scale per token
+            tokens.mul_(batch["token_scale"].to(device, non_blocking=True).float().unsqueeze(-1))
     return Features(cls=cls, tokens=tokens)
 
 

@@ -38,9 +38,11 @@ FIDELITY_VIEWS = 4  # views per shard whose codec error a commit records (lossy 
 _CONFIG = {"write_empty_chunks": True}  # every inner chunk is stored: shard files are deterministic
 
 
-def _compressor(name: str) -> Any:
+def _compressor(name: str, dtype: str) -> Any:
     if DTYPES[name] == "str":
         return "auto"
+    if dtype == "int8":  # byte shuffle does nothing for 1-byte values and halves blosc's decode speed
+        return BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle")
     # zstd level 1 with byte shuffle: within 1% of level 3's ratio on float16 embeddings, ~2.5x faster
     # to encode, so compression does not steal the teacher's CPU time.
     return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
@@ -188,7 +190,7 @@ class StoreWriter:
                 dtype=dtype,
                 chunks=chunks,
                 shards=shards,
-                compressors=_compressor(name),
+                compressors=_compressor(name, layout.dtype(name)),
                 fill_value=FILL_VALUES[name],
                 config=_CONFIG,
             )
@@ -218,7 +220,11 @@ class StoreWriter:
             return out
         for entry in commits.iterdir():
             shard = self.paths.parse_commit(entry.name)
-            if shard is None or shard >= self.num_shards or not (self.path / self.paths.commit(shard)).is_file():
+            if (
+                shard is None
+                or shard >= self.num_shards
+                or not (self.path / self.paths.commit(shard)).is_file()
+            ):
                 continue
             if all((self.path / f).is_file() for f in self._shard_files(shard).values()):
                 out.add(shard)
@@ -368,7 +374,9 @@ class StoreWriter:
         for shard in range(self.num_shards):
             commit = self._read_commit(shard)
             if commit is None:
-                raise StoreError(f"{self.path}/{self.paths.commit(shard)} is unreadable; rerun extract-teacher")
+                raise StoreError(
+                    f"{self.path}/{self.paths.commit(shard)} is unreadable; rerun extract-teacher"
+                )
             commits.append(commit)
         keys = [str(k) for k in self.arrays["keys"][:]]
         manifest = mf.build_manifest(self.identity, commits, extra, cospress.__version__)
