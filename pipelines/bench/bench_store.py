@@ -9,8 +9,8 @@ Per codec (fp16, int8, pca:K), in one run:
     what stage 1's writer thread does) per core, and the share of one core it needs beside the
     ViT-S/14 teacher of DESIGN.md's H100 (12,389 images/s);
 (d) stage-2 target reads from the local disk: a DataLoader with 1 and 2 workers reading batches of
-    ``--batch-images`` rows x R views (`StoreReader.read_rows`, decoded to float16), views/s and GB/s
-    (decoded float16 targets, and bytes on disk);
+    ``--batch-images`` rows x R views as stage 2's workers do (`distill.data.read_targets`: float16,
+    an int8 store's tokens kept int8), views/s and GB/s (of float16 targets, and of bytes on disk);
 (e) cached distillation (`run_distill`, 1 worker, student ViT-Ti/16 @ 64 px, as bench_distill.py) over
     the bare training step, phases interleaved over rounds (`bench_distill.Bare` / `run_rates`).
 
@@ -137,7 +137,8 @@ def fidelity(codec: str, tokens: Tokens, projection) -> dict:
 
 
 class Batches(torch.utils.data.Dataset):
-    """Item i: the targets of ``images`` random rows x R random views (what a stage-2 worker reads)."""
+    """Item i: the targets of ``images`` random rows x R random views, as a stage-2 worker reads them
+    (`distill.data.read_targets`: decoded to float16, but an int8 store's tokens kept int8)."""
 
     def __init__(self, store: str, count: int, images: int, r: int) -> None:
         self.store, self.count, self.images, self.r, self.reader = store, count, images, r, None
@@ -151,8 +152,9 @@ class Batches(torch.utils.data.Dataset):
         g = np.random.default_rng(i)
         rows = g.choice(self.reader.num_rows, self.images, replace=False)
         views = np.stack([g.choice(self.reader.stored_views, self.r, replace=False) for _ in rows])
-        out = self.reader.read_rows(rows, views=views)
-        return torch.from_numpy(out["tokens"]).numel()
+        from cospress.distill.data import read_targets
+
+        return read_targets(self.reader, rows, views, True, keep_int8=True)["tokens"].numel()
 
 
 def read_rate(store: str, workers: int, a) -> float:
@@ -181,6 +183,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed distill steps per phase and round")
     ap.add_argument("--repeats", type=int, default=2, help="timed rounds of the distill phases")
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--no-distill", action="store_true", help="skip (e): footprint, fidelity and reads only")
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default="bench-store.json")
     a = ap.parse_args()
@@ -214,10 +217,10 @@ def main() -> None:
     fp16 = result["codecs"]["fp16"]["bytes_per_view"]
     for r in result["codecs"].values():
         r["bytes_ratio_to_fp16"] = r["bytes_per_view"] / fp16
-    result["distill"] = distill_rounds(a, work, list(codecs))
+    result["distill"] = None if a.no_distill else distill_rounds(a, work, list(codecs))
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     for codec, r in result["codecs"].items():
-        d = result["distill"]["cached_over_bare"][codec]
+        d = result["distill"]["cached_over_bare"][codec] if result["distill"] else {"median": float("nan")}
         print(f"{codec:8s} {r['bytes_per_view'] / 1e3:7.1f} KB/view ({r['bytes_ratio_to_fp16']:.3f} of fp16), "
               f"cos err {r['fidelity']['cos_abs_err_mean']:.2e}, reads 1w {r['read_1w_views_per_s']:.0f} / "
               f"2w {r['read_2w_views_per_s']:.0f} views/s, distill/bare {d['median']:.2f}")  # fmt: skip

@@ -29,8 +29,8 @@ Every stage's flags are generated from its config dataclass (`cospress/extract/c
 `cospress/distill/config.py`, `cospress/evaluate/config.py`), where each setting is declared once
 with its default and help: `--config FILE.yaml` takes the same keys (the field names, with dashes
 or underscores), and flags given on the command line win over the file, which wins over the
-defaults. The resolved config is written beside every output (`config.yaml`; `extract-config.yaml`
-in a store). Errors a user can fix end the
+defaults. The resolved config is written beside every output (`config.yaml`; in a store, the
+attributes of its `cospress/config/zarr.json`). Errors a user can fix end the
 command with one `error:` line and exit code 2.
 
 Global options (before the command): `-v/--verbose` (debug logging), `-q/--quiet` (warnings and
