@@ -358,3 +358,25 @@ def test_int8_targets_reach_the_step_as_q_times_scale(tmp_path):
     decoded = teacher_features(read_targets(r, rows, views, True), torch.device("cpu")).tokens
     assert decoded.dtype == torch.float32 and "token_scale" not in read_targets(r, rows, views, True)
     torch.testing.assert_close(decoded, got, rtol=2e-3, atol=1e-4)  # float16 rounding of q * scale
+
+
+def test_two_ranks_share_one_projection(images, weights, tmp_path):
+    """torchrun with 2 ranks: rank 0 fits the projection before any shard, rank 1 waits and uses the
+    stored one; the store equals a one-process extraction's (same projection, same bytes)."""
+    import subprocess
+
+    from tests.helpers import cli_env, torchrun_cli
+
+    one = tmp_path / "one"
+    run_cli(*_extract_args(images, weights, one, "--token-codec", "pca:8"))
+    two = tmp_path / "two"
+    cmd = torchrun_cli(29561, *_extract_args(images, weights, two, "--token-codec", "pca:8"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = StoreReader(one), StoreReader(two)
+    assert a.manifest["token_codec"] == b.manifest["token_codec"] and b.verify() == []
+    n = a.num_rows
+    for name in ("tokens", "token_scale"):
+        np.testing.assert_array_equal(
+            a.read_rows(np.arange(n), raw=True)[name], b.read_rows(np.arange(n), raw=True)[name]
+        )

@@ -155,8 +155,9 @@ def open_store(
     if is_main:
         entry, projection = choose_codec(cfg, source, teacher)
     else:
-        entry = codec_entry(parse_codec(cfg.token_codec).name if cfg.tokens else "fp16")
-        if entry["name"] == "pca":
+        name = parse_codec(cfg.token_codec).name if cfg.tokens else "fp16"
+        entry = {"name": name} if name == "pca" else codec_entry(name)
+        if name == "pca":
             barrier()  # the main rank fits the projection and creates the store first
             entry = (stored_codec(out) or (entry, None))[0]
     identity = {**identity, "token_codec": entry}
