@@ -40,7 +40,7 @@ import cospress  # noqa: E402, F401  first: it sets the OpenMP wait policy befor
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_distill import Bare, run_rates, spread  # noqa: E402
+from bench_distill import WARMUP_STEPS, Bare, spread  # noqa: E402
 
 from cospress.data.sources import open_source  # noqa: E402
 from cospress.distill import DistillConfig  # noqa: E402
@@ -227,6 +227,35 @@ def main() -> None:
     print(f"wrote {a.out}")
 
 
+def cli_rates(cfg: DistillConfig, steps: int) -> list[float]:
+    """Views/s of the timed steps of one `cospress distill` run, in a process of its own (as a user
+    runs it; a fresh process per run also keeps this one's memory flat)."""
+    import subprocess
+    import sys
+
+    from cospress.config import save_config
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "bench-config.yaml")
+    cmd = [
+        sys.executable,
+        "-m",
+        "cospress",
+        "-q",
+        "distill",
+        "--config",
+        str(out / "bench-config.yaml"),
+        "--no-progress",
+    ]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["images_per_s"] for r in rows if r.get("phase") == "train"][WARMUP_STEPS:]
+    if len(rates) < steps:
+        raise SystemExit(f"a run has {len(rates)} timed steps, fewer than --steps {steps}: raise --images")
+    return rates[:steps]
+
+
 def distill_rounds(a, work: Path, codecs: list[str]) -> dict:
     """Cached distill views/s per codec and the bare step, interleaved; ratios within each round."""
     common = dict(student="vit_tiny_patch16_224", student_size=64, batch_size=a.batch_size,
@@ -237,7 +266,7 @@ def distill_rounds(a, work: Path, codecs: list[str]) -> dict:
     phases = {"bare": lambda tag: bare.rates(a.steps)}
     for c in codecs:
         store = str(work / c.replace(":", "-"))
-        phases[c] = lambda tag, s=store, c=c: run_rates(
+        phases[c] = lambda tag, s=store, c=c: cli_rates(
             DistillConfig(store=s, out=str(work / f"run-{c.replace(':', '-')}-{tag}"), **common), a.steps
         )
     names, rounds = list(phases), []
