@@ -14,7 +14,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from cospress.errors import ConfigError  # noqa: E402
-from cospress.evaluate import EvalConfig, embed, images, models, run_knn_eval  # noqa: E402
+from cospress.evaluate import EvalConfig, embed, images, models, robustness, run_knn_eval  # noqa: E402
 from tests.helpers import make_image_folder, make_tiny_teacher_weights  # noqa: E402
 
 
@@ -357,3 +357,25 @@ def test_batches_fit_the_memory_budget():
     assert a64 * total64 <= 64 * 2**20  # the attack batch's activations fit the budget
     assert robustness.batch_sizes(large, 64, 1, cap=8)[1] == 1
     assert robustness.batch_sizes(large, 64, 10_000, cap=8) == (8, 8)
+
+
+def test_the_fidelity_teacher_is_embedded_in_batches_sized_for_itself(folders, tmp_path):
+    """The student's batch fits the budget at its own size; the fidelity teacher, larger, gets its own."""
+    root, train, test, _ = folders
+    cfg = EvalConfig(
+        model="random:test_vit@16",
+        train=f"folder:{train}",
+        test=f"folder:{test}",
+        k=[1, 5],
+        batch_size=64,
+        memory_budget_mb=1,
+        workers=0,
+        out=str(tmp_path / "out"),
+        cache_dir="none",
+        fidelity_teacher="random:test_vit@96",
+    )
+    report = run_knn_eval(cfg)
+    teacher = models.load_model("random:test_vit@96").model
+    want, _ = robustness.batch_sizes(teacher, 96, 1, 64)
+    assert report["fidelity"]["teacher_batch_size"] == want
+    assert want < report["batch_sizes"]["embed"]
