@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -96,9 +97,12 @@ class Bare:
 
 
 def run_rates(cfg: DistillConfig, steps: int) -> list[float]:
-    """Views/s of each step of one ``run_distill`` call, its warm-up steps left out."""
+    """Views/s of each step of one ``run_distill`` call (a fresh run folder, removed after), its
+    warm-up steps left out."""
+    shutil.rmtree(cfg.out, ignore_errors=True)
     run_distill(cfg)
     rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(cfg.out, ignore_errors=True)
     rates = [r["images_per_s"] for r in rows if r.get("phase") == "train"][WARMUP_STEPS:]
     if len(rates) < steps:
         raise SystemExit(f"a run has {len(rates)} timed steps, fewer than --steps {steps}: raise --images")
