@@ -57,7 +57,10 @@ def device_setting() -> Any:
 
 
 def precision_setting() -> Any:
-    return setting("auto", help="auto (bf16 on CUDA and on CPUs with AMX or AVX-512 BF16), bf16 or fp32; losses stay fp32.")
+    return setting(
+        "auto",
+        help="auto (bf16 on CUDA and on CPUs with AMX or AVX-512 BF16), bf16 or fp32; losses stay fp32.",
+    )
 
 
 def workers_setting(what: str) -> Any:
@@ -103,6 +106,27 @@ def erase_mode_setting(prefix: str = "") -> Any:
     )
 
 
+def _mapping_text(name: str, text: str) -> dict[str, Any]:
+    """A mapping given as text: a JSON object, or ``k=v,k=v`` with each value read as a YAML scalar."""
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{name}: expected a JSON object or k=v,k=v, got {text!r}") from None
+    import yaml
+
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, val = part.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{name}: {part!r} is not key=value; use e.g. depth=6,embed_dim=128")
+        out[key.strip()] = yaml.safe_load(val)
+    return out
+
+
 def _coerce(name: str, tp: Any, value: Any) -> Any:
     """Convert a YAML / CLI value to the field's declared type, or raise ConfigError."""
     if value is None:
@@ -124,10 +148,7 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         return tuple(out) if origin is tuple else out
     if origin is dict or tp is dict:
         if isinstance(value, str):
-            try:
-                value = json.loads(value) if value.strip() else {}
-            except json.JSONDecodeError:
-                raise ConfigError(f"{name}: expected a JSON object, got {value!r}") from None
+            value = _mapping_text(name, value)
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
         return value

@@ -118,3 +118,12 @@ def test_an_unknown_yaml_key_is_a_one_line_error(tmp_path) -> None:
     res = CliRunner().invoke(app, ["distill", "--config", str(tmp_path / "c.yaml")])
     assert res.exit_code == 2
     assert "unknown key(s) epochz" in res.output
+
+
+def test_a_mapping_flag_takes_json_or_key_value_pairs() -> None:
+    """--student-kwargs as its help says: a JSON object or k=v,k=v (the quickstart passes depth=6)."""
+    kv = load_config(DistillConfig, None, {"student_kwargs": "depth=6,embed_dim=128,qkv_bias=false"})
+    assert kv.student_kwargs == {"depth": 6, "embed_dim": 128, "qkv_bias": False}
+    assert load_config(DistillConfig, None, {"student_kwargs": '{"depth": 6}'}).student_kwargs == {"depth": 6}
+    res = CliRunner().invoke(app, ["distill", "--store", "s", "--student-kwargs", "depth"])
+    assert res.exit_code == 2 and "'depth' is not key=value" in res.output
