@@ -39,11 +39,10 @@ STUDENT_SIZE = 64
 METHODS = ("cospress", "cosine")
 OOD_CLASSES = "5,6,7,8,9"
 
-# Sized on the 2-core build machine: the store writes ~150 images/s (4 views at 112 px), a distill
-# step of 192 views takes ~0.4 s on idle cores (bf16 with AMX, one loader process), and each evaluation
-# embeds 350-1,600 images/s. `full` (6,000 images x 4 epochs) took 9.2 minutes on idle cores; the
-# earlier 3,000 x 3 took 3.4 minutes but left the students undertrained (CosPress 66.0 vs cosine 67.4
-# kNN, against 77.2 vs 70.6 now). `fast` takes about 1 minute.
+# Sized on the 2-core build machine: `full` took 8 minutes on 2 cores with AVX-512 BF16 (bf16
+# autocast) beside another training run (extract 1.5 min, each distill of the 6-block ViT-Ti 2.5-2.7,
+# each evaluation 0.3-0.5); the 12-block ViT-Ti of earlier versions took 9.2 minutes on idle AMX
+# cores. `fast` takes about 1 minute.
 SIZES = {
     "full": {"train": 6000, "views": 4, "epochs": 4, "warmup": 0.5, "batch": 192, "test": 1000},
     "fast": {"train": 256, "views": 3, "epochs": 1, "warmup": 0.3, "batch": 96, "test": 200},
