@@ -184,6 +184,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed rounds of the distill phases")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--no-distill", action="store_true", help="skip (e): footprint, fidelity and reads only")
+    ap.add_argument("--distill-codecs", default="", help="codecs timed in (e), e.g. fp16,int8 [default: all]")
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default="bench-store.json")
     a = ap.parse_args()
@@ -217,10 +218,11 @@ def main() -> None:
     fp16 = result["codecs"]["fp16"]["bytes_per_view"]
     for r in result["codecs"].values():
         r["bytes_ratio_to_fp16"] = r["bytes_per_view"] / fp16
-    result["distill"] = None if a.no_distill else distill_rounds(a, work, list(codecs))
+    timed = [c for c in codecs if not a.distill_codecs or c.split(":")[0] in a.distill_codecs.split(",")]
+    result["distill"] = None if a.no_distill else distill_rounds(a, work, timed)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     for codec, r in result["codecs"].items():
-        d = result["distill"]["cached_over_bare"][codec] if result["distill"] else {"median": float("nan")}
+        d = (result["distill"] or {}).get("cached_over_bare", {}).get(codec, {"median": float("nan")})
         print(f"{codec:8s} {r['bytes_per_view'] / 1e3:7.1f} KB/view ({r['bytes_ratio_to_fp16']:.3f} of fp16), "
               f"cos err {r['fidelity']['cos_abs_err_mean']:.2e}, reads 1w {r['read_1w_views_per_s']:.0f} / "
               f"2w {r['read_2w_views_per_s']:.0f} views/s, distill/bare {d['median']:.2f}")  # fmt: skip
