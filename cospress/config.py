@@ -106,7 +106,7 @@ def erase_mode_setting(prefix: str = "") -> Any:
     )
 
 
-def _mapping_text(name: str, text: str) -> dict[str, Any]:
+def mapping_from_text(name: str, text: str) -> dict[str, Any]:
     """A mapping given as text: a JSON object, or ``k=v,k=v`` with each value read as a YAML scalar."""
     text = text.strip()
     if not text:
@@ -148,7 +148,7 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         return tuple(out) if origin is tuple else out
     if origin is dict or tp is dict:
         if isinstance(value, str):
-            value = _mapping_text(name, value)
+            value = mapping_from_text(name, value)
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
         return value

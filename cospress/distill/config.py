@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from cospress import config as shared
-from cospress.config import setting
+from cospress.config import mapping_from_text, setting
 from cospress.errors import ConfigError
 
 METHODS = ("cospress", "cosine", "mse", "smooth-l1")
@@ -111,26 +110,9 @@ class DistillConfig:
 
 def parse_kwargs(value: Any) -> dict[str, Any]:
     """``student_kwargs`` from a dict, a JSON object, or ``k=v,k=v`` (values parsed as YAML scalars)."""
-    if value is None or value == "":
-        return {}
     if isinstance(value, dict):
         return dict(value)
-    text = str(value).strip()
-    if text.startswith("{"):
-        try:
-            out = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"student_kwargs is not valid JSON: {e}") from None
-        return dict(out)
-    import yaml
-
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        k, sep, v = part.partition("=")
-        if not sep:
-            raise ConfigError(f"student_kwargs: {part!r} is not key=value; use e.g. depth=2,embed_dim=32")
-        out[k.strip()] = yaml.safe_load(v)
-    return out
+    return mapping_from_text("student_kwargs", "" if value is None else str(value))
 
 
 def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
