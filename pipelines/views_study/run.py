@@ -119,7 +119,8 @@ class Study:
 
     def steps(self, arm: str, seed: int) -> int:
         metrics = self.out / f"{arm}-s{seed}" / "metrics.jsonl"
-        return sum(1 for line in metrics.read_text().splitlines() if '"step"' in line and '"loss' in line)
+        rows = (json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
+        return sum(1 for r in rows if r.get("phase") == "train")
 
 
 def row(study: Study, arm: str, seed: int, report: dict) -> dict:
