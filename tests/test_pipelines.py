@@ -138,8 +138,9 @@ def test_fashion_mnist_recipe_matches_the_reference_setup():
     e = load_config(ExtractConfig, PIPELINES / "fashion_mnist" / "extract.yaml", {})
     d = load_config(DistillConfig, PIPELINES / "fashion_mnist" / "distill-cospress.yaml", {})
     c = load_config(DistillConfig, PIPELINES / "fashion_mnist" / "distill-cosine.yaml", {})
-    assert (e.image_size, e.views, e.teacher) == (112, 6, "efficientnet_lite0")
-    assert (d.batch_size, d.epochs, d.student_size) == (192, 5, 64)
+    assert (e.image_size, e.views, e.teacher) == (112, 8, "efficientnet_lite0")
+    assert (d.batch_size, d.epochs, d.student_size) == (192, 45, 64)
+    assert (c.epochs, c.views_per_image, c.lr) == (d.epochs, d.views_per_image, d.lr)  # the same budget
     assert c.method == "cosine" and d.method == "cospress" and c.store == d.store == e.out
 
 
