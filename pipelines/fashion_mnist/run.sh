@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fashion-MNIST recipe, the best student in an hour: 10k stratified train / 2k test, efficientnet_lite0
 # @ 112 (K = 8 views) -> ViT-Ti/16 @ 64, 45 epochs; CosPress, then cosine feature distillation at the
-# same budget. About 3 minutes for the store and 50 per distill run on 2 CPU cores, ~2 hours in all
-# with the evaluations. Rerun to resume. Wall time of every stage goes to runs/fmnist/times.tsv.
+# same budget. About 2 minutes for the store and 45 per distill run on 2 CPU cores (bf16), ~1.7 hours
+# in all with the evaluations. Rerun to resume. Wall time of every stage goes to runs/fmnist/times.tsv.
 #   bash pipelines/fashion_mnist/run.sh            (from the repository root; SEEDS="0 1" for two seeds)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -45,13 +45,25 @@ for method in cospress cosine; do
   done
 done
 
-# 4. one line per model
+# 4. one row per model, printed and written to $RUNS/results.md (with the wall time of every stage)
 "$PY" - "$RUNS" <<'PYEOF'
 import json, pathlib, sys
 runs = pathlib.Path(sys.argv[1])
-print(f"{'model':28s} {'top-1 %':>8s} {'AUROC':>7s} {'FPR95 %':>8s} {'Spearman':>9s} {'10-NN':>6s}")
+rows = ["| model | kNN top-1 % | OOD AUROC | FPR95 % | Spearman ρ | 10-NN overlap | corruptions top-1 % | params M | GFLOPs |",
+        "|---|---|---|---|---|---|---|---|---|"]
 for rep in sorted(runs.glob("eval-*/report.json")):
-    r = json.loads(rep.read_text()); f = r.get("fidelity") or {}
-    sp, ov = f.get("spearman", 1.0), f.get("knn10_overlap", 1.0)
-    print(f"{rep.parent.name:28s} {r['top1']:8.2f} {r['auroc']:7.3f} {100 * r['fpr95']:8.1f} {sp:9.3f} {ov:6.3f}")
+    r = json.loads(rep.read_text()); f = r.get("fidelity") or {}; m = r["model"]
+    corr = (r.get("robustness") or {}).get("mean_corruption_top1")
+    cost = [m.get("params", 0) / 1e6, m.get("gflops_per_image")]
+    rows.append(f"| {rep.parent.name[5:]} | {r['top1']:.1f} | {r['auroc']:.3f} | {100 * r['fpr95']:.1f} | "
+                f"{f.get('spearman', 1.0):.3f} | {f.get('knn10_overlap', 1.0):.3f} | "
+                + (f"{corr:.1f}" if corr is not None else "—") + " | "
+                + (f"{cost[0]:.2f} | {cost[1]:.3f} |" if cost[1] else "— | — |"))
+times = runs / "times.tsv"
+if times.is_file():
+    rows += ["", "| stage | wall time (min) |", "|---|---|"]
+    rows += [f"| {n} | {float(t) / 60:.1f} |" for n, t in (l.split("\t") for l in times.read_text().split("\n") if l)]
+text = "\n".join(rows) + "\n"
+(runs / "results.md").write_text(text)
+print(text, end="")
 PYEOF
