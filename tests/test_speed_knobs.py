@@ -72,6 +72,29 @@ def test_malloc_tuning_is_on_by_default_and_can_be_turned_off():
     assert _python(code, COSPRESS_MALLOC_TUNING="0") == "False False"
 
 
+def test_tuned_malloc_keeps_a_freed_heap_larger_than_the_old_2_gib_trim_threshold():
+    # 2.5 GiB in 100 MiB blocks (heap, below the 1 GiB mmap threshold), touched, then freed: with
+    # trimming off the pages stay resident for the next step; a 2 GiB threshold handed them back
+    code = (
+        "import numpy as np, os\n"
+        "from cospress.runtime import tune_malloc\n"
+        "tuned = tune_malloc()\n"
+        "page = os.sysconf('SC_PAGE_SIZE')\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * page / 2**30\n"
+        "blocks = [np.ones(100 * 2**20, np.uint8) for _ in range(25)]\n"
+        "peak = rss()\n"
+        "del blocks\n"
+        "print(tuned, round(peak, 1), round(rss(), 1))"
+    )
+    if sys.platform != "linux":
+        pytest.skip("glibc (Linux) only")
+    tuned, peak, after = _python(code).split()
+    assert tuned == "True" and float(peak) >= 2.5
+    assert float(after) >= float(peak) - 0.2, f"freed heap handed back: {peak} -> {after} GiB resident"
+    _, peak, after = _python(code, COSPRESS_MALLOC_TUNING="0").split()
+    assert float(after) < 1.0  # untuned: glibc's default returns it (the test can tell the two apart)
+
+
 def test_importing_cospress_sets_a_passive_openmp_wait_policy_unless_the_user_chose_one():
     code = "import os, cospress; print(os.environ['OMP_WAIT_POLICY'])"
     assert _python(code) == "PASSIVE"
