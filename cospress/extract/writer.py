@@ -156,10 +156,11 @@ def open_store(
         entry, projection = choose_codec(cfg, source, teacher)
     else:
         name = parse_codec(cfg.token_codec).name if cfg.tokens else "fp16"
-        entry = {"name": name} if name == "pca" else codec_entry(name)
         if name == "pca":
             barrier()  # the main rank fits the projection and creates the store first
-            entry = (stored_codec(out) or (entry, None))[0]
+            entry = (stored_codec(out) or ({"name": name}, None))[0]
+        else:
+            entry = codec_entry(name)
     identity = {**identity, "token_codec": entry}
     layout = dataclasses.replace(
         layout, token_codec=entry["name"], token_dim=int(entry.get("components") or layout.dim)

@@ -101,8 +101,14 @@ def run_rates(cfg: DistillConfig, steps: int) -> list[float]:
     warm-up steps left out."""
     shutil.rmtree(cfg.out, ignore_errors=True)
     run_distill(cfg)
-    rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    rates = timed_rates(Path(cfg.out), steps)
     shutil.rmtree(cfg.out, ignore_errors=True)
+    return rates
+
+
+def timed_rates(out: Path, steps: int) -> list[float]:
+    """Views/s of the first ``steps`` training steps after the warm-up in run folder ``out``'s metrics."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in rows if r.get("phase") == "train"][WARMUP_STEPS:]
     if len(rates) < steps:
         raise SystemExit(f"a run has {len(rates)} timed steps, fewer than --steps {steps}: raise --images")

@@ -11,8 +11,8 @@ Per codec (fp16, int8, pca:K), in one run:
 (d) stage-2 target reads from the local disk: a DataLoader with 1 and 2 workers reading batches of
     ``--batch-images`` rows x R views as stage 2's workers do (`distill.data.read_targets`: float16,
     an int8 store's tokens kept int8), views/s and GB/s (of float16 targets, and of bytes on disk);
-(e) cached distillation (`run_distill`, 1 worker, student ViT-Ti/16 @ 64 px, as bench_distill.py) over
-    the bare training step, phases interleaved over rounds (`bench_distill.Bare` / `run_rates`).
+(e) cached distillation (`cospress distill` in a process of its own, 1 worker, student ViT-Ti/16 @ 64
+    px) over the bare training step (`bench_distill.Bare`), phases interleaved over rounds.
 
 The stores hold seeded synthetic tokens with a teacher's structure (a per-view offset and a low-rank
 part in shared subspaces, plus noise; `--rank`), not a real DINOv2's: a random-init ViT-S/14 runs at
@@ -40,7 +40,7 @@ import cospress  # noqa: E402, F401  first: it sets the OpenMP wait policy befor
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_distill import WARMUP_STEPS, Bare, spread  # noqa: E402
+from bench_distill import Bare, spread, timed_rates  # noqa: E402
 
 from cospress.data.sources import open_source  # noqa: E402
 from cospress.distill import DistillConfig  # noqa: E402
@@ -251,11 +251,7 @@ def cli_rates(cfg: DistillConfig, steps: int) -> list[float]:
         "--no-progress",
     ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["images_per_s"] for r in rows if r.get("phase") == "train"][WARMUP_STEPS:]
-    if len(rates) < steps:
-        raise SystemExit(f"a run has {len(rates)} timed steps, fewer than --steps {steps}: raise --images")
-    return rates[:steps]
+    return timed_rates(out, steps)
 
 
 def distill_rounds(a, work: Path, codecs: list[str]) -> dict:
