@@ -39,8 +39,8 @@ STUDENT_SIZE = 64
 METHODS = ("cospress", "cosine")
 OOD_CLASSES = "5,6,7,8,9"
 
-# Sized on the 2-core build machine: `full` took 8 minutes on 2 cores with AVX-512 BF16 (bf16
-# autocast) beside another training run (extract 1.5 min, each distill of the 6-block ViT-Ti 2.5-2.7,
+# Sized on the 2-core build machine: `full` took 5.2 minutes alone on 2 cores with AVX-512 BF16 (bf16
+# autocast), 8 beside another training run (extract 1.5 min, each distill of the 6-block ViT-Ti 2.5-2.7,
 # each evaluation 0.3-0.5); the 12-block ViT-Ti of earlier versions took 9.2 minutes on idle AMX
 # cores. `fast` takes about 1 minute.
 SIZES = {
