@@ -4,13 +4,16 @@
 # same budget. About 2 minutes for the store and 45 per distill run on 2 CPU cores (bf16), ~1.7 hours
 # in all with the evaluations. Rerun to resume. Wall time of every stage goes to runs/fmnist/times.tsv.
 #   bash pipelines/fashion_mnist/run.sh            (from the repository root; SEEDS="0 1" for two seeds)
+# Variants: RUNS=DIR for another results folder, DISTILL_ARGS="..." for distill flags of both arms, e.g.
+#   RUNS=runs/fmnist6 DISTILL_ARGS="--student-kwargs depth=6 --epochs 55 --warmup-epochs 5.5" bash pipelines/fashion_mnist/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1
 PY=${PY:-.venv/bin/python}
 HERE=pipelines/fashion_mnist
 STORE=stores/fmnist-10k-lite0-112-k8
-RUNS=runs/fmnist
+RUNS=${RUNS:-runs/fmnist}
+DISTILL_ARGS=${DISTILL_ARGS:-}
 SEEDS=${SEEDS:-"0"}
 TEACHER_SPEC=teacher:efficientnet_lite0@112
 mkdir -p $RUNS
@@ -38,7 +41,7 @@ timed eval-teacher "$PY" -m cospress knn-eval --config $HERE/eval.yaml --model $
 for method in cospress cosine; do
   for seed in $SEEDS; do
     run=$RUNS/$method-seed$seed
-    timed "distill-$method-seed$seed" "$PY" -m cospress distill --config $HERE/distill-$method.yaml --store $STORE --seed "$seed" --out "$run" --resume
+    timed "distill-$method-seed$seed" "$PY" -m cospress distill --config $HERE/distill-$method.yaml --store $STORE --seed "$seed" --out "$run" --resume $DISTILL_ARGS
     "$PY" -m cospress export "$run" --out "$run/export"
     timed "eval-$method-seed$seed" "$PY" -m cospress knn-eval --config $HERE/eval.yaml --model "$run/export" \
       --fidelity-teacher $TEACHER_SPEC --out "$RUNS/eval-$method-seed$seed"
