@@ -57,9 +57,7 @@ def tune_malloc() -> bool:
         return False
     _MALLOC_TUNED = bool(ok)
     if ok:
-        log.debug(
-            "glibc malloc: mmap threshold 1 GiB, no trimming (COSPRESS_MALLOC_TUNING=0 turns this off)"
-        )
+        log.debug("glibc malloc: mmap threshold 1 GiB, no trimming (COSPRESS_MALLOC_TUNING=0 turns this off)")
     return _MALLOC_TUNED
 
 
