@@ -207,6 +207,19 @@ def test_recipe_scripts_are_valid_bash_with_real_flags(script):
         assert (path.parent / ref).is_file(), f"{script} refers to a missing {ref}"
 
 
+def test_fashion_mnist_distill_args_examples_use_real_distill_flags():
+    # run.sh passes DISTILL_ARGS to both arms' `cospress distill`; its header and the recipe README
+    # show the 6-block variant that way
+    flags = _flags_by_command()
+    examples = []
+    for path in (PIPELINES / "fashion_mnist" / "run.sh", PIPELINES / "fashion_mnist" / "README.md"):
+        found = re.findall(r'DISTILL_ARGS="(--[^"$]+)"', path.read_text())
+        assert found, f"{path.name} shows no DISTILL_ARGS example"
+        examples += [(path.name, f) for f in found]
+    for where, args in examples:
+        _check_command(["distill", *shlex.split(args)], flags, where)
+
+
 def test_cli_reference_is_current():
     res = subprocess.run(
         [sys.executable, str(PIPELINES / "tools" / "gen_cli_docs.py"), "--check"],
