@@ -35,7 +35,7 @@ from numcodecs import Blosc
 
 from cospress.errors import StoreError
 
-__all__ = ["ShardLayout", "ShardFileReader", "encode_shard"]
+__all__ = ["ShardLayout", "ShardFileReader", "ShardBlob", "encode_shard"]
 
 _EMPTY = np.uint64(2**64 - 1)  # offset and nbytes of a chunk that is not stored
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
@@ -299,3 +299,46 @@ class ShardFileReader:
             else:
                 out[sel] = self._decode(blob[offset : offset + nbytes], key)
         return out[:rows]
+
+
+class ShardBlob:
+    """One array's shard file held in memory (fetched whole, e.g. by the stream reader): its index is
+    checked once, and an inner chunk costs one blosc decode. The same decoding as
+    :class:`ShardFileReader`, over bytes instead of a file."""
+
+    def __init__(self, blob: bytes, layout: ShardLayout, name: str) -> None:
+        self.blob, self.layout, self.name = blob, layout, name
+        want = layout.index_nbytes()
+        raw = blob[-want:] if len(blob) >= want else b""
+        if len(raw) != want:
+            raise StoreError(f"shard file {name} is truncated; run `cospress verify` on the store")
+        body, crc = raw[:-4], int(np.frombuffer(raw[-4:], "<u4")[0])
+        if google_crc32c.value(body) != crc:
+            raise StoreError(
+                f"the index of shard file {name} is corrupted; run `cospress verify` on the store"
+            )
+        self.index = np.frombuffer(body, "<u8").reshape(*layout.grid, 2)
+        self.codec = layout.codec()
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.blob)
+
+    def read(self, local: tuple[int, ...]) -> np.ndarray:
+        """The values under leading local indices ``local`` (a row, or a (row, view)) whose inner chunk
+        they fill exactly: shape ``layout.chunk[len(local):]``."""
+        lay = self.layout
+        coords = tuple(local) + (0,) * (len(lay.grid) - len(local))
+        offset, nbytes = (int(v) for v in self.index[coords])
+        shape = lay.chunk[len(local) :]
+        if offset == int(_EMPTY):
+            return np.full(shape, lay.fill_value, dtype=lay.dtype)
+        if offset + nbytes > len(self.blob) - lay.index_nbytes():
+            raise StoreError(f"shard file {self.name} is truncated; run `cospress verify` on the store")
+        try:
+            out = np.frombuffer(self.codec.decode(memoryview(self.blob)[offset : offset + nbytes]), lay.dtype)
+            return out.reshape(shape)
+        except (RuntimeError, ValueError) as e:
+            raise StoreError(
+                f"a chunk of shard file {self.name} cannot be decoded ({e}); run `cospress verify` on the store"
+            ) from None

@@ -1,0 +1,110 @@
+"""The stream reader (store/stream.py): the order of an epoch (deterministic, no row lost or repeated,
+ranks and lanes disjoint, resumable at any step) and its rows equal to the random-access reader's."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from cospress.store.reader import StoreReader  # noqa: E402
+from cospress.store.stream import StreamOrder, StreamReader, gather, lane_batches, shard_order  # noqa: E402
+from tests.test_distill import make_store  # noqa: E402
+
+
+class _NoFetch:
+    """A stand-in fetcher for order-only tests: no files (the rows are what is checked)."""
+
+    def prefetched(self, shards, depth):
+        yield from ((int(s), {}) for s in shards)
+
+
+def _epoch(order: StreamOrder, start: int = 0) -> dict[int, np.ndarray]:
+    """Global step -> rows of one rank's epoch, interleaving the lanes as the loader does."""
+    out = {}
+    for lane in range(order.lanes):
+        for j, rows, _ in lane_batches(order, lane, order.first_batch(lane, start), _NoFetch()):
+            out[j * order.lanes + lane] = rows.copy()
+    return dict(sorted(out.items()))
+
+
+def _order(train, **kw) -> StreamOrder:
+    base = dict(shard_size=16, num_shards=int(train.max()) // 16 + 1, seed=3, epoch=1, batch=5)
+    return StreamOrder(train_rows=train, **{**base, **kw})
+
+
+TRAIN = np.setdiff1d(np.arange(16 * 24 - 7), [3, 40, 41, 100, 200])  # a short last shard, some held out
+
+
+@pytest.mark.parametrize("lanes,buffer", [(1, 1), (1, 4), (3, 2), (2, 5)])
+def test_one_epoch_is_deterministic_and_has_no_row_twice(lanes, buffer):
+    order = _order(TRAIN, lanes=lanes, buffer=buffer)
+    steps = _epoch(order)
+    assert list(steps) == list(range(len(order)))  # every step, in order
+    rows = np.concatenate(list(steps.values()))
+    assert len(rows) == len(np.unique(rows)) == len(order) * order.batch  # no row twice
+    assert set(rows) <= set(TRAIN)
+    # at most about one shard per lane is left out of an epoch
+    assert len(TRAIN) - len(rows) <= lanes * (16 + order.batch)
+    again = _epoch(_order(TRAIN, lanes=lanes, buffer=buffer))
+    assert all(np.array_equal(steps[k], again[k]) for k in steps)
+    other = _epoch(_order(TRAIN, lanes=lanes, buffer=buffer, epoch=2))
+    assert any(not np.array_equal(steps[k], other[k]) for k in steps)  # reshuffled each epoch
+
+
+def test_a_buffer_mixes_several_shards_in_a_batch():
+    order = _order(TRAIN, buffer=4, batch=8)
+    batch = _epoch(order)[1]
+    assert len(set(batch // 16)) >= 3
+
+
+def test_ranks_read_disjoint_shards_and_run_the_same_steps():
+    orders = [_order(TRAIN, world=3, rank=r, lanes=2) for r in range(3)]
+    assert len({len(o) for o in orders}) == 1
+    shards = [set(np.concatenate([o.lane_shards(lane) for lane in range(2)])) for o in orders]
+    assert set.union(*shards) == set(range(orders[0].num_shards))
+    assert sum(len(s) for s in shards) == orders[0].num_shards  # disjoint
+    rows = [np.concatenate(list(_epoch(o).values())) for o in orders]
+    assert all(set(rows[r] // 16) <= shards[r] for r in range(3))
+    allrows = np.concatenate(rows)
+    assert len(allrows) == len(np.unique(allrows))
+
+
+@pytest.mark.parametrize("start", [1, 4, 7])
+def test_resume_at_any_step_gives_the_rest_of_the_epoch(start):
+    order = _order(TRAIN, lanes=3, buffer=2)
+    full, rest = _epoch(order), _epoch(order, start)
+    assert list(rest) == list(range(start, len(order)))
+    assert all(np.array_equal(full[k], rest[k]) for k in rest)
+
+
+def test_shard_order_is_a_permutation_per_seed_and_epoch():
+    a = shard_order(50, 0, 0)
+    assert sorted(a) == list(range(50))
+    assert not np.array_equal(a, shard_order(50, 0, 1)) and not np.array_equal(a, shard_order(50, 1, 0))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("stream"), n=23, k=3, shard_size=5)[0]
+
+
+@pytest.mark.parametrize("prefix", ["", "file://"])
+def test_streamed_rows_equal_the_random_access_reader(store, prefix):
+    reader = StoreReader(store)
+    stream = StreamReader(prefix + store, ("cls", "views", "tokens"))
+    train = np.arange(reader.num_rows)
+    order = StreamOrder(
+        train_rows=train, shard_size=5, num_shards=reader.num_shards, seed=0, epoch=0, batch=4
+    )
+    seen = 0
+    for _, rows, held in lane_batches(order, 0, 0, stream, depth=1):
+        views = np.stack([np.array([2, 0]) if r % 2 else np.array([1, 2]) for r in rows])
+        got = gather(held, 5, rows, views)
+        want = reader.read_rows(rows, views=views)
+        for name in ("cls", "views", "tokens"):
+            np.testing.assert_array_equal(got[name], want[name])
+        seen += len(rows)
+    assert seen == len(order) * 4
+    assert stream.gets == 3 * reader.num_shards  # one GET per array shard in the epoch
