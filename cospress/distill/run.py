@@ -45,6 +45,7 @@ from cospress.distill.data import (
 )
 from cospress.distill.model import DistillModel, Schedule, compile_student, make_optimizer, train_step
 from cospress.distill.prefetch import prefetch, prepare_batch
+from cospress.distill.reuse import ReuseLog
 from cospress.distill.state import (
     MetricsLog,
     RunState,
@@ -91,8 +92,7 @@ def train(
     model = build_model(cfg, data, device, rank=ctx.rank)
     # resume
     at, state = resume(cfg, out, model)
-    if ctx.is_main:
-        start_run_folder(cfg, out, targets_header(data), model.student, at if state is not None else None)
+    reuse = start_run(cfg, out, data, model, at, resumed=state is not None, ctx=ctx)
     with MetricsLog(out / "metrics.jsonl", ctx.is_main) as metrics:
         # optimizer (with compressor_first: the compressor is fitted and frozen first)
         opt = make_optimizer(model, cfg, data, fit=state is None, log_metric=metrics.write)
@@ -124,6 +124,7 @@ def train(
                     save("last")
                 t0 = time.perf_counter()
             at.epoch, at.position, last = at.epoch + 1, 0, metrics.flush()
+            reuse.epoch_done(at.epoch - 1, at.step, metrics.write)
             # validation + best (rank 0)
             if ctx.is_main:
                 row = validate_epoch(model, data, cfg, device, decode, epoch=at.epoch - 1, step=at.step)
@@ -139,6 +140,22 @@ def train(
 
 
 # --------------------------------------------------------------------------- set-up
+def start_run(
+    cfg: DistillConfig,
+    out: Path,
+    data: TrainData,
+    model: DistillModel,
+    at: RunState,
+    *,
+    resumed: bool,
+    ctx: runtime.DistContext,
+) -> ReuseLog:
+    """The run folder's header (rank 0), then the reuse accounting: its start-up line, a row per epoch."""
+    if ctx.is_main:
+        start_run_folder(cfg, out, targets_header(data), model.student, at if resumed else None)
+    return ReuseLog(cfg, data, out, at.epoch, ctx.is_main)
+
+
 def prepare(cfg: DistillConfig) -> DistillConfig:
     """Check the settings against the store before anything starts (the CLI calls this before its
     progress bar); returns ``cfg`` with ``views_per_image`` resolved (None: min(3, stored views)).

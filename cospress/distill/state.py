@@ -230,7 +230,7 @@ def trim_metrics(path: Path, step: int, epoch: int) -> None:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if row.get("phase") == "val" and row.get("epoch", 0) >= epoch:
+        if row.get("phase") in ("val", "reuse") and row.get("epoch", 0) >= epoch:
             continue
         if row.get("phase") == "train" and row.get("step", 0) > step:
             continue

@@ -1,0 +1,194 @@
+"""Reuse: how many times a run shows each stored view (epochs x R / stored views), from its batch plan.
+
+A store holds a fixed set of views of every image; a long schedule shows each of them many times.
+The reuse study (docs/results.md, "The reuse curve") measured a cached student against online
+distillation (fresh views every step) up to :data:`MEASURED_REUSE`; :data:`LOSS_REUSE` is the reuse
+at which it measured a cached student more than 1 point of kNN top-1 behind online (None: no such
+point up to the highest reuse measured). A run planned beyond either gets one warning line.
+
+Counts are exact: they replay :class:`~cospress.distill.data.BatchPlan` (the epoch order and the R
+views drawn for every row) for up to :data:`COUNTED_ROWS` training rows (all of them in a run with
+fewer), so a resumed run counts the same.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cospress.distill.data import choose_views, epoch_permutation
+from cospress.utils import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+MEASURED_REUSE = 100.0  # the highest reuse the reuse study measured
+LOSS_REUSE: float | None = None  # the lowest reuse where it measured a loss > 1 point (None: none)
+COUNTED_ROWS = 4096
+STUDY = "docs/results.md#the-reuse-curve"
+
+
+def planned_reuse(epochs: float, views_per_image: int, stored_views: int) -> float:
+    """Times each stored view is shown over a run, on average: epochs x R / stored views."""
+    return float(epochs) * views_per_image / max(stored_views, 1)
+
+
+def recommend_k(epochs: float, views_per_image: int, limit: float | None = None) -> int:
+    """The fewest stored views that keep the planned reuse within ``limit`` (default: the safe reuse)."""
+    limit = safe_reuse() if limit is None else limit
+    return max(views_per_image, math.ceil(float(epochs) * views_per_image / limit))
+
+
+def safe_reuse() -> float:
+    """The reuse up to which the study found a cached student within 1 point of online."""
+    return LOSS_REUSE if LOSS_REUSE is not None else MEASURED_REUSE
+
+
+def reuse_warning(epochs: float, views_per_image: int, stored_views: int) -> str | None:
+    """One line when the planned reuse passes what the study measured as safe, with the K that avoids it."""
+    reuse = planned_reuse(epochs, views_per_image, stored_views)
+    if reuse <= safe_reuse():
+        return None
+    k = recommend_k(epochs, views_per_image)
+    if LOSS_REUSE is not None:
+        what = f"the reuse study measured a cached student > 1 point behind online from reuse {LOSS_REUSE:g}"
+    else:
+        what = f"the reuse study measured no loss up to reuse {MEASURED_REUSE:g}; beyond it is unmeasured"
+    return (
+        f"planned reuse {reuse:.3g} (each stored view shown ~{reuse:.3g} times: {epochs:g} epochs x R={views_per_image}"
+        f" / {stored_views} stored views): {what} ({STUDY}); a store with K >= {k} views keeps it within"
+        f" {safe_reuse():g} (extract-teacher --views {k}; or train online with --teacher)"
+    )
+
+
+def plan_line(
+    images: int, epochs: float, views_per_image: int, stored_views: int | None, store_bytes: int | None = None
+) -> str:
+    """The planner's one line: reuse, distinct views per image, store size and the K the study recommends."""
+    if stored_views is None:
+        return (
+            f"reuse: fresh views (online): {images} images x {epochs:g} epochs x R={views_per_image} = "
+            f"{images * epochs * views_per_image:,.0f} teacher forwards, each view shown once"
+        )
+    reuse = planned_reuse(epochs, views_per_image, stored_views)
+    size = f", store {store_bytes / 2**20:,.1f} MiB" if store_bytes else ""
+    return (
+        f"reuse: {images} images x {stored_views} stored views{size}; {epochs:g} epochs x R={views_per_image} "
+        f"show each stored view ~{reuse:.1f} times ({min(stored_views, epochs * views_per_image):g} distinct views"
+        f" per image); recommended K for this schedule: >= {recommend_k(epochs, views_per_image)}"
+        f" (reuse <= {safe_reuse():g}, {STUDY})"
+    )
+
+
+@dataclass
+class ReuseCounter:
+    """Times each stored view of the counted training rows has been shown, epoch by epoch.
+
+    ``stored_views`` None: online (every view is fresh: shown once; distinct views grow by R per epoch).
+    """
+
+    train_rows: np.ndarray
+    seed: int
+    views_per_image: int
+    images_per_batch: int
+    stored_views: int | None
+
+    def __post_init__(self) -> None:
+        rows = np.asarray(self.train_rows, dtype=np.int64)
+        pick = np.linspace(0, len(rows) - 1, min(len(rows), COUNTED_ROWS)).round().astype(np.int64)
+        self.counted = rows[np.unique(pick)] if len(rows) else rows
+        self.shown_epochs = np.zeros(len(self.counted), dtype=np.int64)
+        self.counts = np.zeros((len(self.counted), self.stored_views or 1), dtype=np.int64)
+
+    def add_epoch(self, epoch: int) -> None:
+        """Count the views shown in ``epoch`` (the full batches of its plan)."""
+        order = epoch_permutation(np.asarray(self.train_rows, dtype=np.int64), self.seed, epoch)
+        used = order[: (len(order) // self.images_per_batch) * self.images_per_batch]
+        shown = np.isin(self.counted, used)
+        self.shown_epochs += shown
+        if self.stored_views is None:
+            return
+        for i in np.flatnonzero(shown):
+            row = int(self.counted[i])
+            self.counts[i, choose_views(self.seed, epoch, row, self.stored_views, self.views_per_image)] += 1
+
+    def record(self, epoch: int) -> dict[str, Any]:
+        """The metrics row after ``epoch``: shown_mean / shown_max per stored view, distinct views per image."""
+        base = {"phase": "reuse", "epoch": epoch, "views_per_image": self.views_per_image}
+        base["rows_counted"] = len(self.counted)
+        if self.stored_views is None:
+            distinct = self.shown_epochs * self.views_per_image
+            return {**base, "fresh": True, "stored_views": None, "shown_mean": 1.0, "shown_max": 1,
+                    "distinct_views_mean": float(distinct.mean()) if len(distinct) else 0.0}  # fmt: skip
+        counts = self.counts
+        return {
+            **base,
+            "fresh": False,
+            "stored_views": self.stored_views,
+            "shown_mean": float(counts.mean()) if counts.size else 0.0,
+            "shown_max": int(counts.max()) if counts.size else 0,
+            "distinct_views_mean": float((counts > 0).sum(axis=1).mean()) if counts.size else 0.0,
+        }
+
+
+def reuse_header(
+    images: int, epochs: float, views_per_image: int, stored_views: int | None, store_bytes: int | None
+) -> dict[str, Any]:
+    """run.json's "reuse" entry at the start: the plan (and the warning, if any); per-epoch rows follow."""
+    fresh = stored_views is None
+    return {
+        "fresh": fresh,
+        "images": images,
+        "stored_views": stored_views,
+        "views_per_image": views_per_image,
+        "epochs": epochs,
+        "planned_reuse": None if fresh else planned_reuse(epochs, views_per_image, stored_views),
+        "recommended_k": recommend_k(epochs, views_per_image),
+        "store_bytes": store_bytes,
+        "safe_reuse": safe_reuse(),
+        "warning": None if fresh else reuse_warning(epochs, views_per_image, stored_views),
+        "per_epoch": [],
+    }
+
+
+class ReuseLog:
+    """Reuse accounting of one run: the start-up line (and warning), then one "reuse" metrics row and
+    one run.json entry per epoch. ``data``: the run's TrainData; epochs before ``start_epoch`` (resume)
+    are counted again, silently."""
+
+    def __init__(self, cfg: Any, data: Any, out: Path, start_epoch: int, enabled: bool) -> None:
+        self.enabled, self.run_json = enabled, Path(out) / "run.json"
+        stored = None if data.online is not None else int(data.reader.stored_views)
+        r, train = int(cfg.views_per_image), data.split.train
+        self.counter = ReuseCounter(train, cfg.seed, r, cfg.batch_size // r, stored)
+        if not enabled:
+            return
+        size = None if stored is None else int(data.reader.layout.estimate_bytes())
+        self.header = reuse_header(len(train), cfg.epochs, r, stored, size)
+        for epoch in range(start_epoch):
+            self.counter.add_epoch(epoch)
+            self.header["per_epoch"].append(self.counter.record(epoch))
+        log.info("%s", plan_line(len(train), cfg.epochs, r, stored, size))
+        if self.header["warning"]:
+            log.warning("%s", self.header["warning"])
+        self._write_header()
+
+    def epoch_done(self, epoch: int, step: int, write: Any) -> None:
+        """Count ``epoch`` (just trained, ``step`` steps so far) and write its row with ``write``."""
+        if not self.enabled:
+            return
+        self.counter.add_epoch(epoch)
+        row = {**self.counter.record(epoch), "step": step}
+        write(row)
+        self.header["per_epoch"] = [*self.header["per_epoch"][:epoch], row]
+        self._write_header()
+
+    def _write_header(self) -> None:
+        doc = json.loads(self.run_json.read_text()) if self.run_json.is_file() else {}
+        doc["reuse"] = self.header
+        atomic_write_json(self.run_json, doc)

@@ -1,0 +1,282 @@
+#!/usr/bin/env python
+"""The reuse study: how often can a stored view be shown before a cached student falls behind online?
+
+    .venv/bin/python pipelines/reuse_study/run.py --out runs/reuse-study [--ks 1,10,3] [--passes 100]
+        [--seeds 0] [--extra-seeds k1:1,online:1] [--write-doc FILE]
+
+Reuse = epochs x R / K: how many times each stored view is shown over a run. The views study
+(pipelines/views_study/) held it at <= 12; the paper's ImageNet recipe over a K = 10 store is ~90.
+Here every arm trains the same steps with the same R on few images for many epochs:
+
+- data: Fashion-MNIST, ``--train-per-class`` (40) training images of each class (400), exactly
+  stratified (``pipelines/fashion_mnist/make_stratified.py``), all of them trained on
+  (``--val-fraction 0``); the kNN bank is ``--bank`` (2,000) of the views study's 10,000 training
+  images (``knn-eval --limit-train``), the queries its 2,000 test images;
+- teacher efficientnet_lite0 at 112 px (16 tokens + CLS); student ViT-Ti/16 with 6 blocks at 64 px,
+  random init;
+- ``k{K}``: ``cospress extract-teacher --views K`` (view seed 0 for every store), then ``cospress
+  distill --store`` with R (1) views of each image per batch: reuse = passes / K;
+- ``online``: ``cospress distill --teacher`` with the same R: every epoch draws R fresh views;
+- every arm: ``--passes`` (100) views of every image in all (epochs = passes / R), batch 200, 20%
+  warm-up, cosine, AdamW 5e-4; then ``cospress knn-eval`` (kNN k = 20, T = 0.07 over classes 0-4,
+  classes 5-9 held out as near-OOD, Spearman rho and 10-NN overlap to the teacher on the test images).
+
+CLI calls only, each in its own process; a step whose output exists is skipped, so rerunning
+continues where it stopped. Wall times per step in ``OUT/times.json``; the table in
+``OUT/results.md``; the plot in ``OUT/reuse_study.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TEACHER, TEACHER_SIZE = "efficientnet_lite0", 112
+STUDENT, STUDENT_SIZE = "vit_tiny_patch16_224", 64
+DEPTH = 6  # the 6-block ViT-Ti/16 of the one-hour recipe: half the student's cost
+
+
+def cli(*args: str, log: Path) -> float:
+    """Run `cospress ARGS` in its own process (output appended to `log`); return its wall time in s."""
+    print("+ cospress " + " ".join(args), flush=True)
+    t0 = time.perf_counter()
+    with log.open("a") as f:
+        f.write("+ cospress " + " ".join(args) + "\n")
+        f.flush()
+        subprocess.run(
+            [sys.executable, "-m", "cospress", *args],
+            check=True,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    return time.perf_counter() - t0
+
+
+class Study:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a, self.out = a, Path(a.out).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = self.out / "commands.log"
+        self.times_path = self.out / "times.json"
+        self.times = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
+        self.train_data, self.eval_data = Path(a.data).resolve(), Path(a.eval_data).resolve()
+        self.train_src = f"folder:{self.train_data / 'train'}"
+        self.bank_src, self.test_src = (
+            f"folder:{self.eval_data / 'train'}",
+            f"folder:{self.eval_data / 'test'}",
+        )
+
+    def timed(self, name: str, *args: str) -> float:
+        if name not in self.times:
+            self.times[name] = cli(*args, log=self.log)
+            self.times_path.write_text(json.dumps(self.times, indent=1))
+        return self.times[name]
+
+    def make_data(self) -> None:
+        script = ROOT / "pipelines" / "fashion_mnist" / "make_stratified.py"
+        if not (self.eval_data / "test").is_dir():
+            subprocess.run([sys.executable, str(script), "--out", str(self.eval_data)], check=True)
+        if not (self.train_data / "test").is_dir():
+            subprocess.run(
+                [sys.executable, str(script), "--out", str(self.train_data),
+                 "--train-per-class", str(self.a.train_per_class), "--test-per-class", "1"],
+                check=True,
+            )  # fmt: skip
+
+    def store(self, k: int) -> Path:
+        store = self.out / f"store-k{k}"
+        self.timed(
+            f"extract-k{k}", "extract-teacher", "--data", self.train_src, "--teacher", TEACHER,
+            "--image-size", str(TEACHER_SIZE), "--views", str(k), "--seed", "0", "--shard-size", "1000",
+            "--workers", "1", "--out", str(store), "--no-progress",
+        )  # fmt: skip
+        return store
+
+    def distill(self, arm: str, seed: int) -> Path:
+        run, r = self.out / f"{arm}-s{seed}", self.a.r
+        epochs = self.a.passes // r
+        common = [
+            "--student", STUDENT, "--student-size", str(STUDENT_SIZE), "--student-kwargs", f"depth={DEPTH}",
+            "--batch-size", str(self.a.batch),
+            "--views-per-image", str(r), "--epochs", str(epochs), "--warmup-epochs", f"{0.2 * epochs:g}",
+            "--val-fraction", "0", "--workers", "1", "--seed", str(seed), "--out", str(run), "--no-progress",
+        ]  # fmt: skip
+        if arm == "online":
+            source = ["--teacher", TEACHER, "--image-size", str(TEACHER_SIZE), "--data", self.train_src]
+        else:
+            source = ["--store", str(self.store(int(arm[1:])))]
+        if not (run / "export" / "student.json").exists():
+            resume = ["--resume"] if (run / "last.json").exists() else []
+            self.timed(f"distill-{arm}-s{seed}", "distill", *source, *common, *resume)
+            cli("export", str(run), "--out", str(run / "export"), log=self.log)
+        return run / "export"
+
+    def evaluate(self, name: str, model: str) -> dict:
+        out = self.out / f"eval-{name}"
+        if not (out / "report.json").exists():
+            fidelity = "none" if name == "teacher" else f"teacher:{TEACHER}@{TEACHER_SIZE}"
+            self.timed(
+                f"eval-{name}", "knn-eval", "--model", model, "--train", self.bank_src, "--test", self.test_src,
+                "--ood-classes", "5,6,7,8,9", "--protocol", "dino", "--k", "10,20,100,200",
+                "--temperature", "0.07", "--crop-pct", "1.0", "--no-robustness", "--fidelity-teacher", fidelity,
+                "--limit-train", str(self.a.bank), "--workers", "1", "--cache-dir", str(self.out / "embedding-cache"),
+                "--out", str(out),
+            )  # fmt: skip
+        return json.loads((out / "report.json").read_text())
+
+    def steps(self, arm: str, seed: int) -> int:
+        metrics = self.out / f"{arm}-s{seed}" / "metrics.jsonl"
+        rows = (json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
+        return sum(1 for r in rows if r.get("phase") == "train")
+
+
+def row(study: Study, arm: str, seed: int, report: dict) -> dict:
+    fid, t, a = report.get("fidelity") or {}, study.times, study.a
+    return {
+        "arm": arm,
+        "seed": seed,
+        "reuse": None if arm == "online" else a.passes / int(arm[1:]),
+        "top1": report["top1"],
+        "auroc": report["auroc"],
+        "fpr95": report["fpr95"],
+        "spearman": fid.get("spearman"),
+        "overlap10": fid.get("knn10_overlap"),
+        "steps": study.steps(arm, seed),
+        "distill_s": t.get(f"distill-{arm}-s{seed}"),
+        "extract_s": t.get(f"extract-{arm}", 0.0),
+        "eval_s": t.get(f"eval-{arm}-s{seed}"),
+    }
+
+
+def plan(a: argparse.Namespace) -> list[tuple[str, int]]:
+    """(arm, seed) in run order: every arm at the first seed (the first K, online, the other Ks), then the extra seeds."""
+    arms = [f"k{k}" for k in a.ks.split(",")]
+    arms[1:1] = [] if a.no_online else ["online"]  # online right after the highest-reuse arm
+    first = [(arm, s) for s in (int(x) for x in a.seeds.split(",")) for arm in arms]
+    extra = [(arm, int(s)) for arm, s in (e.split(":") for e in a.extra_seeds.split(",") if e)]
+    return first + [e for e in extra if e not in first]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/reuse-study")
+    p.add_argument("--data", default="data/fashion-mnist-400", help="training images (made if absent)")
+    p.add_argument(
+        "--eval-data", default="data/fashion-mnist-10k", help="kNN bank + queries (made if absent)"
+    )
+    p.add_argument("--train-per-class", type=int, default=40)
+    p.add_argument("--ks", default="1,10,3", help="cached arms: K views per image (run in this order)")
+    p.add_argument("--r", type=int, default=1, help="R: views of each image per batch, every arm")
+    p.add_argument("--passes", type=int, default=100, help="views of every image over the run (epochs x R)")
+    p.add_argument(
+        "--batch", type=int, default=200, help="views per batch (200 = half the 400 images at R = 1)"
+    )
+    p.add_argument("--bank", type=int, default=2000, help="kNN bank: this many of the eval training images")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--extra-seeds", default="k1:1,online:1", help="arm:seed pairs run after the first seed")
+    p.add_argument("--no-online", action="store_true")
+    p.add_argument("--write-doc", default=None)
+    a = p.parse_args()
+    study = Study(a)
+    study.make_data()
+    teacher = study.evaluate("teacher", f"teacher:{TEACHER}@{TEACHER_SIZE}")
+    rows = []
+    for arm, seed in plan(a):
+        report = study.evaluate(f"{arm}-s{seed}", str(study.distill(arm, seed)))
+        rows.append(row(study, arm, seed, report))
+        (study.out / "results.json").write_text(json.dumps({"teacher": teacher, "rows": rows}, indent=1))
+    text = table(rows, teacher, a)
+    (study.out / "results.md").write_text(text)
+    plot(rows, teacher, study.out / "reuse_study.png")
+    if a.write_doc:
+        Path(a.write_doc).write_text(text)
+    print(text)
+
+
+def _ms(values: list[float], digits: int, scale: float = 1.0) -> str:
+    vals = [v * scale for v in values if v is not None]
+    if len(vals) < 2:
+        return f"{vals[0]:.{digits}f}" if vals else "—"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def _reuse(r: dict) -> str:
+    return "fresh" if r["reuse"] is None else f"{r['reuse']:g}"
+
+
+def table(rows: list[dict], teacher: dict, a: argparse.Namespace) -> str:
+    head = "| arm | reuse | seed | steps | kNN top-1 % | OOD AUROC | FPR95 % | Spearman ρ | 10-NN overlap | distill min | store min | eval min |"
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        lines.append(
+            f"| {r['arm']} | {_reuse(r)} | {r['seed']} | {r['steps']} | {r['top1']:.2f} | {r['auroc']:.3f} "
+            f"| {100 * r['fpr95']:.1f} | {r['spearman']:.3f} | {r['overlap10']:.3f} | {r['distill_s'] / 60:.1f} "
+            f"| {r['extract_s'] / 60:.1f} | {(r['eval_s'] or 0) / 60:.1f} |"
+        )
+    lines += [
+        "",
+        "| arm | reuse | seeds | kNN top-1 % | OOD AUROC | FPR95 % | Spearman ρ | 10-NN overlap |",
+        "|" + "---|" * 8,
+    ]
+    lines.append(
+        f"| teacher @112 | — | — | {teacher['top1']:.2f} | {teacher['auroc']:.3f} | {100 * teacher['fpr95']:.1f} | 1 | 1 |"
+    )
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        rs = [r for r in rows if r["arm"] == arm]
+        lines.append(
+            f"| {arm} | {_reuse(rs[0])} | {len(rs)} | {_ms([r['top1'] for r in rs], 2)} | {_ms([r['auroc'] for r in rs], 3)} "
+            f"| {_ms([r['fpr95'] for r in rs], 1, 100)} | {_ms([r['spearman'] for r in rs], 3)} "
+            f"| {_ms([r['overlap10'] for r in rs], 3)} |"
+        )
+    setup = (
+        f"Reuse study: {a.passes} views of every training image per run ({a.passes // a.r} epochs at R = {a.r}, "
+        f"batch {a.batch}), {a.train_per_class} training images per class, student ViT-Ti/16 depth {DEPTH} @64; "
+        f"kNN bank {a.bank} images; reuse = epochs x R / K."
+    )
+    return setup + "\n\n" + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], teacher: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = (("top1", "kNN top-1 %"), ("auroc", "OOD AUROC"), ("spearman", "Spearman ρ to the teacher"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    cached = [r for r in rows if r["reuse"] is not None]
+    reuses = sorted({r["reuse"] for r in cached})
+    for ax, (key, label) in zip(axes, metrics, strict=True):
+        ax.scatter([r["reuse"] for r in cached], [r[key] for r in cached], color="tab:blue", s=14)
+        means = [statistics.mean(r[key] for r in cached if r["reuse"] == u) for u in reuses]
+        ax.plot(reuses, means, "-o", color="tab:blue", label="cached (K views)")
+        online = [r[key] for r in rows if r["reuse"] is None]
+        if online:
+            lo, hi, mid = min(online), max(online), statistics.mean(online)
+            ax.axhspan(lo, hi if hi > lo else lo + 1e-9, color="tab:orange", alpha=0.25)
+            ax.axhline(
+                mid,
+                color="tab:orange",
+                ls="--",
+                label=f"online, fresh views ({len(online)} seeds: band = range)",
+            )
+        if key != "spearman":
+            ax.axhline(teacher[key], color="gray", ls=":", label="teacher")
+        ax.set_xscale("log")
+        ax.set_xticks(reuses, [f"{u:g}" for u in reuses])
+        ax.set_xlabel("reuse = epochs x R / K (times each stored view is shown)")
+        ax.set_title(label)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
