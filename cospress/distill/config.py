@@ -12,6 +12,7 @@ from cospress.errors import ConfigError
 METHODS = ("cospress", "cosine", "mse", "smooth-l1")
 COMPRESSORS = ("linear", "mlp")
 PRECISIONS = ("auto", "bf16", "fp32")
+READERS = ("auto", "stream", "random")
 
 
 def _default_temperatures() -> list[float]:
@@ -30,6 +31,13 @@ class DistillConfig:
     out: str = setting("runs/distill", help="Run folder: config.yaml, metrics.jsonl, checkpoints.")
     data: str | None = setting(None, help="Image source.", shown="the one recorded in the store")
     cache_dir: str | None = setting(None, help="Local cache for a remote store's shard files.")
+    reader: str = setting(
+        "auto",
+        help="Store reader: stream (whole shard files, once per epoch per rank), random (one read per "
+        "row and view) or auto (stream from a URL or a local store over 16 GiB; the log says which).",
+    )
+    stream_buffer: int = setting(4, help="Stream reader: shards shuffled together (the sample buffer).")
+    stream_prefetch: int = setting(2, help="Stream reader: shards fetched ahead per loader worker.")
     expect_teacher: str | None = setting(
         None, help="Refuse a store made by another teacher (fingerprint or name)."
     )
@@ -130,6 +138,9 @@ def validate(cfg: DistillConfig) -> None:
     _one_of("precision", cfg.precision, PRECISIONS)
     _one_of("attention", cfg.attention, ATTENTION_CHOICES)
     _one_of("decode", cfg.decode, DECODE_CHOICES)
+    _one_of("reader", cfg.reader, READERS)
+    if cfg.stream_buffer < 1 or cfg.stream_prefetch < 1:
+        raise ConfigError("stream_buffer and stream_prefetch must be >= 1")
     if cfg.teacher is None and (cfg.limit is not None or cfg.weights or cfg.image_size):
         raise ConfigError("limit, weights and image_size apply to online mode (--teacher) only")
     if cfg.teacher is None and (cfg.rand_augment or cfg.erase_prob or cfg.erase_mode != "pixel"):

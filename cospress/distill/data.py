@@ -174,6 +174,7 @@ class TrainData:
     val_rows: np.ndarray
     steps_per_epoch: int
     online: Any = None  # online mode: the OnlineTeacher (reader is None); None: targets from the store
+    stream: Any = None  # distill.streaming.StreamSetup when the store is streamed; None: random access
 
     @property
     def knn(self) -> bool:

@@ -55,6 +55,7 @@ from cospress.distill.state import (
     start_run_folder,
     train_row,
 )
+from cospress.distill.streaming import attach_stream, stream_loader
 from cospress.distill.val import validate_epoch
 from cospress.errors import ConfigError
 
@@ -107,7 +108,8 @@ def train(
         # the loop
         t_start, views_done, last = time.perf_counter(), 0, {}
         while at.epoch < cfg.epochs:
-            plan, loader = epoch_loader(data, cfg, ctx, at.epoch, at.position, decode)
+            loader_of = stream_loader if data.stream is not None else epoch_loader
+            plan, loader = loader_of(data, cfg, ctx, at.epoch, at.position, decode)
             t0 = time.perf_counter()
             for ready in prefetch(loader, prep, device):  # k+1 is decoded + sent up while k trains
                 batch, t_data = ready.batch, time.perf_counter() - t0
@@ -236,6 +238,7 @@ def open_train_data(cfg: DistillConfig, world: int, device: torch.device | None 
     )
     if not data.knn:
         log.info("no labelled validation rows: kNN validation is off, best = last")
+    attach_stream(data, cfg, world)
     log.info(
         "store %s: %d rows (%d train, %d val), stored views=%d, Dt=%d, tokens=%s; source %s",
         reader.display, reader.num_rows, len(split.train), len(split.val),

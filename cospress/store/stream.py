@@ -25,6 +25,7 @@ shard files of at most two windows plus ``depth`` prefetched shards, whatever th
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -128,6 +129,7 @@ class StreamReader:
         self.storage_options = dict(storage_options or {})
         self.display = redact_url(self.url)
         self._fs: Any = None
+        self._pid = os.getpid()
         self._layouts: dict[str, ShardLayout] | None = None
         self.gets = 0  # shard files fetched by this process (for benchmarks and tests)
 
@@ -141,10 +143,11 @@ class StreamReader:
             self._fs, root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **self.storage_options)
         else:
             self._fs, root = fsspec.filesystem("file"), self.url
+        self._pid = os.getpid()
         self._root = str(root).rstrip("/")
 
     def _cat(self, key: str) -> bytes:
-        if self._fs is None:
+        if self._fs is None or self._pid != os.getpid():  # a forked worker opens its own
             self._open()
         try:
             return self._fs.cat_file(f"{self._root}/{key}")

@@ -1,0 +1,182 @@
+"""Stage 2 from a streamed store: whole shard files, once per epoch per rank (:mod:`cospress.store.stream`).
+
+:func:`choose_reader` picks the stream or the random-access reader (``--reader``); :class:`StreamBatches`
+yields the batches of one lane (one loader worker) in the order of a
+:class:`~cospress.store.stream.StreamOrder`: the same items as :class:`~cospress.distill.data.DistillBatches`
+(targets, replayed views, ``step``), so the loop, prefetch and resume are the same. Global step k of
+a rank is batch ``k // lanes`` of lane ``k % lanes``; a resumed run starts each lane at its first
+batch at or after the recorded position, without fetching the shards it skips. The order depends on
+(seed, epoch, world, workers, stream buffer): resume with the same ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cospress.distill.data import DistillBatches, TrainData, choose_views
+from cospress.errors import ConfigError
+from cospress.runtime import DistContext
+from cospress.store.stream import StreamOrder, StreamReader, gather, lane_batches
+
+log = logging.getLogger(__name__)
+
+LARGE_LOCAL_BYTES = 16 * 2**30  # a local store larger than this streams: it may not fit the page cache
+
+
+@dataclass
+class StreamSetup:
+    """What every process needs to stream: the fetcher, the shape of the order, the token codec."""
+
+    reader: StreamReader
+    lanes: int
+    buffer: int
+    depth: int
+    codec: str
+    projection: Any = None
+
+
+def choose_reader(cfg: Any, store: Any) -> tuple[str, str]:
+    """("stream" | "random", why) for ``cfg.reader`` and a :class:`~cospress.store.reader.StoreReader`."""
+    from cospress.store.remote import is_local
+
+    if cfg.reader != "auto":
+        return cfg.reader, f"--reader {cfg.reader}"
+    if not is_local(str(cfg.store)):
+        return "stream", "auto: the store is read from a URL"
+    size = store.layout.estimate_bytes()
+    if size > LARGE_LOCAL_BYTES:
+        return "stream", f"auto: the local store holds ~{size / 2**30:.0f} GiB"
+    return "random", f"auto: a local store of ~{size / 2**20:.0f} MiB"
+
+
+def attach_stream(data: TrainData, cfg: Any, world: int) -> TrainData:
+    """Set ``data.stream`` (and the steps per epoch) when the stream reader is chosen; logs the choice."""
+    store = data.reader
+    mode, why = choose_reader(cfg, store)
+    lanes = max(1, int(cfg.workers))
+    if mode == "stream":
+        order = _order(data, cfg, world, rank=0, epoch=0, lanes=lanes)
+        if len(order) == 0:
+            need = f"{store.num_shards} shards cannot give every one of {world} rank(s) x {lanes} worker(s) a batch"
+            if cfg.reader == "stream":
+                raise ConfigError(f"--reader stream: {need}; use fewer workers or --reader random")
+            mode, why = "random", f"auto: {need}"
+    if mode == "random":
+        log.info("store reader: random access (%s)", why)
+        return data
+    names = ["cls", "views"]
+    if data.use_tokens:
+        names += ["tokens", "token_scale"] if store.layout.token_codec != "fp16" else ["tokens"]
+    reader = StreamReader(str(cfg.store), tuple(names), store.storage_options)
+    reader.layouts  # noqa: B018 - refuse codecs it cannot read now, in one line, not in a worker
+    codec = store.layout.token_codec
+    data.stream = StreamSetup(reader, lanes, int(cfg.stream_buffer), int(cfg.stream_prefetch), codec,
+                              store.projection if codec == "pca" and data.use_tokens else None)  # fmt: skip
+    data.steps_per_epoch = len(order)
+    log.info(
+        "store reader: stream (%s): whole shard files, buffer %d shard(s), prefetch %d shard(s) per worker, "
+        "%d lane(s); %d steps per epoch", why, data.stream.buffer, data.stream.depth, lanes, len(order),
+    )  # fmt: skip
+    return data
+
+
+def _order(data: TrainData, cfg: Any, world: int, rank: int, epoch: int, lanes: int) -> StreamOrder:
+    store = data.reader
+    return StreamOrder(
+        train_rows=data.split.train,
+        shard_size=store.shard_size,
+        num_shards=store.num_shards,
+        seed=cfg.seed,
+        epoch=epoch,
+        batch=cfg.batch_size // cfg.views_per_image // world,
+        world=world,
+        rank=rank,
+        lanes=lanes,
+        buffer=int(cfg.stream_buffer),
+    )
+
+
+def stream_loader(
+    data: TrainData, cfg: Any, ctx: DistContext, epoch: int, position: int, decode: str
+) -> tuple[StreamOrder, torch.utils.data.DataLoader]:
+    """This rank's stream order for ``epoch`` (``len`` = steps) and a loader of its batches from
+    ``position`` on (one worker per lane)."""
+    s = data.stream
+    order = _order(data, cfg, ctx.world, ctx.rank, epoch, s.lanes)
+    batches = StreamBatches(data, s, order, position, cfg.views_per_image, cfg.student_size, decode)
+    loader = torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,
+        collate_fn=_as_is,
+        num_workers=cfg.workers,
+        pin_memory=ctx.device.type == "cuda",
+    )
+    return order, loader
+
+
+def _as_is(item: dict[str, Any]) -> dict[str, Any]:
+    return item
+
+
+class StreamBatches(torch.utils.data.IterableDataset):
+    """The batches of a rank's epoch from ``position`` on: lane ``(position + w) % lanes`` in
+    worker w, so the loader's round-robin over its workers yields the steps in order."""
+
+    def __init__(
+        self,
+        data: TrainData,
+        setup: StreamSetup,
+        order: StreamOrder,
+        position: int,
+        views: int,
+        size: int,
+        decode: str,
+    ) -> None:
+        self.setup, self.order, self.position, self.views = setup, order, int(position), int(views)
+        self.stored_views = data.reader.stored_views
+        self.replay = DistillBatches(data.lazy, None, data.source_index, size, data.use_tokens, decode)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        if info is None and self.order.lanes != 1:
+            raise ConfigError("a stream of several lanes needs one loader worker per lane")
+        worker = 0 if info is None else info.id
+        lane = (self.position + worker) % self.order.lanes
+        start = self.order.first_batch(lane, self.position)
+        for j, rows, held in lane_batches(self.order, lane, start, self.setup.reader, self.setup.depth):
+            yield self._batch(j * self.order.lanes + lane, rows, held)
+
+    def _batch(self, step: int, rows: np.ndarray, held: dict) -> dict[str, Any]:
+        o = self.order
+        views = np.stack([choose_views(o.seed, o.epoch, int(r), self.stored_views, self.views) for r in rows])
+        got = gather(held, o.shard_size, rows, views)
+        out: dict[str, Any] = {"rows": torch.as_tensor(rows), "step": int(step)}
+        out.update(_targets(got, self.setup))
+        stored = got["views"].astype(np.float32)
+        return self.replay._replay(out, rows, lambda i, w, h: stored[i])
+
+
+def _targets(got: dict[str, np.ndarray], setup: StreamSetup) -> dict[str, Any]:
+    """cls / tokens / token_scale as :func:`~cospress.distill.data.read_targets` gives them
+    (``keep_int8``: int8 tokens stay raw with their scale; pca tokens are decoded)."""
+    from cospress.store.codecs import decode_tokens
+
+    def flat(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.reshape(-1, *t.shape[2:])
+
+    out = {"cls": flat(got["cls"]), "tokens": None, "token_scale": None}
+    if "tokens" not in got:
+        return out
+    if setup.codec == "pca":
+        out["tokens"] = flat(decode_tokens("pca", got["tokens"], got["token_scale"], setup.projection))
+        return out
+    out["tokens"] = flat(got["tokens"])
+    if setup.codec == "int8":
+        out["token_scale"] = flat(got["token_scale"])
+    return out

@@ -1,0 +1,98 @@
+"""`cospress distill` over the stream reader: the reader chosen (and logged) by what the store is, a
+reproducible run, and a run killed with SIGKILL mid-epoch then resumed bitwise equal to an
+uninterrupted one, from file:// and from an S3 bucket (moto on 127.0.0.1), with one and two lanes."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import logging  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from cospress import checkpoint as ckpt  # noqa: E402
+from cospress.config import to_dict  # noqa: E402
+from cospress.distill import run_distill  # noqa: E402
+from cospress.distill.streaming import choose_reader  # noqa: E402
+from cospress.errors import ConfigError  # noqa: E402
+from cospress.store.reader import StoreReader  # noqa: E402
+from tests.test_distill import make_store, tiny_cfg  # noqa: E402
+from tests.test_distill_resume import _resume_and_compare, kill_after_two_steps  # noqa: E402
+from tests.test_s3_store import s3  # noqa: E402, F401  (the moto server fixture)
+
+KW = dict(epochs=2, save_every=1, val_fraction=0.2, stream_buffer=2)
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    """(store path, image spec): 40 rows in 8 shards of 5."""
+    return make_store(tmp_path_factory.mktemp("stream-store"), n=40, shard_size=5)
+
+
+def _run(cfg):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # float sums depend on the thread count: match the subprocesses
+    try:
+        return run_distill(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _weights(out: Path) -> dict:
+    return ckpt.load_checkpoint(out, "last")[0]
+
+
+def test_auto_streams_a_url_and_reads_a_small_local_store_at_random(local):
+    store = StoreReader(local[0])
+    cfg = SimpleNamespace(reader="auto", store=local[0])
+    assert choose_reader(cfg, store)[0] == "random"
+    assert choose_reader(SimpleNamespace(reader="auto", store="file://" + local[0]), store)[0] == "stream"
+    assert choose_reader(SimpleNamespace(reader="auto", store="s3://b/x"), store)[0] == "stream"
+    assert choose_reader(SimpleNamespace(reader="stream", store=local[0]), store)[0] == "stream"
+    assert choose_reader(SimpleNamespace(reader="random", store="s3://b/x"), store)[0] == "random"
+
+
+def test_a_streamed_run_is_reproducible_and_says_which_reader(local, tmp_path, caplog):
+    url, spec = local
+    with caplog.at_level(logging.INFO, logger="cospress"):
+        a = _run(tiny_cfg(url, tmp_path / "a", data=spec, reader="stream", **KW))
+    assert any("store reader: stream (--reader stream)" in r.getMessage() for r in caplog.records)
+    b = _run(tiny_cfg("file://" + url, tmp_path / "b", data=spec, **KW))  # auto: a URL streams
+    assert a["steps"] == b["steps"] >= 8
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cospress"):
+        _run(tiny_cfg(url, tmp_path / "c", data=spec, epochs=1))
+    assert any("store reader: random access (auto: a local store" in r.getMessage() for r in caplog.records)
+
+
+def test_stream_refuses_more_lanes_than_shards(local, tmp_path):
+    url, spec = local
+    with pytest.raises(ConfigError, match="--reader stream: 8 shards"):
+        _run(tiny_cfg(url, tmp_path / "x", data=spec, reader="stream", workers=8, batch_size=24, **KW))
+
+
+def _kill_and_resume(url: str, spec: str, tmp_path: Path, workers: int) -> None:
+    ref = _run(tiny_cfg(url, tmp_path / "ref", data=spec, workers=workers, **KW))
+    cfg = to_dict(tiny_cfg(url, tmp_path / "killed", data=spec, workers=workers, **KW))
+    per_epoch = ref["steps"] // 2
+    assert 2 <= kill_after_two_steps(cfg) < per_epoch  # killed mid-epoch (the first one)
+    _resume_and_compare(cfg, tmp_path / "ref", ref["steps"])
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_sigkill_mid_epoch_then_resume_from_file_url_is_bitwise(local, tmp_path, workers):
+    url, spec = local
+    _kill_and_resume("file://" + url, spec, tmp_path, workers)
+
+
+def test_sigkill_mid_epoch_then_resume_from_s3_is_bitwise(local, s3, tmp_path):  # noqa: F811
+    from cospress.store.publish import publish_store
+
+    url, spec = local
+    publish_store(url, "s3://bucket/stream/x")
+    _kill_and_resume("s3://bucket/stream/x", spec, tmp_path, workers=2)
