@@ -7,37 +7,23 @@ one flag, with the field's help and default. A flag the user does not give is le
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import json
 import logging
 import os
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
-from rich.text import Text
 
+from cospress.cli_store import COMMANDS as STORE_COMMANDS
+from cospress.cli_ui import console, progress_bar, table, user_errors
 from cospress.config import load_config
 from cospress.distill.config import DistillConfig
-from cospress.errors import CospressError
 from cospress.evaluate.config import EvalConfig
 from cospress.extract.config import ExtractConfig
-from cospress.flags import config_parameters
+from cospress.flags import PlainFlagsCommand, PlainFlagsGroup, config_parameters, progress_parameter
 
 app = typer.Typer(
     name="cospress",
@@ -45,8 +31,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=PlainFlagsGroup,
 )
-console = Console(stderr=True)
 log = logging.getLogger("cospress.cli")
 
 
@@ -71,71 +57,6 @@ def _main(
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-class RateColumn(ProgressColumn):
-    """Items per second since the task started (images unless the task names its ``unit``)."""
-
-    def render(self, task: Any) -> Text:
-        speed, unit = task.finished_speed or task.speed, task.fields.get("unit", "img")
-        return Text(f"{speed:,.0f} {unit}/s" if speed else f"- {unit}/s", style="cyan")
-
-
-@contextlib.contextmanager
-def progress_bar(description: str, enabled: bool = True, unit: str = "img") -> Iterator[Any]:
-    """Yields ``update(done, total)``: a rich bar with ``unit``/s (rank 0 only, TTY or not)."""
-    rank = int(os.environ.get("RANK", 0))
-    if not enabled or rank != 0:
-        yield lambda done, total: None
-        return
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console, transient=False, refresh_per_second=4) as bar:
-        task = bar.add_task(description, total=None, unit=unit)
-
-        def update(done: int, total: int, **fields: Any) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
-def _fail(e: BaseException) -> None:
-    console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn CospressError (and a missing file) into a one-line message and exit code 2."""
-    try:
-        yield
-    except CospressError as e:
-        _fail(e)
-    except KeyboardInterrupt:
-        console.print("interrupted; rerun the same command to resume")
-        raise typer.Exit(130) from None
-
-
-def _table(title: str, rows: list[tuple[str, Any]]) -> None:
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    for k, v in rows:
-        table.add_row(k, str(v))
-    Console().print(table)
-
-
-# Options shared by the store commands (typer copies them per command).
-STORE = typer.Argument(..., help="Store path or fsspec URL.")
-CACHE_DIR = typer.Option(None, "--cache-dir", help="Local cache for remote chunks.")
-OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing store at --out.")
-PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")
-
-
 # --------------------------------------------------------------------------- stage commands
 def stage_command(name: str, cls: type, *, progress: bool = True) -> Callable[[Callable], Callable]:
     """Register ``body(cfg, show_progress)`` as a command whose flags are the fields of ``cls``,
@@ -158,18 +79,11 @@ def stage_command(name: str, cls: type, *, progress: bool = True) -> Callable[[C
             )
         ]
         if progress:
-            extra.append(
-                inspect.Parameter(
-                    "progress",
-                    inspect.Parameter.KEYWORD_ONLY,
-                    default=typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-                    annotation=bool,
-                )
-            )
+            extra.append(progress_parameter())
         command.__signature__ = inspect.Signature(config_parameters(cls) + extra)  # type: ignore[attr-defined]
         command.__doc__ = body.__doc__
         command.__name__ = body.__name__
-        app.command(name)(command)
+        app.command(name, cls=PlainFlagsCommand)(command)
         return body
 
     return register
@@ -199,66 +113,7 @@ def extract_teacher(cfg: ExtractConfig, show_progress: bool) -> None:
         ("images/s", f"{summary['images_per_second']:.1f}"),
         ("time reading / teacher / writing", seconds),
     ]
-    _table("extract-teacher", rows)
-
-
-# --------------------------------------------------------------------------- inspect / verify
-@app.command("inspect")
-def inspect_cmd(
-    store: str = STORE,
-    cache_dir: str = CACHE_DIR,
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-    reference: str = typer.Option(
-        None,
-        "--reference",
-        help="Measure the token codec's fidelity against this store of the same run (e.g. its fp16 store).",
-    ),  # fmt: skip
-    rows: int = typer.Option(64, "--rows", help="Rows sampled for --reference (one view each)."),
-) -> None:
-    """Print a store's summary: teacher, view policy, token codec and its fidelity, shapes, sizes, skipped inputs."""
-    with user_errors():
-        from cospress.store import StoreReader
-        from cospress.store.fidelity import measure_against
-
-        reader = StoreReader(store, cache_dir=cache_dir)
-        summary = reader.summary()
-        if reference:
-            summary["fidelity_vs_reference"] = measure_against(
-                reader, StoreReader(reference, cache_dir=cache_dir), rows
-            )
-    if as_json:
-        print(json.dumps(summary, indent=2, default=str))
-        return
-    rows_out = []
-    for k, v in summary.items():
-        rows_out.append((k, json.dumps(v, default=str) if isinstance(v, (dict, list)) else v))
-    _table(f"store {summary['url']}", rows_out)
-
-
-@app.command("verify")
-def verify_cmd(
-    store: str = STORE,
-    cache_dir: str = CACHE_DIR,
-) -> None:
-    """Recompute every shard checksum; name corrupted shards and exit non-zero if any."""
-    with user_errors():
-        from cospress.store import StoreReader
-
-        reader = StoreReader(store, cache_dir=cache_dir)
-        t0 = time.perf_counter()
-        bad = reader.verify()
-    if bad:
-        for b in bad:
-            what = f"shard {b['shard']} array {b['array']}" if b.get("shard") is not None else b["file"]
-            console.print(
-                f"[red]corrupted[/] {what}: "
-                f"expected sha256 {str(b.get('expected'))[:12]}..., got {str(b.get('actual'))[:12]}..."
-            )
-        console.print(f"[bold red]verify failed:[/] {len(bad)} corrupted file(s) in {reader.display}")
-        raise typer.Exit(1)
-    console.print(
-        f"[green]ok[/] {reader.display}: every shard checksum matches ({time.perf_counter() - t0:.1f}s)"
-    )
+    table("extract-teacher", rows)
 
 
 # --------------------------------------------------------------------------- distill
@@ -277,21 +132,7 @@ def distill_cmd(cfg: DistillConfig, show_progress: bool) -> None:
             for k, v in summary.items()
             if not isinstance(v, (dict, list))
         ]
-        _table("distill", rows)
-
-
-@app.command("export")
-def export_cmd(
-    run: str = typer.Argument(..., help="A distill run folder."),
-    out: str = typer.Option(..., "--out", help="Folder for student.safetensors + student.json."),
-    which: str = typer.Option("best", "--which", help="best or last checkpoint."),
-) -> None:
-    """Export the student as safetensors + JSON (timm name, input size, mean/std)."""
-    with user_errors():
-        from cospress.export import export_student
-
-        info = export_student(run, out, which=which)
-    _table(f"exported to {out}", [(k, v) for k, v in info.items() if not isinstance(v, (dict, list))])
+        table("distill", rows)
 
 
 # --------------------------------------------------------------------------- knn-eval
@@ -306,85 +147,12 @@ def knn_eval_cmd(cfg: EvalConfig, show_progress: bool) -> None:
     fid = report.get("fidelity") or {}
     rows += [(f"fidelity {k}", v) for k, v in fid.items() if isinstance(v, (int, float))]
     rows.append(("report", os.path.join(cfg.out, "report.md")))
-    _table("knn-eval", [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in rows])
+    table("knn-eval", [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in rows])
 
 
-# --------------------------------------------------------------------------- merge / WebDataset
-def _store_job(
-    name: str, show_progress: bool, job: Callable[..., Any], *args: Any, unit: str = "img", **kwargs: Any
-) -> Any:
-    """Run a store job with a progress bar (``unit``/s), user errors as one line."""
-    with user_errors(), progress_bar(name, show_progress, unit) as update:
-        return job(*args, progress=update, **kwargs)
-
-
-@app.command("merge")
-def merge_cmd(
-    stores: list[str] = typer.Argument(..., help="Two or more store paths or fsspec URLs, in row order."),
-    out: str = typer.Option(..., "--out", help="Folder of the merged store."),
-    shard_size: int = typer.Option(
-        None, "--shard-size", help="Rows per shard.", show_default="the first input's"
-    ),
-    cache_dir: str = CACHE_DIR,
-    overwrite: bool = OVERWRITE,
-    progress: bool = PROGRESS,
-) -> None:
-    """Merge stores of one teacher and view policy over disjoint images, without recomputing."""
-    from cospress.store.merge import merge_stores
-
-    options = {"overwrite": overwrite, "shard_size": shard_size, "cache_dir": cache_dir}
-    manifest = _store_job("merge", progress, merge_stores, stores, out, **options)
-    counts = manifest["counts"]
-    rows = [("store", out), ("inputs", len(stores)), ("rows", counts["rows"]), ("valid", counts["valid"])]
-    _table("merge", rows)
-
-
-@app.command("export-wds")
-def export_wds_cmd(
-    store: str = STORE,
-    out: str = typer.Option(..., "--out", help="Empty folder for the tar shards + cospress-wds.json."),
-    samples_per_shard: int = typer.Option(1000, "--samples-per-shard", help="Samples per tar shard."),
-    cache_dir: str = CACHE_DIR,
-    progress: bool = PROGRESS,
-) -> None:
-    """Export a store as WebDataset tar shards (.npy targets, .json view parameters)."""
-    from cospress.store.wds_io import export_wds
-
-    options = {"samples_per_shard": samples_per_shard, "cache_dir": cache_dir}
-    info = _store_job("export-wds", progress, export_wds, store, out, **options)
-    _table("export-wds", [("folder", out), ("samples", info["samples"]), ("tar shards", len(info["shards"]))])
-
-
-@app.command("import-wds")
-def import_wds_cmd(
-    src: str = typer.Argument(..., help="A folder written by export-wds."),
-    out: str = typer.Option(..., "--out", help="Folder of the new store."),
-    overwrite: bool = OVERWRITE,
-    progress: bool = PROGRESS,
-) -> None:
-    """Rebuild a store from an export-wds folder (checksums and member paths checked)."""
-    from cospress.store.wds_io import import_wds
-
-    manifest = _store_job("import-wds", progress, import_wds, src, out, overwrite=overwrite)
-    _table("import-wds", [("store", out), ("rows", manifest["counts"]["rows"])])
-
-
-@app.command("publish")
-def publish_cmd(
-    store: str = typer.Argument(..., help="A finished local store."),
-    url: str = typer.Argument(..., help="Destination: an fsspec URL (s3://, gs://, ...) or a folder."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace another store (or other files) at URL."
-    ),
-    progress: bool = PROGRESS,
-) -> None:
-    """Upload a finished store, manifest last (resumable: files already there are kept), then verify it."""
-    from cospress.store.publish import publish_store
-
-    info = _store_job("publish", progress, publish_store, store, url, unit="file", overwrite=overwrite)
-    sent = f"{info['sent']} ({info['bytes_sent']:,} bytes) / {info['already_there']}"
-    rows = [("store", info["url"]), ("files sent / already there", sent)]
-    _table("publish", rows + [("verified", f"{info['shards_verified']} shards, every checksum matches")])
+# --------------------------------------------------------------------------- store commands
+for _name, _command in STORE_COMMANDS:  # cli_store.py: inspect, verify, export, merge, wds, publish
+    app.command(_name, cls=PlainFlagsCommand)(_command)
 
 
 def main(argv: list[str] | None = None) -> None:

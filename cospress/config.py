@@ -2,7 +2,7 @@
 
 Each stage defines one dataclass (``ExtractConfig``, ``DistillConfig``, ``EvalConfig``) in its
 ``config.py``. Every field is declared once, with :func:`setting`: its default and its help text.
-The CLI flags (``cospress/cli.py``), the YAML keys and docs/cli.md are generated from the fields.
+The CLI flags (``cospress/flags.py``), the YAML keys and docs/cli.md are generated from the fields.
 This module holds the declaration helper and the merge, validation and save logic they share.
 """
 
@@ -37,15 +37,17 @@ def setting(
     flag: str | None = None,
     shown: str | None = None,
     repeatable: bool = False,
+    argument: bool = False,
 ) -> Any:
     """A config field: its default and help text, written once.
 
     ``flag`` overrides the generated flag (``--field-name``, ``--x/--no-x`` for booleans), for the
     names users already know (e.g. ``--tokens/--no-tokens``); ``shown`` is the default as the help
     text prints it, when the value itself says little (a factory, or None meaning "the teacher's");
-    ``repeatable`` makes a list field a flag given once per value.
+    ``repeatable`` makes a list field a flag given once per value; ``argument`` makes the field a
+    positional argument (the store commands' STORE, RUN, ...).
     """
-    meta = {"help": help, "flag": flag, "shown": shown, "repeatable": repeatable}
+    meta = {"help": help, "flag": flag, "shown": shown, "repeatable": repeatable, "argument": argument}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

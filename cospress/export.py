@@ -23,6 +23,7 @@ from typing import Any
 
 import cospress
 from cospress import checkpoint as ckpt
+from cospress.command_config import ExportConfig
 from cospress.errors import ConfigError, CospressError
 from cospress.utils import atomic_write_json, sha256_file
 
@@ -51,7 +52,7 @@ def _run_student(run: Path, which: str) -> tuple[dict, dict[str, Any], dict[str,
 
 
 def export_student(
-    run_dir: str | os.PathLike, out_dir: str | os.PathLike, which: str = "best"
+    run_dir: str | os.PathLike, out_dir: str | os.PathLike, which: str = ExportConfig.which
 ) -> dict[str, Any]:
     """Write ``student.safetensors`` + ``student.json`` from checkpoint ``which`` (best | last) of a run.
 

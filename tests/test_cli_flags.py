@@ -7,14 +7,26 @@ that no longer loads fails here.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import typing
+from pathlib import Path
 
 import pytest
 import typer
 import yaml
 from typer.testing import CliRunner
 
+import cospress
 from cospress.cli import app
+from cospress.command_config import (
+    ExportConfig,
+    ExportWdsConfig,
+    ImportWdsConfig,
+    InspectConfig,
+    MergeConfig,
+    PublishConfig,
+    VerifyConfig,
+)
 from cospress.config import load_config, save_config, to_dict
 from cospress.distill import DistillConfig
 from cospress.evaluate import EvalConfig
@@ -127,3 +139,57 @@ def test_a_mapping_flag_takes_json_or_key_value_pairs() -> None:
     assert load_config(DistillConfig, None, {"student_kwargs": '{"depth": 6}'}).student_kwargs == {"depth": 6}
     res = CliRunner().invoke(app, ["distill", "--store", "s", "--student-kwargs", "depth"])
     assert res.exit_code == 2 and "'depth' is not key=value" in res.output
+
+
+# The store commands: flags generated from cospress/command_config.py (each default written once).
+STORE_COMMANDS = {
+    "inspect": (InspectConfig, "--cache-dir --json --reference --rows"),
+    "verify": (VerifyConfig, "--cache-dir"),
+    "export": (ExportConfig, "--out --which"),
+    "merge": (MergeConfig, "--out --shard-size --cache-dir --overwrite --progress --no-progress"),
+    "export-wds": (ExportWdsConfig, "--out --samples-per-shard --cache-dir --progress --no-progress"),
+    "import-wds": (ImportWdsConfig, "--out --overwrite --progress --no-progress"),
+    "publish": (PublishConfig, "--overwrite --progress --no-progress"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STORE_COMMANDS))
+def test_store_commands_flags_are_their_config_fields(name: str) -> None:
+    cls, known = STORE_COMMANDS[name]
+    cmd = _command(name)
+    params = {p.name for p in cmd.params if p.name != "help"}
+    assert params - {"progress"} == {f.name for f in dataclasses.fields(cls)}
+    opts = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+    assert set(known.split()) <= opts, f"{name} lost flags: {sorted(set(known.split()) - opts)}"
+
+
+def test_store_defaults_are_written_once() -> None:
+    """The library functions take their defaults from the command configs (1000, 64, "best")."""
+    from cospress.export import export_student
+    from cospress.store.fidelity import measure_against
+    from cospress.store.wds_io import export_wds
+
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
+    assert default(export_wds, "samples_per_shard") == ExportWdsConfig.samples_per_shard == 1000
+    assert default(measure_against, "rows") == InspectConfig.rows == 64
+    assert default(export_student, "which") == ExportConfig.which == "best"
+    src = "".join(p.read_text() for p in Path(cospress.__file__).parent.rglob("*.py"))
+    assert src.count('"--progress/--no-progress"') == 1
+
+
+@pytest.mark.parametrize("name", ["", *sorted(STAGES), *sorted(STORE_COMMANDS)])
+def test_boolean_flags_show_no_type(name: str) -> None:
+    out = CliRunner().invoke(app, [name, "--help"] if name else ["--help"], terminal_width=200).output
+    assert "--help" in out and "<bool>" not in out
+
+
+def test_a_store_command_parses_its_flags(tmp_path) -> None:
+    """`export-wds` of a missing store: the flags parse into the config, the error is one line."""
+    res = CliRunner().invoke(
+        app, ["export-wds", str(tmp_path / "no"), "--out", str(tmp_path / "w"), "--no-progress"]
+    )
+    assert (
+        res.exit_code == 2 and res.output.startswith("error:") and len(res.output.strip().splitlines()) == 1
+    )

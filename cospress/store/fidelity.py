@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from cospress.command_config import InspectConfig
+
 TAU = 0.01
 
 
@@ -101,7 +103,7 @@ def sample_views(valid: np.ndarray, views: int, count: int) -> list[tuple[int, i
     return [(int(r), int(r) % views) for r in np.unique(pick)]
 
 
-def measure_against(store: Any, reference: Any, rows: int = 64) -> dict[str, Any]:
+def measure_against(store: Any, reference: Any, rows: int = InspectConfig.rows) -> dict[str, Any]:
     """`codec_fidelity` of ``store``'s decoded tokens against ``reference``'s (two `StoreReader` of
     the same run, e.g. an int8 store and the fp16 store of the same teacher, views and keys), on up
     to ``rows`` valid rows spread over the store (one view each, as in `sample_views`)."""

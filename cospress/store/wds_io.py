@@ -34,6 +34,7 @@ from urllib.parse import quote, unquote
 import numpy as np
 
 import cospress
+from cospress.command_config import ExportWdsConfig
 from cospress.errors import StoreError
 from cospress.store import manifest as mf
 from cospress.store.layout import StoreLayout
@@ -96,7 +97,7 @@ def export_wds(
     store: str,
     out: str | os.PathLike,
     *,
-    samples_per_shard: int = 1000,
+    samples_per_shard: int = ExportWdsConfig.samples_per_shard,
     cache_dir: str | None = None,
     storage_options: dict | None = None,
     progress: Callable[[int, int], None] | None = None,

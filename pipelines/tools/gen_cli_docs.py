@@ -15,19 +15,23 @@ from pathlib import Path
 
 import typer
 
-from cospress.cli import app
-
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # this checkout's cospress, not another one installed in the venv
+
+from cospress.cli import app  # noqa: E402
+
 DOC = ROOT / "docs" / "cli.md"
 
 INTRO = """# Command line reference
 
 Generated from the program by `pipelines/tools/gen_cli_docs.py` (do not edit by hand; rerun it
-after changing a stage's `config.py` or `cospress/cli.py`). `cospress COMMAND --help` prints the same.
+after changing a stage's `config.py`, `cospress/command_config.py` or the commands). `cospress COMMAND
+--help` prints the same.
 
 Every stage's flags are generated from its config dataclass (`cospress/extract/config.py`,
-`cospress/distill/config.py`, `cospress/evaluate/config.py`), where each setting is declared once
-with its default and help: `--config FILE.yaml` takes the same keys (the field names, with dashes
+`cospress/distill/config.py`, `cospress/evaluate/config.py`), and the store commands' from theirs
+(`cospress/command_config.py`), where each setting is declared once with its default and help.
+A stage's `--config FILE.yaml` takes the same keys (the field names, with dashes
 or underscores), and flags given on the command line win over the file, which wins over the
 defaults. The resolved config is written beside every output (`config.yaml`; in a store, the
 attributes of its `cospress/config/zarr.json`). Errors a user can fix end the
@@ -110,8 +114,8 @@ def render() -> str:
             lines.append(f"| {_flag(param, cmd_ctx)}{required} | {help_text} | {_default(param)} |")
         lines.append("")
         config_cls = _config_classes().get(name)
-        if config_cls is not None:
-            keys = _yaml_only(cmd, config_cls)
+        keys = _yaml_only(cmd, config_cls) if config_cls is not None else []
+        if keys:
             lines += [
                 f"Config keys of `{config_cls.__name__}` without a flag (set them in the `--config` "
                 "file; shown with their defaults): " + ", ".join(keys) + ".",
