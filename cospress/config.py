@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 from cospress.errors import ConfigError
+from cospress.precision import PRECISIONS
 from cospress.utils import atomic_write_bytes, redact_config
 
 C = TypeVar("C")
@@ -38,6 +39,7 @@ def setting(
     shown: str | None = None,
     repeatable: bool = False,
     argument: bool = False,
+    choices: tuple[str, ...] | None = None,
 ) -> Any:
     """A config field: its default and help text, written once.
 
@@ -45,9 +47,11 @@ def setting(
     names users already know (e.g. ``--tokens/--no-tokens``); ``shown`` is the default as the help
     text prints it, when the value itself says little (a factory, or None meaning "the teacher's");
     ``repeatable`` makes a list field a flag given once per value; ``argument`` makes the field a
-    positional argument (the store commands' STORE, RUN, ...).
+    positional argument (the store commands' STORE, RUN, ...); ``choices`` are the only values the
+    field takes (any other is refused in one line while the flags or the YAML file are read).
     """
     meta = {"help": help, "flag": flag, "shown": shown, "repeatable": repeatable, "argument": argument}
+    meta["choices"] = choices
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -62,6 +66,7 @@ def precision_setting() -> Any:
     return setting(
         "auto",
         help="auto (bf16 on CUDA and on CPUs with AMX or AVX-512 BF16), bf16 or fp32; losses stay fp32.",
+        choices=PRECISIONS,
     )
 
 
@@ -178,6 +183,11 @@ def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> 
             f"{source}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(names))}"
         )
     kwargs = {k: _coerce(k, hints[k], v) for k, v in data.items()}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        choices = f.metadata.get("choices")
+        if choices and f.name in kwargs and kwargs[f.name] not in choices:
+            flag = "--" + f.name.replace("_", "-")
+            raise ConfigError(f"{flag} {kwargs[f.name]!r} is unknown; use one of {', '.join(choices)}")
     return cls(**kwargs)
 
 

@@ -19,6 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cospress.errors import ConfigError
+from cospress.precision import DTYPE_NAMES, PRECISIONS
+
 log = logging.getLogger(__name__)
 
 
@@ -132,20 +135,31 @@ def import_faiss() -> Any:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` in {auto, bf16, fp32}; None means no autocast.
+    """The autocast dtype for `precision` (one of `precision.PRECISIONS`); None means no autocast.
 
     auto = bf16 on CUDA and on CPUs with native bf16 instructions (AMX or AVX-512 BF16, where it is
     1.7-3x faster for ViTs and CNNs), else fp32.
     """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
-    if precision != "auto":
-        raise ValueError(f"unknown precision {precision!r}; use auto, bf16 or fp32")
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
         return torch.bfloat16
     return None
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """The one name of a compute dtype (None = no autocast = float32), as stores and caches record it."""
+    return (
+        DTYPE_NAMES["fp32"]
+        if dtype is None
+        else DTYPE_NAMES["bf16"]
+        if dtype == torch.bfloat16
+        else str(dtype)
+    )
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -11,7 +11,6 @@ from cospress.errors import ConfigError
 
 METHODS = ("cospress", "cosine", "mse", "smooth-l1")
 COMPRESSORS = ("linear", "mlp")
-PRECISIONS = ("auto", "bf16", "fp32")
 READERS = ("auto", "stream", "random")
 
 
@@ -135,7 +134,6 @@ def validate(cfg: DistillConfig) -> None:
 
     _one_of("method", cfg.method, METHODS)
     _one_of("compressor", cfg.compressor, COMPRESSORS)
-    _one_of("precision", cfg.precision, PRECISIONS)
     _one_of("attention", cfg.attention, ATTENTION_CHOICES)
     _one_of("decode", cfg.decode, DECODE_CHOICES)
     _one_of("reader", cfg.reader, READERS)

@@ -33,7 +33,7 @@ from cospress.evaluate.images import EvalImages, collate_encoded, eval_transform
 from cospress.evaluate.knn import l2_normalize
 from cospress.evaluate.labels import ClassMap
 from cospress.evaluate.ood import HELDOUT_SET, parse_ood_specs
-from cospress.runtime import autocast, autocast_dtype
+from cospress.runtime import autocast, autocast_dtype, dtype_name
 from cospress.store.reader import StoreReader
 from cospress.utils import atomic_write_bytes, atomic_write_json, redact_text, sha256_json
 
@@ -64,7 +64,7 @@ def _cache_key(
     crop_pct: float,
     extra: dict,
     decode: str = "cpu",
-    compute: tuple[str, str] = ("cpu", "fp32"),
+    compute: tuple[str, str] = ("cpu", "float32"),
 ) -> str:
     """The cache name of an embedding; compute = (device type, precision actually used)."""
     desc = source.describe()
@@ -123,7 +123,7 @@ def embed_source(
     cache = None
     if cache_dir is not None:
         dtype = autocast_dtype(precision, device)
-        compute = (device.type, "fp32" if dtype is None else str(dtype).removeprefix("torch."))
+        compute = (device.type, dtype_name(dtype))
         key = _cache_key(model, source, rows, crop_pct, extra, decode, compute)
         cache = Path(cache_dir).expanduser() / key
         if cache.with_suffix(".json").is_file() and cache.with_suffix(".npy").is_file():

@@ -28,6 +28,7 @@ from cospress.runtime import (
     DistContext,
     autocast_dtype,
     barrier,
+    dtype_name,
     init_distributed,
     teardown_distributed,
     tune_malloc,
@@ -63,7 +64,7 @@ def _extract(cfg: ExtractConfig, ctx: DistContext, progress: Callable[[int, int]
     identity = make_identity(
         teacher=teacher.describe(), view_policy=policy.to_dict(), policy_fingerprint=policy.fingerprint(),
         k=cfg.views, center_view=cfg.center_view, seed=cfg.seed, source=source.describe(),
-        param_names=policy.param_names, precision=str(amp).replace("torch.", "") if amp else "float32",
+        param_names=policy.param_names, precision=dtype_name(amp),
         decode=decode if decode == "cpu" else f"{decode}:{ctx.device.type}",
     )  # fmt: skip
     layout = StoreLayout(
