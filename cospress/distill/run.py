@@ -53,6 +53,7 @@ from cospress.distill.state import (
     resume,
     save_run,
     start_run_folder,
+    store_entry,
     train_row,
 )
 from cospress.distill.streaming import attach_stream, stream_loader
@@ -92,7 +93,7 @@ def train(
     # set-up model (the same init on every rank; then seed + rank, so drop-path masks differ per rank)
     model = build_model(cfg, data, device, rank=ctx.rank)
     # resume
-    at, state = resume(cfg, out, model)
+    at, state = resume(cfg, out, model, targets_header(data)["store"])
     reuse = start_run(cfg, out, data, model, at, resumed=state is not None, ctx=ctx)
     with MetricsLog(out / "metrics.jsonl", ctx.is_main) as metrics:
         # optimizer (with compressor_first: the compressor is fitted and frozen first)
@@ -297,11 +298,7 @@ def targets_header(data: TrainData) -> dict[str, Any]:
     """The run header's "teacher" and "store" entries (store None online)."""
     if data.online is not None:
         return {"teacher": data.online.describe(), "store": None}
-    r = data.reader
-    return {
-        "teacher": r.manifest.get("teacher"),
-        "store": {"url": r.display, "keys_sha256": r.manifest.get("keys_sha256")},
-    }
+    return {"teacher": data.reader.manifest.get("teacher"), "store": store_entry(data.reader)}
 
 
 def _teacher_grid(reader: Any) -> tuple[int, int]:

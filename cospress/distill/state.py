@@ -26,7 +26,7 @@ from cospress.config import save_config, to_dict
 from cospress.distill.config import DistillConfig, parse_kwargs
 from cospress.distill.model import Schedule
 from cospress.errors import ConfigError
-from cospress.utils import atomic_write_bytes, atomic_write_json, redact_config
+from cospress.utils import atomic_write_bytes, atomic_write_json, redact_config, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class RunState:
     best_metric: float | None = None
     best_epoch: int = -1
     history: list[dict[str, Any]] = field(default_factory=list)
+    store: dict[str, Any] | None = None  # the store's identity (`store_entry`); None online
 
     def record(self, row: dict[str, Any]) -> bool:
         """Add an epoch's validation row (sets its ``best_epoch``); True when it is the best so far.
@@ -94,6 +95,7 @@ def checkpoint_state(
         "compressor_fitted": bool(cfg.compressor_first),
         "best": {"metric": at.best_metric, "epoch": at.best_epoch},
         "history": list(at.history),
+        "store": at.store,
     }
 
 
@@ -113,20 +115,60 @@ def save_run(
         ckpt.save_checkpoint(out, name, model_weights(model), checkpoint_state(at, opt, cfg, schedule))
 
 
-def resume(cfg: DistillConfig, out: Path, model: nn.Module) -> tuple[RunState, dict[str, Any] | None]:
+def store_entry(reader: Any) -> dict[str, Any]:
+    """What names a store's contents (its URL aside, which may move): rows, key hash, identity hash.
+
+    Written into run.json and every checkpoint; ``--resume`` compares it (:func:`check_same_store`).
+    """
+    from cospress.store.manifest import run_identity
+
+    m = reader.manifest
+    return {
+        "url": reader.display,
+        "rows": int(reader.num_rows),
+        "keys_sha256": m.get("keys_sha256"),
+        "identity_sha256": sha256_json(redact_config(run_identity(m))),
+    }
+
+
+def check_same_store(then: dict[str, Any] | None, now: dict[str, Any] | None, out: Path) -> None:
+    """ConfigError when the store of a resumed run is not the one its checkpoint was trained on."""
+    if not then or not now:  # an online run, or a checkpoint from before stores were recorded
+        return
+    diff = []
+    if then.get("rows") != now.get("rows"):
+        diff.append(f"rows {then.get('rows')} -> {now.get('rows')}")
+    for name, what in (
+        ("keys_sha256", "keys"),
+        ("identity_sha256", "identity (teacher, views, seed, source)"),
+    ):
+        if then.get(name) != now.get(name):
+            diff.append(f"its {what} changed")
+    if diff:
+        raise ConfigError(
+            f"--resume: the store {now.get('url')} is not the one the checkpoint in {out} was trained on "
+            f"({'; '.join(diff)}); resume with that store, or start a new run with another --out"
+        )
+
+
+def resume(
+    cfg: DistillConfig, out: Path, model: nn.Module, store: dict[str, Any] | None = None
+) -> tuple[RunState, dict[str, Any] | None]:
     """Load ``last`` into ``model`` when the run folder holds one: (where the run stands, its state).
 
     A folder with a run refuses to start without ``--resume``; ``(RunState(), None)`` for a new run.
+    ``store``: the targets' store (:func:`store_entry`), refused when it is not the checkpoint's.
     """
     if not ckpt.exists(out, "last"):
         if cfg.resume:
             log.info("no checkpoint in %s: starting a new run", out)
-        return RunState(), None
+        return RunState(store=store), None
     if not cfg.resume:
         raise ConfigError(
             f"{out} already holds a run (a last checkpoint); pass --resume to continue it or choose another --out"
         )
     weights, state = ckpt.load_checkpoint(out, "last")
+    check_same_store(state.get("store"), store, out)
     load_model_weights(model, weights)
     at = RunState(
         step=int(state["step"]),
@@ -135,6 +177,7 @@ def resume(cfg: DistillConfig, out: Path, model: nn.Module) -> tuple[RunState, d
         best_metric=state["best"]["metric"],
         best_epoch=int(state["best"]["epoch"]),
         history=list(state.get("history", [])),
+        store=store,
     )
     now = redact_config(to_dict(cfg))
     diff = sorted(k for k, v in state["config"].items() if k not in _FREE_ON_RESUME and now.get(k) != v)
@@ -207,7 +250,7 @@ def start_run_folder(
     cfg: DistillConfig, out: Path, targets: dict[str, Any], student: nn.Module, at: RunState | None
 ) -> None:
     """Write config.yaml and run.json (the header, with ``targets``: its "teacher" and "store"
-    entries); on resume (``at``) trim metrics.jsonl to ``at``."""
+    entries); on resume (``at``) trim metrics.jsonl to ``at``, else (a new run) empty it."""
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     header = run_header(cfg)
@@ -217,6 +260,8 @@ def start_run_folder(
     log.info("run header: %s", json.dumps(header))
     if at is not None:
         trim_metrics(out / "metrics.jsonl", at.step, at.epoch)
+    elif (out / "metrics.jsonl").is_file():  # a run killed before its first checkpoint starts over
+        atomic_write_bytes(out / "metrics.jsonl", b"")
 
 
 # --------------------------------------------------------------------------- metrics

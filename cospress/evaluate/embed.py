@@ -301,13 +301,19 @@ def embed_queries(
 ) -> Queries:
     """Embed the test source ``src``; its labels are mapped into the bank's numbering by class
     name, and its rows of held-out classes become an OOD set."""
+    own = np.asarray(src.labels(), dtype=np.int64)
+    if not (own >= 0).any():  # before embedding: nothing to score
+        raise ConfigError(
+            f"the test set {redact_text(cfg.test)} is unlabelled ({len(own)} images, no class): knn-eval "
+            "needs a labelled --test (class folders, or .cls / .json labels in a WebDataset)"
+        )
     emb = embed_source(model, src, **emb_kw)
     data["test"] = _data_entry(src, emb)
-    labels, held = classes.map_test(np.asarray(src.labels(), dtype=np.int64))
+    labels, held = classes.map_test(own)
     heldout = emb.valid & held
     id_mask = emb.valid & (labels >= 0) & ~heldout
     if not id_mask.any():
-        raise ConfigError(f"{cfg.test} has no labelled in-distribution images to evaluate")
+        raise ConfigError(f"{redact_text(cfg.test)} has no labelled in-distribution images to evaluate")
     return Queries(src, emb, labels, heldout, id_mask)
 
 

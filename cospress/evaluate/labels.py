@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cospress.errors import ConfigError
+from cospress.utils import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class ClassMap:
         """(labels in the bank's numbering, -1 for none; held-out mask) of test labels [N] (-1 unlabelled)."""
         labels = np.asarray(labels, dtype=np.int64)
         ok = (labels >= 0) & (labels < len(self.test_to_bank))
+        if not ok.any():  # an unlabelled test set (no test class at all): nothing maps
+            return np.full(labels.shape, NOT_IN_BANK, np.int64), np.zeros(labels.shape, bool)
         safe = np.where(ok, labels, 0)
         mapped = np.where(ok, self.test_to_bank[safe], NOT_IN_BANK)
         return mapped, ok & self.test_held[safe]
@@ -131,6 +134,7 @@ def match_classes(
     bank_labels / test_labels: [N] ints (-1 unlabelled); ood_classes: names or bank class numbers.
     """
     entries = [str(e).strip() for e in ood_classes if str(e).strip()]
+    specs = (redact_text(specs[0]), redact_text(specs[1]))  # a source URL's credentials never shown
     if bank_names is not None and test_names is not None:
         return _by_name(list(bank_names), list(test_names), entries, specs)
     if bank_names is not None or test_names is not None:

@@ -23,6 +23,7 @@ from cospress.runtime import autocast, autocast_dtype
 from cospress.store.codecs import Projection, fit_projection, parse_codec
 from cospress.store.projection import codec_entry, read_projection
 from cospress.store.records import detect, read_record
+from cospress.utils import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,9 @@ def _sample_tokens(cfg: ExtractConfig, source: Any, teacher: Any) -> tuple[np.nd
             tokens.float().cpu().numpy()
         )
     if not fit:
-        raise StoreError(f"no image of {cfg.data} could be read to fit the pca token codec; check --data")
+        raise StoreError(
+            f"no image of {redact_text(cfg.data)} could be read to fit the pca token codec; check --data"
+        )
     fit_tokens = np.concatenate(fit)
     return fit_tokens, np.concatenate(check) if check else fit_tokens
 

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,7 +50,7 @@ from cospress.store.wds_files import (
     safe_member,
     write_projection_files,
 )
-from cospress.store.writer import StoreWriter
+from cospress.store.writer import StoreWriter, _looks_like_store
 from cospress.utils import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -300,10 +301,13 @@ def import_wds(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Rebuild a store from an `export_wds` folder (tars checked against their sha256); returns its manifest."""
-    src = Path(src)
+    """Rebuild a store from an `export_wds` folder (tars checked against their sha256); returns its manifest.
+
+    ``overwrite`` of an existing store builds the new one beside it and swaps the two only once every
+    sample has been read and the manifest written: a bad sample leaves the old store as it was.
+    """
+    src, out = Path(src), Path(out)
     doc = _read_sidecar(src)
-    ident = doc["identity"]
     for s in doc["shards"]:
         path = src / s["name"]
         if not path.is_file():
@@ -312,6 +316,33 @@ def import_wds(
             raise StoreError(
                 f"{path} does not match its sha256 in {SIDECAR}: corrupted; copy or export it again"
             )
+    if not (overwrite and out.is_dir() and any(out.iterdir())):
+        return _import_into(src, doc, out, overwrite, progress)
+    if not _looks_like_store(out):
+        raise StoreError(
+            f"{out} exists and is not a cospress store; refusing to replace it with --overwrite: "
+            "choose another store path"
+        )
+    beside = out.parent / f".{out.name}.import-{os.getpid()}"
+    shutil.rmtree(beside, ignore_errors=True)
+    try:
+        manifest = _import_into(src, doc, beside, False, progress)
+    except BaseException:
+        shutil.rmtree(beside, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    os.replace(out, old)  # the swap: two renames in one folder
+    os.replace(beside, out)
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("overwrite: replaced the store at %s", out)
+    return manifest
+
+
+def _import_into(
+    src: Path, doc: dict, out: Path, overwrite: bool, progress: Callable[[int, int], None] | None
+) -> dict[str, Any]:
+    """Write the store of the checked export ``src`` (sidecar ``doc``) at ``out``."""
+    ident = doc["identity"]
     layout = StoreLayout.from_manifest(ident)
     projection = read_projection_files(src, doc)
     writer = StoreWriter.open(
@@ -339,5 +370,5 @@ def import_wds(
     if count != doc["samples"]:
         raise StoreError(f"{src} holds {count} samples, {SIDECAR} says {doc['samples']}; export again")
     manifest = writer.finalize(extra={"imported_from": str(src), "cospress_version": cospress.__version__})
-    log.info("imported %d samples from %s into %s", count, src, out)
+    log.info("imported %d samples from %s", count, src)
     return manifest
