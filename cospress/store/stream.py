@@ -150,7 +150,7 @@ class StreamReader:
         if self._fs is None or self._pid != os.getpid():  # a forked worker opens its own
             self._open()
         try:
-            return self._fs.cat_file(f"{self._root}/{key}")
+            return self._fs.cat_file(f"{self._root}/{key}", start=0)  # start: no size request first
         except FileNotFoundError:
             raise StoreError(f"{self.display}/{key} is missing; run `cospress verify` on the store") from None
         except Exception as e:  # network errors may quote a signed URL: never show it
