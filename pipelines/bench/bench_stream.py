@@ -157,7 +157,7 @@ def cmd_gets(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     store = StoreReader(url)
     store.labels(), store.valid(), store.keys()
-    StreamReader(url, _stream_arrays(store)).layouts
+    _ = StreamReader(url, _stream_arrays(store)).layouts
     out = {"rows": a.rows, "shard_size": a.shard_size, "shards": store.num_shards, "arrays_streamed": 3,
            "open": {"requests": moto.count(), "seconds": time.perf_counter() - t0}}  # fmt: skip
     for world in (1, 2):
