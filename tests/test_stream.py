@@ -108,3 +108,42 @@ def test_streamed_rows_equal_the_random_access_reader(store, prefix):
         seen += len(rows)
     assert seen == len(order) * 4
     assert stream.gets == 3 * reader.num_shards  # one GET per array shard in the epoch
+
+
+def test_key_lookup_by_binary_search_matches_a_dict_and_names_a_missing_key():
+    from cospress.distill.data import key_index
+    from cospress.errors import StoreError
+
+    rng = np.random.default_rng(0)
+    source = [f"img/{i:05d}" if i % 7 else f"é/{i}" for i in rng.permutation(5000)]  # unicode too
+    store = [source[i] for i in rng.permutation(5000)[:3000]] + ["img/a", "img/a0"]
+    rows = np.arange(3000)
+    got = key_index(store, source, rows, "spec")
+    pos = {k: i for i, k in enumerate(source)}
+    assert np.array_equal(got[:3000], [pos[k] for k in store[:3000]]) and (got[3000:] == -1).all()
+    with pytest.raises(StoreError, match="1 store key.*first: 'img/a'"):
+        key_index(store, source, np.arange(3001), "spec")
+    assert (key_index(["x"], [], np.zeros(0, np.int64), "s") == -1).all()
+
+
+def test_the_wds_member_index_is_arrays_built_once_and_cached(tmp_path, monkeypatch):
+    from cospress.data import wds_index
+    from cospress.data.sources import open_source
+    from tests.test_sources import _encode, _rgb, _write_shard
+
+    monkeypatch.setenv("COSPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    imgs = [_encode(_rgb(i), "PNG") for i in range(3)]
+    tar = tmp_path / "a.tar"
+    _write_shard(tar, [("x0.png", imgs[0]), ("x0.cls", b"4"), ("x1.png", imgs[1]), ("x2.txt", b"t")])
+    src = open_source(f"wds:{tar}")
+    assert isinstance(src._offset, np.ndarray) and src._offset.dtype == np.int64
+    entry = wds_index.entry_path(str(tar))
+    assert entry.is_file()
+    built = entry.read_bytes()
+    again = open_source(f"wds:{tar}")  # from the cache
+    assert again.keys() == ["x0", "x1", "x2"] and again.labels() == [4, -1, -1]
+    assert again.read_bytes(1) == imgs[1] and entry.read_bytes() == built
+    entry.write_bytes(b"damaged")  # a damaged entry is rebuilt, never used
+    assert open_source(f"wds:{tar}").read_bytes(0) == imgs[0] and entry.read_bytes() == built
+    _write_shard(tar, [("y.png", imgs[2])])  # a changed tar: a new entry
+    assert open_source(f"wds:{tar}").keys() == ["y"]

@@ -135,22 +135,32 @@ def check_batch(batch_size: int, views_per_image: int, stored_views: int, world:
 
 # --------------------------------------------------------------------------- source lookup
 def key_index(store_keys: list[str], source_keys: list[str], rows: np.ndarray, spec: str) -> np.ndarray:
-    """Source position of every store row (-1 for rows not needed); refuses a store key missing from the source."""
-    pos = {k: i for i, k in enumerate(source_keys)}
+    """Source position of every store row (-1 for rows not needed); refuses a store key missing from the source.
+
+    The lookup is a binary search in the sorted source keys (UTF-8 bytes, one numpy array: ~the
+    key length per key, no Python dict of ~100 B per key).
+    """
+    src = _key_array(source_keys)
+    order = np.argsort(src, kind="stable")
+    ordered = src[order]
+    rows = np.asarray(rows, dtype=np.int64)
+    want = _key_array([store_keys[int(r)] for r in rows])
+    at = np.minimum(np.searchsorted(ordered, want), max(len(ordered) - 1, 0))
+    found = ordered[at] == want if len(ordered) else np.zeros(len(want), bool)
     out = np.full(len(store_keys), -1, dtype=np.int64)
-    missing = []
-    for row in rows:
-        i = pos.get(store_keys[int(row)])
-        if i is None:
-            missing.append(store_keys[int(row)])
-        else:
-            out[int(row)] = i
-    if missing:
+    out[rows[found]] = order[at[found]]
+    if not found.all():
+        missing = [store_keys[int(r)] for r in rows[~found]]
         raise StoreError(
             f"{len(missing)} store key(s) are not in source {spec!r} (first: {missing[0]!r}); "
             "pass --data with the image source the store was extracted from"
         )
     return out
+
+
+def _key_array(keys: list[str]) -> np.ndarray:
+    """Keys as one fixed-width bytes array (UTF-8), for sorting and binary search."""
+    return np.array([k.encode() for k in keys], dtype=np.bytes_) if len(keys) else np.zeros(0, "S1")
 
 
 # --------------------------------------------------------------------------- what a run reads
