@@ -51,8 +51,10 @@ def s3(tmp_path_factory):
                 mp.setenv(k, v)
             for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
                 mp.delenv(k, raising=False)
+            s3fs.S3FileSystem.clear_instance_cache()  # instances of another module's server (another port)
             fs = s3fs.S3FileSystem(skip_instance_cache=True)
-            fs.mkdir("bucket")
+            # one moto backend per process: another module's server may have made the bucket
+            fs.makedirs("bucket", exist_ok=True)
             yield fs
     finally:
         server.stop()
