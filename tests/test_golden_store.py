@@ -6,6 +6,7 @@ layout: a refactor that changes a single byte of an array's metadata, the record
 labels or the chunk layout fails here. The teacher's float16 outputs (cls, tokens) are compared by
 value with golden_store_features.npz: their last bits depend on the CPU's matmul kernels (the hashes
 of the same command differed between an AVX-512/AMX Xeon and an AVX-512 EPYC under the same torch).
+Regenerated for issue 26 (tokens stored with blosc lz4 instead of zstd: tokens/zarr.json changed).
 Regenerate only for an intended format change: COSPRESS_WRITE_GOLDEN=1 pytest tests/test_golden_store.py
 """
 

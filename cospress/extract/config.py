@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,11 @@ from cospress.errors import ConfigError
 
 if TYPE_CHECKING:
     from cospress.data.policy import ViewPolicy
+
+
+def default_writer_threads() -> int:
+    """Shard-writing threads: a quarter of the cores (the rest decode views), at least 1."""
+    return max(1, (os.cpu_count() or 2) // 4)
 
 
 @dataclass
@@ -40,6 +46,12 @@ class ExtractConfig:
     center_view: bool = setting(False, help="Also store the full-image view (as view index K).")
     seed: int = setting(0, help="Seed of the view parameters.")
     workers: int = shared.workers_setting("decode + replay of the views")
+    writer_threads: int = setting(
+        help="Threads compressing, hashing and writing shards (each writes whole shards; ~0.6 GB/s each "
+        "with the default codecs, docs/performance.md).",
+        factory=lambda: default_writer_threads(),
+        shown="cores / 4, at least 1",
+    )
     batch_size: int = setting(256, help="Views per teacher forward.")
     shard_size: int = setting(1024, help="Images per shard.")
     scale_min: float = shared.scale_min_setting()
@@ -70,6 +82,8 @@ class ExtractConfig:
             raise ConfigError(f"--shard-size must be at least 1, got {self.shard_size}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.writer_threads < 1:
+            raise ConfigError(f"--writer-threads must be at least 1, got {self.writer_threads}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
         from cospress.store.codecs import parse_codec

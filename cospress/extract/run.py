@@ -88,7 +88,7 @@ def _extract(cfg: ExtractConfig, ctx: DistContext, progress: Callable[[int, int]
     loader = view_loader(dataset, batches, cfg.workers, pin_memory=ctx.device.type == "cuda")
     # teacher -> writer
     t0 = time.perf_counter()
-    with ShardSink(writer, store.keys, store.labels) as sink:
+    with ShardSink(writer, store.keys, store.labels, cfg.writer_threads) as sink:
         on_batch = None if progress is None else (lambda done: progress(done, total))
         res = run_teacher(loader, teacher, sink, cfg, ctx.device, amp, on_batch)
     barrier()

@@ -56,18 +56,26 @@ class ShardBuffer:
 
 
 class ShardSink:
-    """The shard buffers of one rank; a thread writes and commits each one once it is full.
+    """The shard buffers of one rank; ``threads`` threads write and commit the full ones.
 
-    Use as a context manager: leaving it waits for the last shards and raises a write error.
+    Each thread writes whole shards (every writer owns whole shards: zarr's shard files are rewritten
+    whole), so up to ``threads`` shards are compressed, hashed and written at once: blosc, sha256 and
+    the file writes release the GIL. At most ``threads`` full shards wait in the queue, so host memory
+    holds up to 2 x ``threads`` full shard buffers beside the ones being filled. Use as a context
+    manager: leaving it waits for the last shards and raises a write error.
     """
 
-    def __init__(self, writer: StoreWriter, keys: list[str], labels: list[int]) -> None:
+    def __init__(self, writer: StoreWriter, keys: list[str], labels: list[int], threads: int = 1) -> None:
         self.writer, self.keys, self.labels = writer, keys, labels
         self.buffers: dict[int, ShardBuffer] = {}
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
-        self.thread = threading.Thread(target=self._run, daemon=True, name="cospress-shard-writer")
+        self.queue: queue.Queue = queue.Queue(maxsize=max(2, threads))
+        self.threads = [
+            threading.Thread(target=self._run, daemon=True, name=f"cospress-shard-writer-{i}")
+            for i in range(max(1, threads))
+        ]
         self.error: BaseException | None = None
-        self.seconds = 0.0  # spent writing, in the thread
+        self.seconds = 0.0  # spent writing, summed over the threads
+        self._lock = threading.Lock()
 
     def buffer(self, shard: int) -> ShardBuffer:
         if shard not in self.buffers:
@@ -75,7 +83,7 @@ class ShardSink:
         return self.buffers[shard]
 
     def filled(self, shard: int, rows: int) -> None:
-        """``rows`` more rows of ``shard`` have arrived; a full shard goes to the writing thread."""
+        """``rows`` more rows of ``shard`` have arrived; a full shard goes to the writing threads."""
         buf = self.buffers[shard]
         buf.remaining -= rows
         if buf.remaining == 0:
@@ -93,15 +101,19 @@ class ShardSink:
                 self.writer.write_shard(shard, **buf.contents())
             except BaseException as e:  # surfaced by the main thread
                 self.error = e
-            self.seconds += time.perf_counter() - t0
+            with self._lock:
+                self.seconds += time.perf_counter() - t0
 
     def __enter__(self) -> ShardSink:
-        self.thread.start()
+        for t in self.threads:
+            t.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join()
         if self.error is not None:
             raise self.error
 

@@ -35,7 +35,7 @@ from numcodecs import Blosc
 
 from cospress.errors import StoreError
 
-__all__ = ["ShardLayout", "ShardFileReader", "ShardBlob", "encode_shard"]
+__all__ = ["ShardLayout", "ShardFileReader", "ShardBlob", "encode_shard", "write_shard_file"]
 
 _EMPTY = np.uint64(2**64 - 1)  # offset and nbytes of a chunk that is not stored
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
@@ -342,3 +342,27 @@ class ShardBlob:
             raise StoreError(
                 f"a chunk of shard file {self.name} cannot be decoded ({e}); run `cospress verify` on the store"
             ) from None
+
+
+def write_shard_file(path: str | os.PathLike, data: bytes) -> None:
+    """Write one shard file atomically: ``data`` into ``.NAME.tmp`` beside it, fsynced, then renamed.
+
+    The temp file's name is fixed (one writer owns a shard), so a run killed mid-write leaves at most
+    one temp file per shard file, which the rerun truncates and renames: nothing is listed or cleaned
+    per shard, and the cost of a shard does not grow with the shards already written.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)

@@ -11,73 +11,30 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
 import cospress
 from cospress.errors import StoreError
 from cospress.store import manifest as mf
 from cospress.store.codecs import Projection, decode_tokens, encode_tokens
 from cospress.store.fidelity import codec_fidelity, sample_views
+from cospress.store.folder import compressor, create_group, prepare_folder
 from cospress.store.layout import DTYPES, FILL_VALUES, StoreLayout, array_chunks
 from cospress.store.metadata import array_encoding, metadata_files
 from cospress.store.projection import read_projection, write_projection
-from cospress.store.records import LEGACY, NEW, StorePaths, detect, read_record, remove_record, write_record
-from cospress.store.schema import FORMAT_NAME, check_schema_version
-from cospress.store.shardio import ShardLayout, encode_shard
-from cospress.utils import atomic_write_bytes, keys_sha256, sha256_file
+from cospress.store.records import NEW, StorePaths, detect, read_record, remove_record, write_record
+from cospress.store.schema import check_schema_version
+from cospress.store.shardio import ShardLayout, encode_shard, write_shard_file
+from cospress.utils import keys_sha256, sha256_file
 
 log = logging.getLogger(__name__)
 
 FIDELITY_VIEWS = 4  # views per shard whose codec error a commit records (lossy codecs)
 _CONFIG = {"write_empty_chunks": True}  # every inner chunk is stored: shard files are deterministic
-
-
-def _compressor(name: str, dtype: str) -> Any:
-    if DTYPES[name] == "str":
-        return "auto"
-    if dtype == "int8":  # byte shuffle does nothing for 1-byte values and halves blosc's decode speed
-        return BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle")
-    # zstd level 1 with byte shuffle: within 1% of level 3's ratio on float16 embeddings, ~2.5x faster
-    # to encode, so compression does not steal the teacher's CPU time.
-    return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
-
-
-def _looks_like_store(path: Path) -> bool:
-    if any((path / key).exists() for paths in (NEW, LEGACY) for key in (paths.identity, paths.manifest)):
-        return True
-    try:  # the group is written first: a store whose creation was interrupted
-        return json.loads((path / "zarr.json").read_text())["attributes"]["format"] == FORMAT_NAME
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def _create_group(p: Path) -> None:
-    """The store's root Zarr group (written first: a folder holding it is a store being created)."""
-    if not (p / "zarr.json").exists():
-        zarr.create_group(store=zarr.storage.LocalStore(p), zarr_format=3, attributes={"format": FORMAT_NAME})
-
-
-def _prepare_folder(p: Path, overwrite: bool) -> None:
-    """Refuse a path that is a file or a non-empty folder that is not a store; ``overwrite``
-    deletes an existing store (never a folder that is not one)."""
-    if p.exists() and not p.is_dir():
-        raise StoreError(f"{p} is a file, not a store folder; choose another store path")
-    if overwrite and p.exists() and any(p.iterdir()):
-        if not _looks_like_store(p):
-            raise StoreError(
-                f"{p} exists and is not a cospress store; refusing to delete it with --overwrite: "
-                "choose another store path"
-            )
-        log.info("overwrite: deleting the existing store at %s", p)
-        shutil.rmtree(p)
-    if p.exists() and any(p.iterdir()) and not _looks_like_store(p):
-        raise StoreError(f"{p} exists, is not empty and is not a cospress store; choose another store path")
 
 
 class StoreWriter:
@@ -127,11 +84,11 @@ class StoreWriter:
             )
         p = Path(path)
         if create:
-            _prepare_folder(p, overwrite)
+            prepare_folder(p, overwrite)
         paths = detect(p)
         full = mf.full_identity(identity, layout, paths.schema_version)
         if create and not (p / paths.identity).exists():
-            _create_group(p)
+            create_group(p)
             if layout.tokens and layout.token_codec == "pca":
                 write_projection(p, full, projection)
             write_record(p, paths.identity, full, paths)
@@ -168,7 +125,7 @@ class StoreWriter:
         if not (p / "zarr.json").exists():
             if not create:
                 raise StoreError(f"{p} has no zarr group yet; rank 0 must create the store first")
-            _create_group(p)
+            create_group(p)
         layout = StoreLayout.from_manifest(ident)
         arrays = {}
         for name, shape in ident["shapes"].items():
@@ -190,7 +147,7 @@ class StoreWriter:
                 dtype=dtype,
                 chunks=chunks,
                 shards=shards,
-                compressors=_compressor(name, layout.dtype(name)),
+                compressors=compressor(name, layout.dtype(name)),
                 fill_value=FILL_VALUES[name],
                 config=_CONFIG,
             )
@@ -348,17 +305,17 @@ class StoreWriter:
         """Write one array's shard file whole; returns its sha256.
 
         Arrays whose codecs `shardio` handles are encoded here and the file is replaced atomically
-        (zarr would spend ~1 ms per inner chunk: ~1 s for a tokens shard); others go through zarr.
+        through a temp file named after it (zarr would spend ~1 ms per inner chunk: ~1 s for a tokens
+        shard); others go through zarr. Nothing here lists a folder: the cost of a shard does not
+        grow with the shards already written.
         """
         path = self.path / key
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed run
-            stale.unlink(missing_ok=True)
         layout = self.layouts[name]
         if layout is None:
             self.arrays[name][start:stop] = value  # one assignment per shard: its file is written once
             return sha256_file(path)
         data = encode_shard(layout, value)
-        atomic_write_bytes(path, data)
+        write_shard_file(path, data)
         return hashlib.sha256(data).hexdigest()
 
     def finalize(self, extra: dict | None = None) -> dict:
