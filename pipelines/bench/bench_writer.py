@@ -10,8 +10,8 @@ Three sections, each written to ``--out`` (JSON) and ``--out`` with ``.md`` (a t
     into ``--dir`` (default /dev/shm: the CPU cost of compress + hash + write, not the disk's speed);
     GB/s of the float16 features handed to the writer (wall, and per CPU-second of the process) and
     the wall-time ratio 2 threads / 1;
-(c) per-shard cost: ``--tiny-shards`` tiny shards written one after another into a store on disk,
-    the median ms per shard over the first and the last 100 (and the old per-shard glob of the
+(c) per-shard cost: ``--tiny-shards`` tiny shards written one after another into a store, the
+    median ms per shard (wall, and CPU of the process) over the first and the last 100 (and the old per-shard glob of the
     array folders, done beside it on a second store: what the writer did before issue 26).
 
 The features are seeded synthetic teacher outputs (a per-view offset and a low-rank part plus
@@ -185,9 +185,9 @@ def bench_flat(a) -> dict:
         )
         one = {"cls": np.ones((1, 1, 8), np.float16), "tokens": np.ones((1, 1, 4, 8), np.float16),
                "views": np.zeros((1, 1, 1), np.float32), "labels": [0], "valid": [1]}  # fmt: skip
-        ms = []
+        ms, cpu = [], []
         for s in range(a.tiny_shards):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if mode != "now":
                 for key in w._shard_files(s).values():
                     path = w.path / key
@@ -195,9 +195,12 @@ def bench_flat(a) -> dict:
                         stale.unlink(missing_ok=True)
             w.write_shard(s, keys=[f"k{s}"], **one)
             ms.append((time.perf_counter() - t0) * 1e3)
-        first, last = statistics.median(ms[:100]), statistics.median(ms[-100:])
-        out[mode] = {"first_100_ms": first, "last_100_ms": last, "last_over_first": last / first,
-                     "per_500_ms": [statistics.median(ms[i : i + 500]) for i in range(0, len(ms), 500)]}  # fmt: skip
+            cpu.append((time.process_time() - c0) * 1e3)
+        out[mode] = {}
+        for what, xs in (("wall", ms), ("cpu", cpu)):
+            first, last = statistics.median(xs[:100]), statistics.median(xs[-100:])
+            out[mode][what] = {"first_100_ms": first, "last_100_ms": last, "last_over_first": last / first,
+                               "per_500_ms": [statistics.median(xs[i : i + 500]) for i in range(0, len(xs), 500)]}  # fmt: skip
         shutil.rmtree(w.path)
     return out
 
@@ -216,9 +219,11 @@ def markdown(res: dict) -> str:
                   f"{r['views_s']:.0f} | {r['ratio_to_1_thread']:.2f} |" for r in res["threads"]]  # fmt: skip
         lines.append("")
     if "flat" in res:
-        lines += ["| writer | ms/shard, shards 1-100 | last 100 | last / first |", "|---|---|---|---|"]
-        lines += [f"| {m} | {r['first_100_ms']:.2f} | {r['last_100_ms']:.2f} | {r['last_over_first']:.2f} |"
-                  for m, r in res["flat"].items()]  # fmt: skip
+        lines += ["| writer | time | ms/shard, shards 1-100 | last 100 | last / first | medians per 500 shards |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {m} | {w} | {r['first_100_ms']:.2f} | {r['last_100_ms']:.2f} | {r['last_over_first']:.2f} | "
+                  f"{' '.join(f'{x:.1f}' for x in r['per_500_ms'])} |"
+                  for m, by in res["flat"].items() for w, r in by.items()]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
