@@ -10,7 +10,7 @@ Measures, in one run, with random-init models (no hub access):
   similarity KL fwd+bwd, plain vs fused (+ global term) ms         target <= 10% of the student step
   distill end to end, --decode cpu / gpu (/ gpu+compile) views/s    target >= 0.85 x bare student (gpu, fused)
   decode + crop alone: PIL in one process vs batched nvjpeg, and nvjpeg-vs-PIL pixel difference
-Writes OUT/bench_gpu.json and OUT/bench_gpu.md. A step that fails or whose flag does not exist
+Writes OUT/bench_gpu.json and OUT/bench_gpu.md after every section. A step that fails or whose flag does not exist
 (e.g. extract without --decode) is reported as skipped with the reason; the others still run.
 """
 
@@ -152,6 +152,18 @@ def write_json(out: Path, res: dict) -> None:
     tmp = out / "bench_gpu.json.tmp"
     tmp.write_text(json.dumps(res, indent=2, default=str))
     os.replace(tmp, out / "bench_gpu.json")
+
+
+def env_of(device: torch.device, t_start: float) -> dict:
+    return {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "seconds_total": time.perf_counter() - t_start,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- measurements
@@ -391,6 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
             res[name] = r
             log.info("%s: %s", name, json.dumps(r))
         write_json(out, res)  # after every section: a run killed by its timeout keeps what it measured
+        partial = {**res, "env": env_of(device, t_start)}
+        (out / "bench_gpu.md").write_text(to_markdown({**partial, "summary": summarize(partial)}))
 
     spec = make_jpegs(work / "images", cfg["images"], cfg["image_wh"], cfg["workers"])
     log.info("%d synthetic JPEGs in %.1f s", cfg["images"], time.perf_counter() - t_start)
@@ -427,15 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
             skipped["distill_gpu_compiled"] = no_compile
     else:
         skipped["distill"] = "no store was extracted"
-    res["env"] = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "cpus": os.cpu_count(),
-        "seconds_total": time.perf_counter() - t_start,
-    }
+    res["env"] = env_of(device, t_start)
     res["summary"] = summarize(res)
     write_json(out, res)
     md = to_markdown(res)
