@@ -22,7 +22,7 @@ from cospress.errors import StoreError
 from cospress.store import manifest as mf
 from cospress.store.codecs import Projection, decode_tokens, encode_tokens
 from cospress.store.fidelity import codec_fidelity, sample_views
-from cospress.store.folder import compressor, create_group, prepare_folder
+from cospress.store.folder import compressor, create_group, looks_like_store, prepare_folder
 from cospress.store.layout import DTYPES, FILL_VALUES, StoreLayout, array_chunks
 from cospress.store.metadata import array_encoding, metadata_files
 from cospress.store.projection import read_projection, write_projection
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 FIDELITY_VIEWS = 4  # views per shard whose codec error a commit records (lossy codecs)
 _CONFIG = {"write_empty_chunks": True}  # every inner chunk is stored: shard files are deterministic
+_looks_like_store = looks_like_store  # its old name here (store/wds_io.py imports it)
 
 
 class StoreWriter:
