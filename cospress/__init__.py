@@ -25,3 +25,8 @@ def lazy_exports(package: str, exports: dict[str, str]):
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+# The Python API (cospress/api.py), loaded on first use: `import cospress` stays cheap.
+__all__ = ["extract_teacher", "distill_student", "knn_eval", "ExtractResult", "DistillResult", "EvalResult"]
+__getattr__ = lazy_exports(__name__, {name: "cospress.api" for name in __all__})

@@ -191,8 +191,11 @@ def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> 
     return cls(**kwargs)
 
 
-def load_config(cls: type[C], config_file: str | Path | None, overrides: dict[str, Any]) -> C:
-    """Merge defaults < YAML file < overrides (flags the user actually gave; None means not given).
+def load_config(
+    cls: type[C], config_file: str | Path | None, overrides: dict[str, Any], *, given: str = "flags"
+) -> C:
+    """Merge defaults < YAML file < overrides (flags the user actually gave; None means not given);
+    ``given`` names the overrides in an error (flags, or the API's keyword arguments).
 
     YAML keys may use dashes or underscores (``student-size`` or ``student_size``).
     """
@@ -209,7 +212,7 @@ def load_config(cls: type[C], config_file: str | Path | None, overrides: dict[st
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
         merged.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    return from_dict(cls, merged, source=str(config_file or "flags"))
+    return from_dict(cls, merged, source=str(config_file or given))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
