@@ -10,6 +10,7 @@ import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -96,3 +97,67 @@ def test_sigkill_mid_epoch_then_resume_from_s3_is_bitwise(local, s3, tmp_path): 
     url, spec = local
     publish_store(url, "s3://bucket/stream/x")
     _kill_and_resume("s3://bucket/stream/x", spec, tmp_path, workers=2)
+
+
+@pytest.fixture(scope="module")
+def wds_store(tmp_path_factory):
+    """(store, spec): 30 images in 3 tars of 10, extracted with the tiny test_vit teacher (shards of 5)."""
+    from tests import helpers
+    from tests.test_sources import _encode, _rgb, _write_shard
+
+    tmp = tmp_path_factory.mktemp("wds")
+    for t in range(3):
+        members = []
+        for i in range(t * 10, t * 10 + 10):
+            members += [
+                (f"s{i:03d}.png", _encode(_rgb(i, 40, 40), "PNG")),
+                (f"s{i:03d}.cls", str(i % 2).encode()),
+            ]
+        _write_shard(tmp / f"part-{t}.tar", members)
+    spec = f"wds:{tmp}/part-{{0..2}}.tar"
+    weights = helpers.make_tiny_teacher_weights(tmp / "t.safetensors", img_size=32)
+    from cospress.extract import ExtractConfig, run_extract
+
+    run_extract(ExtractConfig(data=spec, teacher="test_vit", weights=str(weights), image_size=32, views=4,
+                              shard_size=5, batch_size=16, workers=0, precision="fp32", device="cpu",
+                              out=str(tmp / "store")))  # fmt: skip
+    return str(tmp / "store"), spec
+
+
+def test_wds_images_stream_as_one_byte_range_per_tar_and_store_shard(wds_store):
+    from cospress.data.sources import open_source
+    from cospress.distill.data import key_index
+    from cospress.distill.streaming import ImageRanges
+    from cospress.store.stream import StreamOrder, StreamReader, lane_batches
+
+    url, spec = wds_store
+    store, source = StoreReader(url), open_source(spec)
+    train = np.arange(store.num_rows)
+    index = key_index(store.keys(), source.keys(), train, spec)
+    order = StreamOrder(
+        train_rows=train, shard_size=5, num_shards=store.num_shards, seed=0, epoch=0, batch=4, buffer=2
+    )
+    ranges = ImageRanges(source, index, order)
+    seen = 0
+    for _, rows, held in lane_batches(order, 0, 0, StreamReader(url, ("cls",)), 2, ranges):
+        ranges.hold(held)
+        for r in rows:  # every image of a batch is held, and is the source's own bytes
+            assert int(index[r]) in ranges.images
+            assert ranges.source.read_bytes(int(index[r])) == source.read_bytes(int(index[r]))
+        seen += len(rows)
+    assert seen == len(order) * 4
+    # a store shard of 5 rows lies in one tar: one range each
+    assert all(
+        len({int(t) for t in source.image_members(index[s * 5 : s * 5 + 5])[0]}) == 1 for s in range(6)
+    )
+
+
+def test_a_wds_run_streams_targets_and_images(wds_store, tmp_path, caplog):
+    url, spec = wds_store
+    with caplog.at_level(logging.INFO, logger="cospress"):
+        a = _run(tiny_cfg("file://" + url, tmp_path / "a", data=spec, workers=1, **{**KW, "epochs": 1}))
+    assert any("images one byte range per tar" in r.getMessage() for r in caplog.records)
+    b = _run(tiny_cfg("file://" + url, tmp_path / "b", data=spec, workers=0, **{**KW, "epochs": 1}))
+    assert a["steps"] == b["steps"] >= 2
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

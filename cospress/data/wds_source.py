@@ -158,6 +158,12 @@ class WdsSource(Source):
             f.seek(offset)
             return f.read(size)
 
+    def image_members(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tar, offset, size) of the image member of each sample at ``positions`` (offset -1: none),
+        for a reader that fetches byte ranges of the tars itself (stage 2's stream reader)."""
+        p = np.asarray(positions, dtype=np.int64)
+        return self._shard[p], self._offset[p], self._size[p]
+
     def read_bytes(self, i: int) -> bytes:
         i = self._check_index(i)
         if self._offset[i] < 0:

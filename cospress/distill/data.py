@@ -135,11 +135,8 @@ def check_batch(batch_size: int, views_per_image: int, stored_views: int, world:
 
 # --------------------------------------------------------------------------- source lookup
 def key_index(store_keys: list[str], source_keys: list[str], rows: np.ndarray, spec: str) -> np.ndarray:
-    """Source position of every store row (-1 for rows not needed); refuses a store key missing from the source.
-
-    The lookup is a binary search in the sorted source keys (UTF-8 bytes, one numpy array: ~the
-    key length per key, no Python dict of ~100 B per key).
-    """
+    """Source position of every store row (-1 for rows not needed); refuses a store key missing from the
+    source. A binary search in the sorted source keys (one UTF-8 bytes array, not a dict of ~100 B/key)."""
     src = _key_array(source_keys)
     order = np.argsort(src, kind="stable")
     ordered = src[order]
@@ -331,11 +328,15 @@ class DistillBatches(Dataset):
         e = self.plan.epoch
         return self._replay(out, rows, lambda i, w, h: self.online.params(int(rows[i]), e, views[i], w, h))
 
-    def _replay(self, out: dict[str, Any], rows: np.ndarray, params_of: Any) -> dict[str, Any]:
-        """Read each row's image and replay its views; ``params_of(i, width, height)`` -> f32 [R, P]."""
+    def _replay(
+        self, out: dict[str, Any], rows: np.ndarray, params_of: Any, source: Any = None
+    ) -> dict[str, Any]:
+        """Read each row's image (from ``source``, default the run's) and replay its views;
+        ``params_of(i, width, height)`` -> f32 [R, P]."""
         encoded, images, teacher_images, params = [], [], [], []
+        source = self.lazy.source if source is None else source
         for i, row in enumerate(rows):
-            sample = worker_read(self.lazy.source, int(self.source_index[int(row)]), self.decode)
+            sample = worker_read(source, int(self.source_index[int(row)]), self.decode)
             if isinstance(sample, Encoded):  # bytes mode: device_images decodes and replays
                 encoded.append(sample)
                 params.append(params_of(i, max(sample.width, 1), max(sample.height, 1)))

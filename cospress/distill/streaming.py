@@ -38,6 +38,7 @@ class StreamSetup:
     depth: int
     codec: str
     projection: Any = None
+    image_ranges: bool = False  # wds source: a store shard's images fetched as one byte range per tar
 
 
 def choose_reader(cfg: Any, store: Any) -> tuple[str, str]:
@@ -78,9 +79,12 @@ def attach_stream(data: TrainData, cfg: Any, world: int) -> TrainData:
     data.stream = StreamSetup(reader, lanes, int(cfg.stream_buffer), int(cfg.stream_prefetch), codec,
                               store.projection if codec == "pca" and data.use_tokens else None)  # fmt: skip
     data.steps_per_epoch = len(order)
+    data.stream.image_ranges = hasattr(data.lazy.source, "image_members")
+    images = "one byte range per tar per store shard" if data.stream.image_ranges else "read one by one"
     log.info(
         "store reader: stream (%s): whole shard files, buffer %d shard(s), prefetch %d shard(s) per worker, "
-        "%d lane(s); %d steps per epoch", why, data.stream.buffer, data.stream.depth, lanes, len(order),
+        "%d lane(s); %d steps per epoch; images %s", why, data.stream.buffer, data.stream.depth, lanes, len(order),
+        images,
     )  # fmt: skip
     return data
 
@@ -140,6 +144,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
         self.setup, self.order, self.position, self.views = setup, order, int(position), int(views)
         self.stored_views = data.reader.stored_views
         self.replay = DistillBatches(data.lazy, None, data.source_index, size, data.use_tokens, decode)
+        self.lazy, self.source_index = data.lazy, data.source_index
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -148,7 +153,14 @@ class StreamBatches(torch.utils.data.IterableDataset):
         worker = 0 if info is None else info.id
         lane = (self.position + worker) % self.order.lanes
         start = self.order.first_batch(lane, self.position)
-        for j, rows, held in lane_batches(self.order, lane, start, self.setup.reader, self.setup.depth):
+        ranges = (
+            ImageRanges(self.lazy.source, self.source_index, self.order) if self.setup.image_ranges else None
+        )
+        self.source = ranges.source if ranges else self.lazy.source
+        s = self.setup
+        for j, rows, held in lane_batches(self.order, lane, start, s.reader, s.depth, ranges):
+            if ranges is not None:
+                ranges.hold(held)
             yield self._batch(j * self.order.lanes + lane, rows, held)
 
     def _batch(self, step: int, rows: np.ndarray, held: dict) -> dict[str, Any]:
@@ -158,7 +170,68 @@ class StreamBatches(torch.utils.data.IterableDataset):
         out: dict[str, Any] = {"rows": torch.as_tensor(rows), "step": int(step)}
         out.update(_targets(got, self.setup))
         stored = got["views"].astype(np.float32)
-        return self.replay._replay(out, rows, lambda i, w, h: stored[i])
+        return self.replay._replay(out, rows, lambda i, w, h: stored[i], self.source)
+
+
+class ImageRanges:
+    """The images of a store shard's rows fetched as one byte range per tar (``wds:`` sources).
+
+    Store rows are in source order (stage 1 writes them so), so the images of a store shard lie in
+    one contiguous run of one or two tars: fetched with the shard's files, in the prefetch thread,
+    one GET per tar instead of one read per image. A tar whose wanted images are scattered (a store of
+    a subset, an appended store: the range would be > 4x their bytes) is left to per-image reads.
+    ``source`` serves the held bytes and falls back to the source's own reads.
+    """
+
+    def __init__(self, source: Any, source_index: np.ndarray, order: StreamOrder) -> None:
+        import copy
+
+        self.base, self.source_index, self.order = source, source_index, order
+        self.images: dict[int, bytes] = {}
+        self.source = copy.copy(source)  # shares the index arrays; its reads are served from memory
+        self.source.read_bytes = self._read_bytes
+        self._fs: dict[str, Any] = {}
+
+    def _read_bytes(self, i: int) -> bytes | None:
+        data = self.images.get(int(i))
+        return bytes(data) if data is not None else type(self.base).read_bytes(self.source, i)
+
+    def hold(self, held: dict[int, dict[str, Any]]) -> None:
+        """Serve the images of the held shards (the others are let go)."""
+        self.images = {p: b for files in held.values() for p, b in (files.get("extra") or {}).items()}
+
+    def __call__(self, shard: int) -> dict[int, memoryview]:
+        o = self.order
+        rows = o.train_rows[np.searchsorted(o.train_rows, shard * o.shard_size) :
+                            np.searchsorted(o.train_rows, (shard + 1) * o.shard_size)]  # fmt: skip
+        pos = self.source_index[rows]
+        tar, off, size = self.base.image_members(pos)
+        out: dict[int, memoryview] = {}
+        for t in np.unique(tar[off >= 0]):
+            m = (tar == t) & (off >= 0)
+            lo, hi = int(off[m].min()), int((off[m] + size[m]).max())
+            if hi - lo > 4 * int(size[m].sum()) + 2**20:
+                continue
+            blob = memoryview(self._range(self.base.shards[int(t)], lo, hi))
+            out.update(
+                {
+                    int(p): blob[int(a) - lo : int(a) - lo + int(z)]
+                    for p, a, z in zip(pos[m], off[m], size[m], strict=True)
+                }
+            )
+        return out
+
+    def _range(self, url: str, start: int, stop: int) -> bytes:
+        if "://" not in url or url.startswith("file://"):
+            with open(url.removeprefix("file://"), "rb") as f:
+                f.seek(start)
+                return f.read(stop - start)
+        import fsspec
+
+        if url not in self._fs:
+            self._fs[url] = fsspec.core.url_to_fs(url, skip_instance_cache=True)
+        fs, path = self._fs[url]
+        return fs.cat_file(path, start=start, end=stop)
 
 
 def _targets(got: dict[str, np.ndarray], setup: StreamSetup) -> dict[str, Any]:

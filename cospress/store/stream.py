@@ -28,7 +28,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,16 +175,19 @@ class StreamReader:
             )
         return lay
 
-    def fetch(self, shard: int) -> dict[str, ShardBlob]:
-        """Every array's shard file of ``shard``, one GET each."""
-        out = {}
+    def fetch(self, shard: int, extra: Callable[[int], Any] | None = None) -> dict[str, Any]:
+        """Every array's shard file of ``shard``, one GET each; ``extra(shard)`` under "extra" (what
+        else a caller fetches with a shard, e.g. its images)."""
+        out: dict[str, Any] = {} if extra is None else {"extra": extra(int(shard))}
         for name, lay in self.layouts.items():
             key = mf.shard_file_key(name, int(shard), len(lay.shape))
             out[name] = ShardBlob(self._cat(key), lay, f"{self.display}/{key}")
             self.gets += 1
         return out
 
-    def prefetched(self, shards: list[int], depth: int) -> Iterator[tuple[int, dict[str, ShardBlob]]]:
+    def prefetched(
+        self, shards: list[int], depth: int, extra: Callable[[int], Any] | None = None
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
         """(shard, its files) for ``shards`` in order, fetched by a thread at most ``depth`` shards
         ahead (the bytes in flight are bounded). An error is raised when its shard is reached."""
         q: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
@@ -193,7 +196,7 @@ class StreamReader:
         def work() -> None:
             for s in shards:
                 try:
-                    item: Any = (s, self.fetch(s))
+                    item: Any = (s, self.fetch(s, extra))
                 except BaseException as e:  # handed to the consumer, raised there
                     item = e
                 while not stop.is_set():
@@ -218,8 +221,13 @@ class StreamReader:
 
 
 def lane_batches(
-    order: StreamOrder, lane: int, start: int, reader: StreamReader, depth: int = 2
-) -> Iterator[tuple[int, np.ndarray, dict[int, dict[str, ShardBlob]]]]:
+    order: StreamOrder,
+    lane: int,
+    start: int,
+    reader: StreamReader,
+    depth: int = 2,
+    extra: Callable[[int], Any] | None = None,
+) -> Iterator[tuple[int, np.ndarray, dict[int, dict[str, Any]]]]:
     """(batch index in the lane, rows [batch], shard -> its files) for the lane's batches ``start`` on.
 
     Windows before the one that holds batch ``start`` are never fetched; a window's files are let
@@ -233,7 +241,7 @@ def lane_batches(
     n = order.batch
     first = int(np.searchsorted(cum, start * n, side="right") - 1)
     last = int(np.searchsorted(cum, stop * n - 1, side="right") - 1)
-    files = reader.prefetched([int(s) for w in windows[first : last + 1] for s in w], depth)
+    files = reader.prefetched([int(s) for w in windows[first : last + 1] for s in w], depth, extra)
     held: dict[int, dict[str, ShardBlob]] = {}
     rows_of: dict[int, np.ndarray] = {}  # window -> its shuffled rows, while its files are held
     loaded = first - 1  # the last window whose files are held
@@ -266,7 +274,7 @@ def gather(
     raw): cls [n, R, D], views [n, R, P], tokens [n, R, T, d] and token_scale [n, R, T] when fetched."""
     out: dict[str, Any] = {}
     first = held[int(rows[0]) // shard_size] if len(rows) else {}
-    for name in first:
+    for name in [n for n in first if n in ROW_ARRAYS]:
         per_row = []
         for row, vs in zip(rows, views, strict=True):
             blob = held[int(row) // shard_size][name]

@@ -10,12 +10,15 @@ Three parts, each its own sub-command, run on synthetic stores written with the 
 - ``speed``: target reads (what a stage-2 worker reads: CLS, int8 tokens + scales, view params of R
   views of every image of a batch) of a ViT-S/14-shaped int8 store (257 x 384 per view) on the moto
   server, stream vs random access, side by side in one process, views/s (one core: one reading thread).
+- ``images``: a ``wds:`` source in the bucket, images read one by one in the stream's order (what
+  the random-access source does) vs one byte range per tar per store shard (``ImageRanges``).
 - ``memory``: peak RSS of a loader worker process (spawned, so it holds only what it is sent) that
   streams ``--batches`` batches, and of the main process after opening the store and its columns,
   at each of ``--rows`` (e.g. 10000 1000000).
 
     python pipelines/bench/bench_stream.py gets --rows 100352 --out bench-stream-gets.json
     python pipelines/bench/bench_stream.py speed --rows 384 --out bench-stream-speed.json
+    python pipelines/bench/bench_stream.py images --out bench-stream-images.json
     python pipelines/bench/bench_stream.py memory --rows 10000 1000000 --out bench-stream-memory.json
 """
 
@@ -202,6 +205,71 @@ def cmd_speed(a: argparse.Namespace) -> dict:
     return out
 
 
+def _write_tars(root: Path, tars: int, per_tar: int, px: int) -> list[Path]:
+    """``tars`` uncompressed WebDataset tars of ``per_tar`` seeded noise JPEGs (px x px) with a label."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    paths = []
+    for t in range(tars):
+        path = root / f"part-{t:03d}.tar"
+        with tarfile.open(path, "w") as tf:
+            for i in range(t * per_tar, (t + 1) * per_tar):
+                buf = io.BytesIO()
+                Image.fromarray(g.integers(0, 256, (px, px, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+                for name, data in ((f"s{i:07d}.jpg", buf.getvalue()), (f"s{i:07d}.cls", b"0")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
+
+
+def cmd_images(a: argparse.Namespace) -> dict:
+    """Image reads of a ``wds:`` source in a bucket: one read per image in the stream's order (what the
+    random-access source does) vs one byte range per tar per store shard (`ImageRanges`)."""
+    import s3fs
+
+    from cospress.data.sources import open_source
+    from cospress.distill.streaming import ImageRanges
+
+    moto = Moto()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _write_tars(Path(tmp), a.tars, a.per_tar, a.px)
+        for p in paths:
+            fs.put_file(str(p), f"bucket/wds/{p.name}")
+        tar_mb = paths[0].stat().st_size / 2**20
+    n = a.tars * a.per_tar
+    spec = f"wds:s3://bucket/wds/part-{{000..{a.tars - 1:03d}}}.tar"
+    moto.count()
+    t0 = time.perf_counter()
+    source = open_source(spec)
+    out: dict = {"images": n, "tars": a.tars, "tar_mb": tar_mb, "px": a.px,
+                 "open": {"requests": moto.count(), "seconds": time.perf_counter() - t0}}  # fmt: skip
+    order = StreamOrder(train_rows=np.arange(n), shard_size=a.shard_size, num_shards=-(-n // a.shard_size),
+                        seed=0, epoch=0, batch=64, buffer=4)  # fmt: skip
+    lane = np.concatenate([order.window_rows(w) for w in order.windows(0)])[: a.sample]
+    t0 = time.perf_counter()
+    nbytes = sum(len(source.read_bytes(int(i))) for i in lane)
+    secs = time.perf_counter() - t0
+    req = moto.count()
+    out["per_image"] = {"images": len(lane), "requests": req, "seconds": secs, "images_per_s": len(lane) / secs,
+                        "get_per_image": req.get("GET", 0) / len(lane), "image_mb": nbytes / 2**20}  # fmt: skip
+    ranges = ImageRanges(source, np.arange(n), order)
+    t0 = time.perf_counter()
+    got = sum(len(ranges(s)) for s in range(order.num_shards))
+    secs = time.perf_counter() - t0
+    req = moto.count()
+    out["ranges"] = {"images": got, "requests": req, "seconds": secs, "images_per_s": got / secs,
+                     "get_per_image": req.get("GET", 0) / got}  # fmt: skip
+    out["speedup"] = out["ranges"]["images_per_s"] / out["per_image"]["images_per_s"]
+    return out
+
+
 def _worker_rss(url: str, batches: int) -> None:
     """Body of the spawned worker: open the store state a stage-2 worker holds, stream, print peak RSS."""
     store = StoreReader(url)
@@ -255,14 +323,20 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--views", type=int, default=4, help="stored views")
     s.add_argument("--batch", type=int, default=32)
     s.add_argument("--rounds", type=int, default=3)
+    i = sub.add_parser("images")
+    i.add_argument("--tars", type=int, default=4)
+    i.add_argument("--per-tar", type=int, default=512)
+    i.add_argument("--px", type=int, default=160)
+    i.add_argument("--shard-size", type=int, default=256)
+    i.add_argument("--sample", type=int, default=256, help="images read one by one")
     m = sub.add_parser("memory")
     m.add_argument("--rows", type=int, nargs="+", default=[10000, 1000000])
     m.add_argument("--shard-size", type=int, default=1024)
     m.add_argument("--batches", type=int, default=40)
-    for p in (g, s, m):
+    for p in (g, s, i, m):
         p.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    res = {"gets": cmd_gets, "speed": cmd_speed, "memory": cmd_memory}[a.cmd](a)
+    res = {"gets": cmd_gets, "speed": cmd_speed, "images": cmd_images, "memory": cmd_memory}[a.cmd](a)
     res["cpu"] = _cpu()
     text = json.dumps(res, indent=1)
     print(text)
