@@ -16,7 +16,7 @@ from tests.test_distill import make_store  # noqa: E402
 class _NoFetch:
     """A stand-in fetcher for order-only tests: no files (the rows are what is checked)."""
 
-    def prefetched(self, shards, depth):
+    def prefetched(self, shards, depth, extra=None):
         yield from ((int(s), {}) for s in shards)
 
 
