@@ -8,6 +8,7 @@ from typing import Any
 from cospress import config as shared
 from cospress.config import mapping_from_text, setting
 from cospress.errors import ConfigError
+from cospress.loggers import check_loggers
 
 METHODS = ("cospress", "cosine", "mse", "smooth-l1")
 COMPRESSORS = ("linear", "mlp")
@@ -28,6 +29,11 @@ class DistillConfig:
         "store", help="Store path or fsspec URL (from extract-teacher); not read with --teacher."
     )
     out: str = setting("runs/distill", help="Run folder: config.yaml, metrics.jsonl, checkpoints.")
+    logger: list[str] = setting(
+        help="Also log every metrics row to tensorboard (OUT/tensorboard), wandb or mlflow (comma-separated; "
+        "the package must be installed); metrics.jsonl is always written.",
+        factory=list,
+    )
     data: str | None = setting(None, help="Image source.", shown="the one recorded in the store")
     cache_dir: str | None = setting(None, help="Local cache for a remote store's shard files.")
     reader: str = setting(
@@ -137,6 +143,7 @@ def validate(cfg: DistillConfig) -> None:
     _one_of("attention", cfg.attention, ATTENTION_CHOICES)
     _one_of("decode", cfg.decode, DECODE_CHOICES)
     _one_of("reader", cfg.reader, READERS)
+    check_loggers(cfg.logger)
     if cfg.stream_buffer < 1 or cfg.stream_prefetch < 1:
         raise ConfigError("stream_buffer and stream_prefetch must be >= 1")
     if cfg.teacher is None and (cfg.limit is not None or cfg.weights or cfg.image_size):

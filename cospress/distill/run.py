@@ -59,6 +59,7 @@ from cospress.distill.state import (
 from cospress.distill.streaming import attach_stream, stream_loader
 from cospress.distill.val import validate_epoch
 from cospress.errors import ConfigError
+from cospress.loggers import open_loggers
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def train(
     # resume
     at, state = resume(cfg, out, model, targets_header(data)["store"])
     reuse = start_run(cfg, out, data, model, at, resumed=state is not None, ctx=ctx)
-    with MetricsLog(out / "metrics.jsonl", ctx.is_main) as metrics:
+    with MetricsLog(out / "metrics.jsonl", ctx.is_main, sinks=open_loggers(cfg, ctx.is_main)) as metrics:
         # optimizer (with compressor_first: the compressor is fitted and frozen first)
         opt = make_optimizer(model, cfg, data, fit=state is None, log_metric=metrics.write)
         save = functools.partial(

@@ -294,8 +294,9 @@ class MetricsLog:
     read together, one device sync per ``every`` steps, and written in order before any other row.
     """
 
-    def __init__(self, path: Path, enabled: bool, every: int = LOG_EVERY) -> None:
+    def __init__(self, path: Path, enabled: bool, every: int = LOG_EVERY, sinks: list | None = None) -> None:
         self._file = open(path, "a") if enabled else None  # noqa: SIM115
+        self._sinks = list(sinks or []) if enabled else []  # cospress.loggers backends (--logger)
         self._every = max(1, every)
         self._pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
         self.last: dict[str, Any] = {}  # the last train row written (on every rank)
@@ -325,6 +326,8 @@ class MetricsLog:
         if self._file is not None:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
+        for sink in self._sinks:
+            sink.log(row)
 
     def __enter__(self) -> MetricsLog:
         return self
@@ -340,6 +343,8 @@ class MetricsLog:
         finally:
             if self._file is not None:
                 self._file.close()
+            for sink in self._sinks:
+                sink.close()
 
 
 def train_row(at: RunState, lr: float, views: int, t_data: float, t_step: float) -> dict:
