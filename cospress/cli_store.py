@@ -99,8 +99,15 @@ def export_cmd(cfg: ExportConfig) -> None:
     with user_errors():
         from cospress.export import export_student
 
-        info = export_student(cfg.run, cfg.out, which=cfg.which)
-    table(f"exported to {cfg.out}", [(k, v) for k, v in info.items() if not isinstance(v, (dict, list))])
+        info = export_student(cfg.run, cfg.out, which=cfg.which, format=cfg.format)
+    rows = [(k, v) for k, v in info.items() if not isinstance(v, (dict, list))]
+    if "onnx" in info:
+        onnx = info["onnx"]
+        rows.append(("onnx", f"{onnx['file']} (opset {onnx['opset']}, dynamic batch)"))
+        rows.append(
+            ("onnx max abs diff vs PyTorch", f"{onnx['max_abs_diff']:.3g} on {onnx['checked_images']} images")
+        )
+    table(f"exported to {cfg.out}", rows)
 
 
 @store_command("merge", MergeConfig, progress=True)

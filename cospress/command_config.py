@@ -49,7 +49,13 @@ class VerifyConfig:
 class ExportConfig:
     run: str = setting(help="A distill run folder.", argument=True)
     out: str = setting(help="Folder for student.safetensors + student.json.")
-    which: str = setting("best", help="best or last checkpoint.")
+    which: str = setting("best", help="best or last checkpoint.", choices=("best", "last"))
+    format: str = setting(
+        "safetensors",
+        help="safetensors (+ student.json, loads in timm) or onnx (also student.onnx: opset 18, dynamic "
+        "batch, checked against the PyTorch student with onnxruntime; pip install 'cospress[onnx]').",
+        choices=("safetensors", "onnx"),
+    )
 
 
 @dataclass

@@ -52,15 +52,21 @@ def _run_student(run: Path, which: str) -> tuple[dict, dict[str, Any], dict[str,
 
 
 def export_student(
-    run_dir: str | os.PathLike, out_dir: str | os.PathLike, which: str = ExportConfig.which
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    which: str = ExportConfig.which,
+    format: str = ExportConfig.format,
 ) -> dict[str, Any]:
-    """Write ``student.safetensors`` + ``student.json`` from checkpoint ``which`` (best | last) of a run.
+    """Write ``student.safetensors`` + ``student.json`` from checkpoint ``which`` (best | last) of a run,
+    and with ``format="onnx"`` also ``student.onnx`` (checked against PyTorch: `onnx_export`).
 
     Returns the JSON description plus ``weights`` (path) and ``weights_sha256``.
     """
     run = Path(run_dir)
     if which not in ("best", "last"):
         raise CospressError(f"which={which!r}: export 'best' or 'last'")
+    if format not in ("safetensors", "onnx"):
+        raise CospressError(f"format={format!r}: export 'safetensors' or 'onnx'")
     if not (run / RUN_JSON).is_file():
         raise CospressError(
             f"{run} is not a distill run folder (no {RUN_JSON}); pass the --out of cospress distill"
@@ -80,6 +86,10 @@ def export_student(
         "step": int(meta.get("step", 0) or 0),
         "run": run.resolve().name,  # the run folder's name: no local path in a file that is shared
     }
+    if format == "onnx":
+        from cospress.onnx_export import write_onnx
+
+        desc["onnx"] = write_onnx(build_exported(desc, student, out), out)
     atomic_write_json(out / STUDENT_JSON, desc)
     log.info("exported %s (%s, step %s) to %s", info.get("timm_name"), which, desc["step"], out)
     return {
