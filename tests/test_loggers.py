@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -48,8 +49,13 @@ def test_tensorboard_gets_every_row_of_metrics_jsonl(store, tmp_path: Path) -> N
     assert "config/text_summary" in acc.Tags()["tensors"]  # the run's settings, as text
 
 
-def test_the_default_is_files_only(store, tmp_path: Path) -> None:
-    run_distill(tiny_cfg(store[0], tmp_path / "run", epochs=1))
+def test_the_default_is_files_only_and_the_start_is_one_line(store, tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="cospress"):
+        run_distill(tiny_cfg(store[0], tmp_path / "run", epochs=1))
+    starts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("distill cospress:")]
+    assert len(starts) == 1 and "\n" not in starts[0] and len(starts[0]) < 240, starts
+    assert "test_vit @ 32 px" in starts[0] and "config.yaml" in starts[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and "run header" in r.getMessage()]
     assert not (tmp_path / "run" / "tensorboard").exists() and (tmp_path / "run" / "metrics.jsonl").is_file()
 
 

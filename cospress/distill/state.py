@@ -26,7 +26,7 @@ from cospress.config import save_config, to_dict
 from cospress.distill.config import DistillConfig, parse_kwargs
 from cospress.distill.model import Schedule
 from cospress.errors import ConfigError
-from cospress.utils import atomic_write_bytes, atomic_write_json, redact_config, sha256_json
+from cospress.utils import atomic_write_bytes, atomic_write_json, redact_config, redact_url, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,23 @@ def student_info(cfg: DistillConfig, student: nn.Module) -> dict[str, Any]:
     }
 
 
+def _teacher_line(header: dict[str, Any]) -> str:
+    teacher = header.get("teacher") or {}
+    store = header.get("store") or {}
+    source = f"store {redact_url(str(store['url']))}" if store.get("url") else "online"
+    return f"{teacher.get('name', '?')} ({source})"
+
+
+def start_line(cfg: DistillConfig, header: dict[str, Any], out: Path) -> str:
+    """The one start-up line of a run (the full settings are in OUT/config.yaml, the header in run.json)."""
+    s = header["student"]
+    return (
+        f"distill {cfg.method}: {s['timm_name']} @ {s['input_size']} px (dim {s['dim']}) <- "
+        f"{_teacher_line(header)}; {cfg.epochs} epochs, batch {cfg.batch_size}, "
+        f"R={cfg.views_per_image}, lr {cfg.lr:g}; settings in {out / 'config.yaml'}"
+    )
+
+
 def start_run_folder(
     cfg: DistillConfig, out: Path, targets: dict[str, Any], student: nn.Module, at: RunState | None
 ) -> None:
@@ -257,7 +274,8 @@ def start_run_folder(
     header.update(targets)
     header["student"] = student_info(cfg, student)
     atomic_write_json(out / "run.json", header)
-    log.info("run header: %s", json.dumps(header))
+    log.info("%s", start_line(cfg, header, out))
+    log.debug("run header: %s", json.dumps(header))
     if at is not None:
         trim_metrics(out / "metrics.jsonl", at.step, at.epoch)
     elif (out / "metrics.jsonl").is_file():  # a run killed before its first checkpoint starts over
