@@ -9,7 +9,14 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "cospress"
 STAGES = ("extract", "distill", "evaluate")
-TOP = ("cli", "cli_store", "cli_ui", "flags", "api", "__main__")  # the command line: imports everything, imported by nothing
+TOP = (
+    "cli",
+    "cli_store",
+    "cli_ui",
+    "flags",
+    "api",
+    "__main__",
+)  # the command line: imports everything, imported by nothing
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 # Triton kernels: one long body each, by the nature of a fused kernel (docs/architecture.md).

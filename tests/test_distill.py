@@ -302,7 +302,9 @@ def test_refuses_bad_stores_and_mismatches(store, tmp_path):
         run_distill(tiny_cfg(str(broken), tmp_path / "b"))
     future = tmp_path / "future"
     shutil.copytree(url, future)
-    record = json.loads((future / mf.MANIFEST_FILE).read_text())  # a Zarr group node: the manifest in attributes
+    record = json.loads(
+        (future / mf.MANIFEST_FILE).read_text()
+    )  # a Zarr group node: the manifest in attributes
     record["attributes"]["schema_version"] = "9.0"
     (future / mf.MANIFEST_FILE).write_text(json.dumps(record))
     with pytest.raises(StoreError, match="schema version"):

@@ -144,7 +144,11 @@ def test_resume_with_another_decode_is_refused_and_old_stores_still_append(
     run_cli(*_args(images, weights, out, "--decode", "cpu"))
     _assert_same(_arrays(reference_store), _arrays(out))
     # as a schema 1.2 store: records as root files, no decode in the identity, no metadata fields
-    to_legacy(out, "1.2", lambda doc: [doc.pop(key, None) for key in ("decode", "metadata_sha256", "arrays", "token_codec")])
+    to_legacy(
+        out,
+        "1.2",
+        lambda doc: [doc.pop(key, None) for key in ("decode", "metadata_sha256", "arrays", "token_codec")],
+    )
     assert run_cli("verify", str(out)).returncode == 0
     data = tmp_path / "data"
     shutil.copytree(images, data)

@@ -149,7 +149,9 @@ def test_extract_from_a_signed_url_writes_and_logs_no_secret(secret_source, tmp_
         _assert_clean(text, name)
     _assert_clean(verify.stdout + verify.stderr, "verify")
     files = [f for f in out.rglob("*") if f.is_file()]
-    assert any(f.relative_to(out).as_posix() == "cospress/config/zarr.json" for f in files)  # the config record
+    assert any(
+        f.relative_to(out).as_posix() == "cospress/config/zarr.json" for f in files
+    )  # the config record
     for f in files:
         _assert_clean(f.read_bytes().decode("latin-1"), str(f.relative_to(out)))
     # an error that names a shard URL does not print the secrets either

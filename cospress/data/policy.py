@@ -184,4 +184,3 @@ def stored_policy(view_policy: dict | None, num_params: int, where: str = "the s
             f"{policy.version} has {policy.num_params}: the store is damaged or from another tool"
         )
     return policy
-

@@ -41,7 +41,11 @@ class StorePaths:
     schema_version: str
 
     def commit(self, shard: int) -> str:
-        return f"{self.commits}/shard-{shard:06d}.json" if self.legacy else f"{self.commits}/shard-{shard:06d}/zarr.json"
+        return (
+            f"{self.commits}/shard-{shard:06d}.json"
+            if self.legacy
+            else f"{self.commits}/shard-{shard:06d}/zarr.json"
+        )
 
     def parse_commit(self, name: str) -> int | None:
         """The shard of an entry of the commits folder (a file in a legacy store, a folder from 2.0)."""
