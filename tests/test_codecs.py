@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from cospress.errors import ConfigError, StoreError  # noqa: E402
-from cospress.store import StoreLayout, StoreReader, StoreWriter, make_identity  # noqa: E402
+from cospress.store import SCHEMA_VERSION, StoreLayout, StoreReader, StoreWriter, make_identity  # noqa: E402
 from cospress.store.codecs import (  # noqa: E402
     Projection,
     decode_tokens,
@@ -330,7 +330,7 @@ def test_zarr_lists_every_store_without_a_warning(tmp_path):
             g = zarr.open_group(str(tmp_path / codec), mode="r")
             names = {name for name, _ in g.members(max_depth=None)}
         assert {"cls", "tokens", "cospress/manifest", "cospress/identity"} <= names
-        assert g["cospress/manifest"].attrs["schema_version"] == "2.0"
+        assert g["cospress/manifest"].attrs["schema_version"] == SCHEMA_VERSION
         assert ("token_scale" in names) == (codec != "fp16") and ("token_projection/basis" in names) == (
             codec == "pca"
         )

@@ -34,6 +34,7 @@ from cospress.evaluate.knn import l2_normalize
 from cospress.evaluate.labels import ClassMap
 from cospress.evaluate.ood import HELDOUT_SET, parse_ood_specs
 from cospress.runtime import autocast, autocast_dtype, dtype_name
+from cospress.store.manifest import class_names
 from cospress.store.reader import StoreReader
 from cospress.utils import atomic_write_bytes, atomic_write_json, redact_text, sha256_json
 
@@ -254,7 +255,7 @@ def open_bank(cfg: EvalConfig, model: Any) -> BankSource:
         _check_store_bank(manifest, model, feats)
         source = manifest.get("source") or {}
         entry = {"store": redact_text(cfg.bank_store), "source": source, "teacher": manifest.get("teacher")}
-        return BankSource(cfg.bank_store, labels, source.get("class_names"), features=feats, entry=entry)
+        return BankSource(cfg.bank_store, labels, class_names(manifest), features=feats, entry=entry)
     src = open_source(cfg.train, limit=cfg.limit_train)
     labels = np.asarray(src.labels(), dtype=np.int64)
     return BankSource(str(cfg.train), labels, src.class_names(), src=src)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cospress.errors import StoreError
+from cospress.store import classes
 from cospress.store import manifest as mf
 from cospress.store.layout import StoreLayout
 from cospress.store.reader import StoreReader
@@ -64,7 +65,7 @@ def _open_complete(p: Path) -> StoreReader:
 
 def _check_same_run(p: Path, old: dict, identity: dict, layout: StoreLayout) -> None:
     """StoreError unless everything but the source and the row count matches the store's."""
-    ignore = {"source", "num_rows", "shapes", "schema_version"}
+    ignore = {"source", "num_rows", "shapes", "schema_version", "class_names"}
     want = mf.full_identity(identity, layout.with_rows(int(old["num_rows"])))
     have = {**mf.run_identity(old), **{k: old[k] for k in mf.LAYOUT_FIELDS}}
     diff = mf.identity_diff(
@@ -75,6 +76,26 @@ def _check_same_run(p: Path, old: dict, identity: dict, layout: StoreLayout) -> 
             f"cannot append to {p}: it was made with other settings: {'; '.join(diff)}; "
             "append with the store's settings (cospress inspect shows them) or extract a new store"
         )
+
+
+def _labels(
+    reader: StoreReader, new_labels: list[int], source_info: dict, padding: int
+) -> tuple[list[str] | None, list[int]]:
+    """(class names, labels per row of the grown store): the new rows' labels mapped by class name
+    into the store's numbering (`cospress.store.classes`); old rows keep theirs."""
+    old_labels = np.asarray(reader.labels(), np.int64)
+    new = np.asarray(new_labels, np.int64)
+    spec = str(source_info.get("spec"))
+    names, (_, table) = classes.union(
+        [
+            classes.Part(reader.display, mf.class_names(reader.manifest), bool((old_labels >= 0).any())),
+            classes.Part(spec, source_info.get("class_names"), bool((new >= 0).any())),
+        ]
+    )
+    labels = (
+        [int(x) for x in old_labels] + [-1] * padding + [int(x) for x in classes.relabel(new, table, spec)]
+    )
+    return names, labels
 
 
 def plan_append(
@@ -103,13 +124,13 @@ def plan_append(
     old_rows, old_shards = reader.num_rows, reader.num_shards
     start = old_shards * layout.shard_size if new else old_rows
     keys = old_keys + [""] * (start - old_rows) + [k for _, k in new]
-    labels = [int(x) for x in reader.labels()] + [-1] * (start - old_rows)
-    labels += [int(source_labels[i]) for i, _ in new]
+    names, labels = _labels(reader, [int(source_labels[i]) for i, _ in new], source_info, start - old_rows)
     positions = np.full(len(keys), -1, np.int64)
     positions[start:] = [i for i, _ in new]
     version = detect(p).schema_version  # a legacy store keeps its layout (and a 1.x version)
     if not new:
         ident = mf.full_identity(mf.run_identity(old), layout.with_rows(old_rows), version)
+        names = mf.class_names(old)
     else:
         real_all = real + [k for _, k in new]
         # the new source names every image only when it holds the old ones too (a grown folder)
@@ -119,6 +140,9 @@ def plan_append(
         parts = list(old_src.get("parts") or [old_src]) + [source_info]
         src = mf.combined_source("append", spec, parts, real_all)
         ident = mf.full_identity({**identity, "source": src}, layout.with_rows(len(keys)), version)
+    ident.pop("class_names", None)
+    if names is not None:
+        ident["class_names"] = names
     return AppendPlan(p, ident, keys, labels, positions, old_rows, old_shards, start)
 
 

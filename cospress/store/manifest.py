@@ -36,6 +36,7 @@ FIELD_LABELS = {
     "decode": "decode path",
     "source": "source keys",
     "param_names": "view parameter names",
+    "class_names": "class names",
     "shard_size": "shard size",
     "num_rows": "number of rows",
     "num_views": "number of views",
@@ -67,8 +68,10 @@ def now_utc() -> str:
 
 def _field_values(name: str, old: Any, new: Any) -> tuple[Any, Any]:
     """The values that matter for comparing one identity field (e.g. the teacher's fingerprint)."""
-    if name == "decode" and (old is None or new is None):
-        return None, None  # a store written before the decode path was recorded: not compared
+    if name in ("decode", "class_names") and (old is None or new is None):
+        return None, None  # a store written before the field was recorded: not compared
+    if name == "schema_version":  # a newer MINOR reads, resumes and appends the same store
+        return str(old).split(".")[0], str(new).split(".")[0]
     if name == "token_codec":  # a store written before codecs existed keeps fp16 tokens
         return _codec_text(old), _codec_text(new)
     if name == "teacher" and isinstance(old, dict) and isinstance(new, dict):
@@ -148,7 +151,18 @@ def make_identity(
     identity["k"] = int(k)
     if token_codec is not None:
         identity["token_codec"] = dict(token_codec)
+    if source.get("class_names") is not None:  # schema 2.1: label i is class_names[i]
+        identity["class_names"] = [str(n) for n in source["class_names"]]
     return identity
+
+
+def class_names(doc: dict) -> list[str] | None:
+    """The class names of a store (label i is ``names[i]``), None when it has none: the identity's
+    ``class_names`` (schema 2.1), else those of a single source recorded by an older store."""
+    if "class_names" in doc:
+        return doc["class_names"]
+    src = doc.get("source") or {}
+    return None if src.get("kind") in ("append", "merge") else src.get("class_names")
 
 
 def combined_source(kind: str, spec: str | None, parts: list[dict], keys: list[str]) -> dict:

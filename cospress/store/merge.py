@@ -20,6 +20,7 @@ import numpy as np
 
 import cospress
 from cospress.errors import StoreError
+from cospress.store import classes
 from cospress.store import manifest as mf
 from cospress.store.reader import StoreReader
 from cospress.store.writer import StoreWriter
@@ -40,7 +41,7 @@ def real_rows(reader: StoreReader) -> np.ndarray:
 
 def merge_key(manifest: dict) -> dict:
     """What must be equal for two stores to merge: the identity without source and row layout."""
-    out = {k: v for k, v in mf.run_identity(manifest).items() if k != "source"}
+    out = {k: v for k, v in mf.run_identity(manifest).items() if k not in ("source", "class_names")}
     out.update({k: manifest[k] for k in _SAME_LAYOUT})
     return out
 
@@ -90,18 +91,30 @@ def _check_disjoint(readers: list[StoreReader], rows: list[np.ndarray]) -> list[
     return keys
 
 
+def _class_names(readers: list[StoreReader], rows: list[np.ndarray]) -> tuple[list[str] | None, list]:
+    """The merged store's class names and, per input, its label table (`cospress.store.classes`)."""
+    parts = [
+        classes.Part(r.display, mf.class_names(r.manifest), bool((np.asarray(r.labels())[rr] >= 0).any()))
+        for r, rr in zip(readers, rows, strict=True)
+    ]
+    return classes.union(parts)
+
+
 def _copy_shard(
     writer: StoreWriter, shard: int, readers: list[StoreReader], which: np.ndarray, where: np.ndarray,
-    reasons: dict[str, str],
+    reasons: dict[str, str], tables: list,
 ) -> None:  # fmt: skip
-    """Write one shard of the merged store: row i comes from row ``where[i]`` of input ``which[i]``."""
+    """Write one shard of the merged store: row i comes from row ``where[i]`` of input ``which[i]``,
+    its label mapped through ``tables[which[i]]`` (by class name)."""
     start, stop = writer.shard_rows(shard)
     tokens = writer.layout.tokens
     lossy = tokens and writer.layout.token_codec != "fp16"
     parts = []
     for i in np.unique(which[start:stop]):
         sel = where[start:stop][which[start:stop] == i]
-        parts.append(readers[int(i)].read_rows(sel, tokens=tokens, raw=True))  # tokens copied as stored
+        part = readers[int(i)].read_rows(sel, tokens=tokens, raw=True)  # tokens copied as stored
+        part["labels"] = classes.relabel(part["labels"], tables[int(i)], readers[int(i)].display)
+        parts.append(part)
     data = {name: np.concatenate([p[name] for p in parts]) for name in ("cls", "views", "labels", "valid")}
     keys = [k for p in parts for k in p["keys"]]
     skipped = [
@@ -148,7 +161,11 @@ def merge_stores(
     layout = dataclasses.replace(
         first.layout, num_rows=len(keys), shard_size=int(shard_size or first.shard_size)
     )
+    names, tables = _class_names(readers, rows)
     identity = {**mf.run_identity(first.manifest), "source": _merged_source(readers, keys)}
+    identity.pop("class_names", None)
+    if names is not None:
+        identity["class_names"] = names
     writer = StoreWriter.open(
         out, identity, layout, overwrite=overwrite, create=True, projection=first.projection
     )
@@ -158,7 +175,7 @@ def merge_stores(
     done = writer.committed_shards()
     for shard in range(writer.num_shards):
         if shard not in done:
-            _copy_shard(writer, shard, readers, which, where, reasons)
+            _copy_shard(writer, shard, readers, which, where, reasons, tables)
         if progress is not None:
             progress(writer.shard_rows(shard)[1], len(keys))
     extra = {

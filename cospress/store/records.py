@@ -61,7 +61,7 @@ class StorePaths:
 
 NEW = StorePaths(
     legacy=False, identity=f"{RECORDS_DIR}/identity/zarr.json", manifest=f"{RECORDS_DIR}/manifest/zarr.json",
-    commits=f"{RECORDS_DIR}/commits", config=f"{RECORDS_DIR}/config/zarr.json", schema_version="2.0",
+    commits=f"{RECORDS_DIR}/commits", config=f"{RECORDS_DIR}/config/zarr.json", schema_version="2.1",
 )  # fmt: skip
 LEGACY = StorePaths(
     legacy=True, identity="cospress-store.json", manifest="manifest.json", commits="commits",

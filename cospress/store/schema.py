@@ -21,7 +21,8 @@ from cospress.store.layout import StoreLayout
 #      stores hold int8 `tokens` and a float16 `token_scale`, pca stores `token_projection/`.
 # 2.0: the store's records are Zarr group nodes under cospress/ (`cospress.store.records`), so
 #      zarr lists the store without warnings; 1.x stores (records as root files) are still read.
-SCHEMA_VERSION = "2.0"
+# 2.1: the identity's `class_names` (label i is class_names[i]); append and merge map labels by name.
+SCHEMA_VERSION = "2.1"
 READABLE_MAJORS = ("1", "2")
 FORMAT_NAME = "cospress-store"
 
@@ -173,6 +174,11 @@ def _check_run_fields(doc: dict) -> None:
     _check_teacher_grid(doc)
     if "decode" in doc and not isinstance(doc["decode"], str):
         raise ValueError("'decode' must be a string")
+    names = doc.get("class_names")
+    if names is not None and not (
+        isinstance(names, list) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)
+    ):
+        raise ValueError("'class_names' must be a list of distinct strings or null")
 
 
 def _check_manifest_extras(doc: dict) -> None:
