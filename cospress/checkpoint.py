@@ -47,17 +47,6 @@ class CheckpointError(CospressError):
     """A checkpoint is missing, torn, or of an unknown format version."""
 
 
-def unwrap_module(module: torch.nn.Module) -> torch.nn.Module:
-    """Strip DistributedDataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(module, "_orig_mod"):
-            module = module._orig_mod  # type: ignore[assignment]
-        elif isinstance(module, torch.nn.parallel.DistributedDataParallel):
-            module = module.module
-        else:
-            return module
-
-
 def clean_name(name: str) -> str:
     """Remove every ``module.`` / ``_orig_mod.`` component from a parameter name."""
     parts = [p for p in name.split(".") if p not in ("module", "_orig_mod")]

@@ -20,17 +20,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TEMPERATURES: tuple[float, ...] = tuple(round(0.01 * k, 2) for k in range(1, 11))
 
+# "auto" (also impl=None) picks "fused" for CUDA tensors when triton is importable and the fused
+# kernels pass a one-time self-test on that device, "lean" on CUDA otherwise, else "plain".
 IMPLS = ("auto", "plain", "fused", "lean")
-# Module-level switch used when `impl` is None: "auto" picks "fused" for CUDA tensors when triton
-# is importable and the fused kernels pass a one-time self-test on that device, "lean" on CUDA
-# otherwise, else "plain".
-DEFAULT_IMPL = "auto"
 
 COSPRESS_TERMS = ("local", "global", "tokens", "cls")
 
 
 def _resolve_impl(impl: str | None, device: torch.device) -> str:
-    impl = DEFAULT_IMPL if impl is None else impl
+    impl = "auto" if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"unknown similarity_kl impl {impl!r}; choose one of {IMPLS}")
     if impl == "auto":
@@ -120,8 +118,7 @@ def similarity_kl(
 
     impl: "plain" (autograd, stores [B, T, N, N] tensors), "lean" (pure PyTorch, stores only the two
     [B, N, N] cosine matrices), "fused" (Triton kernels), "auto" (on CUDA: fused when triton imports and
-    passes a one-time self-test, see :func:`fused_works`, else lean; plain elsewhere); None uses the
-    module-level DEFAULT_IMPL.
+    passes a one-time self-test, see :func:`fused_works`, else lean; plain elsewhere); None = auto.
     """
     check_similarity_inputs(t, z, temperatures)
     which = _resolve_impl(impl, t.device)

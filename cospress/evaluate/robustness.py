@@ -82,12 +82,6 @@ def corrupt(image: Image.Image, name: str, severity: int, seed: int = 0, key: st
     return small.resize((w, h), Image.NEAREST)
 
 
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    """Peak signal-to-noise ratio in dB between two images of the same size (inf if identical)."""
-    mse = float(np.mean((_to_float(a) - _to_float(b)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
-
-
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """1 - cos(a, b) per row of [B, D] -> [B]."""
     return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1)

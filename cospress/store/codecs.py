@@ -23,7 +23,6 @@ import numpy as np
 from cospress.errors import ConfigError, StoreError
 
 CODEC_NAMES = ("fp16", "int8", "pca")
-LOSSY = ("int8", "pca")
 _QMAX = 127.0
 _F16_MAX = float(np.finfo(np.float16).max)
 
