@@ -1,4 +1,4 @@
-"""The store commands (inspect, verify, export, merge, export-wds, import-wds, publish).
+"""The store commands (inspect, verify, export, merge, export-wds, import-wds, publish, plan).
 
 Each command's flags are generated from its config dataclass in ``cospress/command_config.py``
 (``store_command``), as the stages' are from theirs; ``cli.py`` registers ``COMMANDS`` on the app.
@@ -21,6 +21,7 @@ from cospress.command_config import (
     ImportWdsConfig,
     InspectConfig,
     MergeConfig,
+    PlanConfig,
     PublishConfig,
     VerifyConfig,
 )
@@ -153,3 +154,15 @@ def publish_cmd(cfg: PublishConfig, show_progress: bool) -> None:
     sent = f"{info['sent']} ({info['bytes_sent']:,} bytes) / {info['already_there']}"
     rows = [("store", info["url"]), ("files sent / already there", sent)]
     table("publish", rows + [("verified", f"{info['shards_verified']} shards, every checksum matches")])
+
+
+@store_command("plan", PlanConfig)
+def plan_cmd(cfg: PlanConfig) -> None:
+    """Plan K before extracting: reuse (epochs x R / K), store size and the K the reuse study recommends."""
+    with user_errors():
+        from cospress.distill.reuse import plan_store
+
+        info = plan_store(cfg)
+    table("plan", [(k, v) for k, v in info.items() if k != "warning"])
+    if info["warning"]:
+        console.print(f"[yellow]warning:[/] {info['warning']}")

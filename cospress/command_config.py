@@ -87,3 +87,18 @@ class PublishConfig:
     store: str = store_setting("A finished local store.")
     url: str = setting(help="Destination: an fsspec URL (s3://, gs://, ...) or a folder.", argument=True)
     overwrite: bool = overwrite_setting("Replace another store (or other files) at URL.")
+
+
+@dataclass
+class PlanConfig:
+    images: int | None = setting(None, help="N: images (default: the --store's rows).")
+    views: int | None = setting(
+        None, help="K: views per image (default: the --store's, extensions included)."
+    )
+    views_per_image: int = setting(3, help="R: views of each image per batch.")
+    epochs: float = setting(100.0, help="Training epochs.")
+    store: str | None = setting(None, help="Read N, K and the size per view from this store.")
+    dim: int = setting(384, help="Teacher dim, for the size without --store (ViT-S: 384).")
+    num_tokens: int = setting(
+        256, help="Teacher patch tokens kept per view (0: CLS only), for the size without --store."
+    )

@@ -103,3 +103,12 @@ def test_online_runs_say_fresh_views(tmp_path, caplog):
     ]
     header = json.loads((tmp_path / "run" / "run.json").read_text())["reuse"]
     assert header["fresh"] is True and header["planned_reuse"] is None and header["warning"] is None
+
+
+def test_plan_command_prints_reuse_size_and_the_recommended_k():
+    from tests.helpers import run_cli
+
+    proc = run_cli("plan", "--images", "1281167", "--views", "4", "--views-per-image", "3", "--epochs", "300")
+    out = proc.stdout + proc.stderr  # the table, then the warning line
+    assert "225.0" in out and "recommended K" in out and "9 (reuse <= " in out.replace("\n", " ")
+    assert "GiB" in out and "warning" in out and "--add-views 5" in " ".join(out.split())

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from cospress.distill.data import choose_views, epoch_permutation
+from cospress.errors import ConfigError
 from cospress.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ def reuse_warning(epochs: float, views_per_image: int, stored_views: int) -> str
     return (
         f"planned reuse {reuse:.3g} (each stored view shown ~{reuse:.3g} times: {epochs:g} epochs x R={views_per_image}"
         f" / {stored_views} stored views): {what} ({STUDY}); a store with K >= {k} views keeps it within"
-        f" {safe_reuse():g} (extract-teacher --views {k}; or train online with --teacher)"
+        f" {safe_reuse():g} (extract-teacher --views {k}, or --add-views {k - stored_views} --to STORE;"
+        " or train online with --teacher)"
     )
 
 
@@ -192,3 +194,36 @@ class ReuseLog:
         doc = json.loads(self.run_json.read_text()) if self.run_json.is_file() else {}
         doc["reuse"] = self.header
         atomic_write_json(self.run_json, doc)
+
+
+def plan_store(cfg: Any) -> dict[str, Any]:
+    """`cospress plan`: reuse, store size and the recommended K for N images, K, R, epochs (``PlanConfig``)."""
+    from cospress.store.layout import StoreLayout
+
+    n, k, per_view = cfg.images, cfg.views, None
+    if cfg.store:
+        from cospress.store.reader import StoreReader
+
+        reader = StoreReader(cfg.store)
+        n = n or reader.num_rows
+        k = k or reader.stored_views
+        per_view = reader.layout.estimate_bytes() / max(reader.num_rows * reader.stored_views, 1)
+    if not n or not k:
+        raise ConfigError("plan needs --images and --views (or --store)")
+    if per_view is None:
+        tokens = cfg.num_tokens > 0
+        one = StoreLayout(1, 1, 1, cfg.dim, max(cfg.num_tokens, 1), 11, tokens)
+        per_view = one.estimate_bytes()
+    r, epochs = cfg.views_per_image, cfg.epochs
+    rec = max(recommend_k(epochs, r), 1)
+    gib = 2**30
+    return {
+        "images (N)": n,
+        "views per image (K)": k,
+        "R x epochs": f"{r} x {epochs:g}",
+        "reuse (epochs x R / K)": f"{planned_reuse(epochs, r, k):.1f}",
+        "store size": f"{n * k * per_view / gib:,.2f} GiB",
+        "recommended K": f"{rec} (reuse <= {safe_reuse():g}, {STUDY})",
+        "store size at the recommended K": f"{n * rec * per_view / gib:,.2f} GiB",
+        "warning": reuse_warning(epochs, r, k),
+    }

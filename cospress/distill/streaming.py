@@ -45,6 +45,10 @@ def choose_reader(cfg: Any, store: Any) -> tuple[str, str]:
     """("stream" | "random", why) for ``cfg.reader`` and a :class:`~cospress.store.reader.StoreReader`."""
     from cospress.store.remote import is_local
 
+    if getattr(store, "extensions", None):  # the stream reader fetches the base store's shard files only
+        if cfg.reader == "stream":
+            raise ConfigError("--reader stream does not read view extensions yet: use --reader random")
+        return "random", "auto: the store has view extensions (the random-access reader reads them)"
     if cfg.reader != "auto":
         return cfg.reader, f"--reader {cfg.reader}"
     if not is_local(str(cfg.store)):

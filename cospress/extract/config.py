@@ -74,6 +74,12 @@ class ExtractConfig:
     append: bool = setting(
         False, help="Add the images of --data that the complete store lacks (new shards).", flag="--append"
     )
+    add_views: int = setting(
+        0,
+        help="Add N views of every row to the complete store --to, as a view extension (views K..K+N-1, "
+        "exactly those of a K+N store of the same seed; the store itself is not rewritten).",
+    )
+    to: str | None = setting(None, help="The store --add-views extends (local).")
 
     def __post_init__(self) -> None:
         if self.views < 1:
@@ -91,6 +97,10 @@ class ExtractConfig:
         parse_codec(self.token_codec)  # a bad codec fails here, in one line
         if not 0 < self.token_fidelity <= 1:
             raise ConfigError(f"--token-fidelity must be in (0, 1], got {self.token_fidelity}")
+        if self.add_views < 0 or (self.add_views and not self.to) or (self.to and not self.add_views):
+            raise ConfigError("--add-views N (N >= 1) and --to STORE go together")
+        if self.add_views and self.append:
+            raise ConfigError("--add-views adds views to every row, --append adds rows: choose one")
         if self.append and self.overwrite:
             raise ConfigError("--append adds to an existing store, --overwrite replaces it: choose one")
         if not 0 < self.scale_min <= self.scale_max <= 1:

@@ -38,8 +38,9 @@ class ViewDataset(Dataset):
         max_pixels: int,
         positions: np.ndarray | None = None,
         decode: str = "cpu",
+        first_view: int = 0,
     ) -> None:
-        self.decode = decode
+        self.decode, self.first_view = decode, first_view  # first_view: --add-views (views K..K+N-1)
         self.source, self.policy, self.seed = source, policy, seed
         self.views, self.center, self.size, self.max_pixels = views, center, size, max_pixels
         self.keys = source.keys()
@@ -51,7 +52,8 @@ class ViewDataset(Dataset):
     def _params(self, key: str, width: int, height: int) -> np.ndarray:
         """float32 [V, P]: the K seeded views (+ the centre view) of one image."""
         params = [
-            sample_view_params(self.policy, self.seed, key, v, width, height) for v in range(self.views)
+            sample_view_params(self.policy, self.seed, key, v, width, height)
+            for v in range(self.first_view, self.first_view + self.views)
         ]
         if self.center:
             params.append(center_view_params(width, height, self.policy.version))

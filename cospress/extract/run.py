@@ -46,15 +46,22 @@ def run_extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None 
     ``progress(done_images, total_images)`` is called after every teacher batch of this rank.
     """
     tune_malloc()
+    extending = None
+    if cfg.add_views:  # a view extension of the store --to (extract.extension)
+        from cospress.extract.extension import prepare_extension
+
+        cfg, extending = prepare_extension(cfg)
     ctx = init_distributed(cfg.device)
     try:
-        return _extract(cfg, ctx, progress)
+        return _extract(cfg, ctx, progress, extending)
     finally:
         if ctx.enabled:
             teardown_distributed()
 
 
-def _extract(cfg: ExtractConfig, ctx: DistContext, progress: Callable[[int, int], None] | None) -> dict:
+def _extract(
+    cfg: ExtractConfig, ctx: DistContext, progress: Callable[[int, int], None] | None, extending: Any = None
+) -> dict:
     # the teacher, and what makes this run the same as another
     source = open_source(cfg.data, limit=cfg.limit)
     teacher = load_teacher(cfg, ctx.device)
@@ -67,6 +74,9 @@ def _extract(cfg: ExtractConfig, ctx: DistContext, progress: Callable[[int, int]
         param_names=policy.param_names, precision=dtype_name(amp),
         decode=decode if decode == "cpu" else f"{decode}:{ctx.device.type}",
     )  # fmt: skip
+    if extending is not None:
+        extending.check(identity)
+        identity["extension"] = extending.record()
     layout = StoreLayout(
         num_rows=len(source), shard_size=cfg.shard_size, stored_views=cfg.stored_views, dim=teacher.dim,
         num_tokens=teacher.num_tokens, num_params=policy.num_params, tokens=cfg.tokens,
@@ -82,7 +92,7 @@ def _extract(cfg: ExtractConfig, ctx: DistContext, progress: Callable[[int, int]
     total = sum(writer.shard_rows(s)[1] - writer.shard_rows(s)[0] for s in pending)
     dataset = ViewDataset(
         source, policy, cfg.seed, cfg.views, cfg.center_view, teacher.input_size, cfg.max_pixels,
-        store.positions, decode,
+        store.positions, decode, first_view=extending.first_view if extending else 0,
     )  # fmt: skip
     batches = list(shard_batches(pending, writer.shard_rows, max(1, cfg.batch_size // cfg.stored_views)))
     loader = view_loader(dataset, batches, cfg.workers, pin_memory=ctx.device.type == "cuda")
@@ -98,6 +108,8 @@ def _extract(cfg: ExtractConfig, ctx: DistContext, progress: Callable[[int, int]
         extra = {"config": to_dict(cfg), "cospress_version": __version__, "timings": timings}
         summary["manifest"] = manifest = writer.finalize(extra=extra)
         summary["skipped_total"] = len(manifest.get("skipped", []))
+        if extending is not None:
+            extending.register(manifest)  # the store's extension index, written last
     barrier()
     return summary
 

@@ -100,6 +100,10 @@ class ReaderChecks:
             actual = self._hash_file(self._path(rel))
             if actual != expected:
                 bad.append(_mismatch(None, None, rel, expected, actual))
+        if getattr(self, "extensions", None):
+            from cospress.store.extensions import verify_extensions
+
+            bad += verify_extensions(self)
         if bad:
             log.warning("%s: %d files do not match the manifest", self.display, len(bad))
         return bad
@@ -137,4 +141,7 @@ class ReaderChecks:
             "estimated_bytes": self.layout.estimate_bytes(),
             "bytes_on_disk": disk,
         }
+        if getattr(self, "extensions", None):  # view extensions (store.extensions): base + extensions
+            out["stored_views"] = self.stored_views
+            out["extensions"] = [e.entry() for e in self.extensions]
         return redact_config(out)  # an older store may hold a source URL with its credentials

@@ -90,6 +90,11 @@ class StoreReader(ReaderChecks):
         self._keys: list[str] | None = None
         self._cols: tuple[np.ndarray, np.ndarray] | None = None
         self._projection: Any = None
+        self.base_views = self.stored_views  # the views of this store's own arrays
+        self.extensions: list[Any] = []
+        from cospress.store.extensions import open_extensions
+
+        open_extensions(self)  # sets extensions, stored_views and layout when the store has some
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.url, self.cache_dir, self.storage_options))
@@ -209,7 +214,18 @@ class StoreReader(ReaderChecks):
         has none or ``tokens=False``; decoded from the store's token codec), views float32 [n, v, P],
         labels int64 [n], valid bool [n], keys list[str], rows int64 [n]. ``raw``: tokens as stored
         (int8 [n, v, T, token_dim] for int8 / pca) and ``token_scale`` float16 [n, v, T] (None for fp16).
+        With view extensions, view j of base + extensions (`cospress.store.extensions.view_map`).
         """
+        if self.extensions:
+            from cospress.store.extensions import read_extended
+
+            return read_extended(self, rows, views, tokens, raw)
+        return self._read_base(rows, views, tokens, raw)
+
+    def _read_base(
+        self, rows: Any, views: Any = None, tokens: bool = True, raw: bool = False
+    ) -> dict[str, Any]:
+        """`read_rows` of this store's own arrays (its ``base_views`` views)."""
         r = self._rows(rows)
         uniq, inv = np.unique(r, return_inverse=True)
         sel = None
@@ -219,9 +235,9 @@ class StoreReader(ReaderChecks):
                 raise StoreError(
                     f"views must give the same number of view indices for each of the {r.size} rows"
                 )
-            if sel.size and (sel.min() < 0 or sel.max() >= self.stored_views):
+            if sel.size and (sel.min() < 0 or sel.max() >= self.base_views):
                 raise StoreError(
-                    f"view index out of range: the store has {self.stored_views} stored views per row"
+                    f"view index out of range: the store has {self.base_views} stored views per row"
                 )
         out: dict[str, Any] = {"rows": r}
         for name in ("cls", "views"):
@@ -270,7 +286,7 @@ class StoreReader(ReaderChecks):
         if sel is None:  # whole rows: one read per row covers its V chunks
             uniq, inv = np.unique(r, return_inverse=True)
             if not uniq.size:
-                return np.zeros((0, self.stored_views, *shape), dtype)
+                return np.zeros((0, self.base_views, *shape), dtype)
             return self._gather(name, [(int(i),) for i in uniq])[inv]
         pairs = np.stack([np.repeat(r, sel.shape[1]), sel.reshape(-1)], axis=1)
         if not pairs.size:

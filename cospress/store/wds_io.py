@@ -129,7 +129,7 @@ def export_wds(
     sidecar = {
         "format": WDS_FORMAT,
         "version": WDS_VERSION,
-        "identity": mf.full_identity(mf.run_identity(m), reader.layout.with_rows(len(rows))),
+        "identity": mf.full_identity(_run_identity(reader), reader.layout.with_rows(len(rows))),
         "samples": len(rows),
         "shards": [{"name": n, "samples": c, "sha256": sha256_file(out / n)} for n, c in counts.items()],
         "skipped": [s for s in m.get("skipped", [])],
@@ -141,6 +141,14 @@ def export_wds(
     atomic_write_json(out / SIDECAR, sidecar)
     log.info("exported %s: %d samples in %d tar shards to %s", reader.display, len(rows), len(counts), out)
     return sidecar
+
+
+def _run_identity(reader: StoreReader) -> dict[str, Any]:
+    """The exported run identity: with view extensions, K counts their views (rows hold all of them)."""
+    ident = mf.run_identity(reader.manifest)
+    if reader.extensions:
+        ident = {**ident, "k": reader.stored_views - int(bool(ident.get("center_view")))}
+    return ident
 
 
 # ---- import ---------------------------------------------------------------------------------------
