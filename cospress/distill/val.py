@@ -20,6 +20,7 @@ from cospress.data.views import center_view_params, replay_view
 from cospress.distill.data import TrainData, _Lazy
 from cospress.errors import BadImageError
 from cospress.runtime import autocast
+from cospress.vote import vote
 
 __all__ = ["CenterImages", "center_views", "embed_images", "knn_accuracy", "validate_epoch"]
 
@@ -110,10 +111,9 @@ def knn_accuracy(
     k = min(k, bank.shape[0])
     correct = 0
     for q, ql in zip(query.split(1024), query_labels.split(1024), strict=True):
-        sim, idx = (q @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(q.shape[0], num_classes)
-        votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
-        correct += int((votes.argmax(1) == ql).sum())
+        sim, idx = (q.float() @ bank.float().T).topk(k, dim=1)
+        scores = vote(sim.numpy(), bank_labels[idx].numpy(), num_classes, temperature)
+        correct += int((scores.argmax(1) == ql.numpy()).sum())
     return correct / max(query.shape[0], 1)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from cospress.errors import ConfigError
 from cospress.runtime import import_faiss
+from cospress.vote import vote
 
 faiss = import_faiss()
 
@@ -99,20 +100,6 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, chunk: int = 8192) -
         idx[start : start + chunk] = i
     sims[idx < 0] = -np.inf
     return SearchResult(sims, idx)
-
-
-def vote(sims: np.ndarray, neighbor_labels: np.ndarray, num_classes: int, temperature: float) -> np.ndarray:
-    """Class scores [Q, C] = sum over the neighbours of exp(sim / T), per neighbour label.
-
-    sims, neighbor_labels: [Q, k]; a label < 0 (no neighbour) contributes nothing.
-    """
-    weights = np.exp((sims.astype(np.float64) - 1.0) / temperature)  # shift by the max cosine: no overflow
-    weights[~np.isfinite(sims) | (neighbor_labels < 0)] = 0.0
-    scores = np.zeros((sims.shape[0], num_classes), dtype=np.float64)
-    rows = np.repeat(np.arange(sims.shape[0]), sims.shape[1])
-    labels = np.clip(neighbor_labels, 0, None).ravel()
-    np.add.at(scores, (rows, labels), weights.ravel())
-    return scores
 
 
 def topk_predictions(scores: np.ndarray, k: int = 5) -> np.ndarray:
