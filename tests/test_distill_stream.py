@@ -161,3 +161,20 @@ def test_a_wds_run_streams_targets_and_images(wds_store, tmp_path, caplog):
     assert a["steps"] == b["steps"] >= 2
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_stream_batches_never_open_the_random_access_reader_nor_reload_columns(local, tmp_path):
+    from cospress import runtime
+    from cospress.distill.run import open_train_data
+    from cospress.distill.streaming import stream_loader
+
+    url, spec = local
+    cfg = tiny_cfg("file://" + url, tmp_path / "x", data=spec, **KW)
+    data = open_train_data(cfg, 1)
+    ctx = runtime.DistContext(0, 1, 0, torch.device("cpu"))
+    order, loader = stream_loader(data, cfg, ctx, 1, 0, "cpu")
+    assert data.stream is not None and data.steps_per_epoch == len(order)
+    steps = [int(b["step"]) for b in loader]
+    assert steps == list(range(len(order)))
+    assert data.lazy._reader is None  # no per-row reader, no key / label / valid columns in the loader
+    assert 0 < data.stream.reader.gets <= 3 * order.num_shards  # each shard file at most once

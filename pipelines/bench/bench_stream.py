@@ -288,7 +288,7 @@ def cmd_memory(a: argparse.Namespace) -> dict:
     out: dict = {"batches": a.batches, "shard_size": a.shard_size, "by_rows": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for n in a.rows:
-            path = write_store(Path(tmp) / f"s{n}", n, a.shard_size, 4, 64, 16, "int8")
+            path = write_store(Path(tmp) / f"s{n}", n, a.shard_size, 2, 8, 4, "int8")
             code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_stream as b; b._worker_rss({str(path)!r}, {a.batches})"
             proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             row = json.loads(proc.stdout.strip().splitlines()[-1])
