@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -270,16 +269,31 @@ def cmd_images(a: argparse.Namespace) -> dict:
     return out
 
 
+def _hwm_mb() -> tuple[float, float]:
+    """(VmRSS, VmHWM) of this process in MB: the high-water mark of its own memory (``ru_maxrss``
+    would carry the parent's peak across fork + exec)."""
+    vals = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            vals[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return vals.get("VmRSS", 0.0), vals.get("VmHWM", 0.0)
+
+
 def _worker_rss(url: str, batches: int) -> None:
-    """Body of the spawned worker: open the store state a stage-2 worker holds, stream, print peak RSS."""
+    """Body of the spawned worker: open the store state a stage-2 worker holds, stream, print its memory."""
+    import torch  # noqa: F401  a distill worker has torch loaded
+
+    base = _hwm_mb()[0]
     store = StoreReader(url)
     train = np.arange(store.num_rows)  # a worker holds the training rows and the source index
     source_index = np.arange(store.num_rows)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    stream_epoch(url, store, 64, 3, 1, 0, 1, max_batches=batches)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"worker_rss_before_mb": before / 1024, "worker_peak_rss_mb": peak / 1024,
-                      "held_columns_mb": (train.nbytes + source_index.nbytes) / 2**20}))  # fmt: skip
+    t0 = time.perf_counter()
+    stream_epoch(url, store, 64, 2, 1, 0, 1, max_batches=1)
+    first = time.perf_counter() - t0
+    stream_epoch(url, store, 64, 2, 1, 0, 1, max_batches=batches)
+    rss, hwm = _hwm_mb()
+    print(json.dumps({"worker_rss_after_imports_mb": base, "worker_rss_mb": rss, "worker_peak_rss_mb": hwm,
+                      "first_batch_seconds": first, "held_columns_mb": (train.nbytes + source_index.nbytes) / 2**20}))  # fmt: skip
 
 
 def cmd_memory(a: argparse.Namespace) -> dict:
