@@ -38,6 +38,17 @@ def keys_sha256(keys: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+def npy_bytes(array: Any) -> bytes:
+    """The one array-to-.npy encoder: ``np.save`` of a contiguous copy, no pickle (stores, exports, caches)."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -335,10 +335,10 @@ def test_embedding_cache_holds_the_mean_patch_token(folders, tmp_path, monkeypat
     again = embed.embed_source(model, src, **kw)
     assert again.cache_hit and np.array_equal(again.mean_patch, first.mean_patch)
     assert np.array_equal(again.features, first.features)
-    key = embed._cache_key(model, src, np.arange(len(src)), 1.0, {}, "cpu", ("cpu", "fp32"))
+    key = embed._cache_key(model, src, np.arange(len(src)), 1.0, {}, "cpu", ("cpu", "float32"))
     assert (tmp_path / "cache" / f"{key}.patch.npy").is_file()
     monkeypatch.setattr(embed, "CACHE_VERSION", 1)  # a version-1 entry (CLS only) has another key
-    assert embed._cache_key(model, src, np.arange(len(src)), 1.0, {}, "cpu", ("cpu", "fp32")) != key
+    assert embed._cache_key(model, src, np.arange(len(src)), 1.0, {}, "cpu", ("cpu", "float32")) != key
     bank = embed.embed_source(model, src, cache_dir=None, workers=0, crop_pct=1.0, precision="fp32")
     assert bank.mean_patch is not None and not bank.cache_hit
 

@@ -11,7 +11,6 @@ the CPU path: the corruptions work on PIL images.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from cospress.evaluate.ood import HELDOUT_SET, parse_ood_specs
 from cospress.runtime import autocast, autocast_dtype, dtype_name
 from cospress.store.manifest import class_names
 from cospress.store.reader import StoreReader
-from cospress.utils import atomic_write_bytes, atomic_write_json, redact_text, sha256_json
+from cospress.utils import atomic_write_bytes, atomic_write_json, npy_bytes, redact_text, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +84,6 @@ def _cache_key(
             **extra,
         }
     )
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
 
 
 def embed_source(
@@ -142,8 +135,8 @@ def embed_source(
     )  # fmt: skip
     if cache is not None:
         if patch is not None:  # written before the .npy and .json that make an entry a hit
-            atomic_write_bytes(cache.with_suffix(".patch.npy"), _npy_bytes(patch))
-        atomic_write_bytes(cache.with_suffix(".npy"), _npy_bytes(feats))
+            atomic_write_bytes(cache.with_suffix(".patch.npy"), npy_bytes(patch))
+        atomic_write_bytes(cache.with_suffix(".npy"), npy_bytes(feats))
         meta = {"spec": source.shown, "rows": len(rows), "mean_patch": patch is not None}
         atomic_write_json(
             cache.with_suffix(".json"), {**meta, "errors": {str(k): v for k, v in errors.items()}}

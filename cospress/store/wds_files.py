@@ -13,16 +13,10 @@ import numpy as np
 
 from cospress.errors import StoreError
 from cospress.store.layout import StoreLayout
-from cospress.utils import sha256_file
+from cospress.utils import npy_bytes, sha256_file
 
 PROJECTION_FILES = {"mean": "token_projection-mean.npy", "basis": "token_projection-basis.npy"}
 _STALE = "copy the whole export folder"
-
-
-def npy_bytes(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
-    return buf.getvalue()
 
 
 def write_projection_files(out: Path, projection: Any) -> dict[str, dict[str, str]]:
