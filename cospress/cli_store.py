@@ -145,7 +145,7 @@ def import_wds_cmd(cfg: ImportWdsConfig, show_progress: bool) -> None:
 
 @store_command("publish", PublishConfig, progress=True)
 def publish_cmd(cfg: PublishConfig, show_progress: bool) -> None:
-    """Upload a finished store, manifest last (resumable: files already there are kept), then verify it."""
+    """Upload a finished store as a transaction: local checksums first, manifest last (resumable)."""
     from cospress.store.publish import publish_store
 
     info = job(
@@ -153,7 +153,8 @@ def publish_cmd(cfg: PublishConfig, show_progress: bool) -> None:
     )
     sent = f"{info['sent']} ({info['bytes_sent']:,} bytes) / {info['already_there']}"
     rows = [("store", info["url"]), ("files sent / already there", sent)]
-    table("publish", rows + [("verified", f"{info['shards_verified']} shards, every checksum matches")])
+    checked = f"{info['files']} files, every checksum matches"  # sha256 here; size + ETag or ranges there
+    table("publish", rows + [("checked", checked)])
 
 
 @store_command("plan", PlanConfig)

@@ -86,7 +86,9 @@ class ImportWdsConfig:
 class PublishConfig:
     store: str = store_setting("A finished local store.")
     url: str = setting(help="Destination: an fsspec URL (s3://, gs://, ...) or a folder.", argument=True)
-    overwrite: bool = overwrite_setting("Replace another store (or other files) at URL.")
+    overwrite: bool = overwrite_setting(
+        "Replace another cospress store at URL (never a folder of other files)."
+    )
 
 
 @dataclass
