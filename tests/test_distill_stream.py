@@ -178,3 +178,17 @@ def test_stream_batches_never_open_the_random_access_reader_nor_reload_columns(l
     assert steps == list(range(len(order)))
     assert data.lazy._reader is None  # no per-row reader, no key / label / valid columns in the loader
     assert 0 < data.stream.reader.gets <= 3 * order.num_shards  # each shard file at most once
+
+
+def test_resuming_a_streamed_epoch_with_other_workers_is_refused(local):
+    from cospress.distill.streaming import check_stream_resume
+
+    url, spec = local
+    cfg = tiny_cfg("file://" + url, "unused", data=spec, workers=2, **KW)
+    data = SimpleNamespace(stream=object())
+    state = {"position": 3, "config": {"reader": "auto", "workers": 1, "stream_buffer": 2}}
+    with pytest.raises(ConfigError, match="--workers 1 -> 2"):
+        check_stream_resume(data, cfg, state)
+    check_stream_resume(data, cfg, {**state, "position": 0})  # at an epoch boundary: any settings
+    check_stream_resume(data, cfg, {**state, "config": {**state["config"], "workers": 2}})
+    check_stream_resume(SimpleNamespace(stream=None), cfg, state)  # random access: workers do not matter

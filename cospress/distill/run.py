@@ -56,7 +56,7 @@ from cospress.distill.state import (
     store_entry,
     train_row,
 )
-from cospress.distill.streaming import attach_stream, stream_loader
+from cospress.distill.streaming import attach_stream, check_stream_resume, stream_loader
 from cospress.distill.val import validate_epoch
 from cospress.errors import ConfigError
 from cospress.loggers import open_loggers
@@ -95,6 +95,7 @@ def train(
     model = build_model(cfg, data, device, rank=ctx.rank)
     # resume
     at, state = resume(cfg, out, model, targets_header(data)["store"])
+    check_stream_resume(data, cfg, state)
     reuse = start_run(cfg, out, data, model, at, resumed=state is not None, ctx=ctx)
     with MetricsLog(out / "metrics.jsonl", ctx.is_main, sinks=open_loggers(cfg, ctx.is_main)) as metrics:
         # optimizer (with compressor_first: the compressor is fitted and frozen first)

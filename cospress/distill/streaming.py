@@ -39,16 +39,13 @@ class StreamSetup:
     codec: str
     projection: Any = None
     image_ranges: bool = False  # wds source: a store shard's images fetched as one byte range per tar
+    view_map: Any = None  # a store with view extensions: view -> (part, view in that part)
 
 
 def choose_reader(cfg: Any, store: Any) -> tuple[str, str]:
     """("stream" | "random", why) for ``cfg.reader`` and a :class:`~cospress.store.reader.StoreReader`."""
     from cospress.store.remote import is_local
 
-    if getattr(store, "extensions", None):  # the stream reader fetches the base store's shard files only
-        if cfg.reader == "stream":
-            raise ConfigError("--reader stream does not read view extensions yet: use --reader random")
-        return "random", "auto: the store has view extensions (the random-access reader reads them)"
     if cfg.reader != "auto":
         return cfg.reader, f"--reader {cfg.reader}"
     if not is_local(str(cfg.store)):
@@ -77,11 +74,14 @@ def attach_stream(data: TrainData, cfg: Any, world: int) -> TrainData:
     names = ["cls", "views"]
     if data.use_tokens:
         names += ["tokens", "token_scale"] if store.layout.token_codec != "fp16" else ["tokens"]
-    reader = StreamReader(str(cfg.store), tuple(names), store.storage_options)
+    exts = list(getattr(store, "extensions", None) or [])
+    parts = ("", *(e.path for e in exts))  # view extensions: their shard s holds the same rows
+    reader = StreamReader(str(cfg.store), tuple(names), store.storage_options, parts)
     reader.layouts  # noqa: B018 - refuse codecs it cannot read now, in one line, not in a worker
     codec = store.layout.token_codec
     data.stream = StreamSetup(reader, lanes, int(cfg.stream_buffer), int(cfg.stream_prefetch), codec,
-                              store.projection if codec == "pca" and data.use_tokens else None)  # fmt: skip
+                              store.projection if codec == "pca" and data.use_tokens else None,
+                              view_map=store._view_map if exts else None)  # fmt: skip
     data.steps_per_epoch = len(order)
     data.stream.image_ranges = hasattr(data.lazy.source, "image_members")
     images = "one byte range per tar per store shard" if data.stream.image_ranges else "read one by one"
@@ -91,6 +91,25 @@ def attach_stream(data: TrainData, cfg: Any, world: int) -> TrainData:
         images,
     )  # fmt: skip
     return data
+
+
+def check_stream_resume(data: TrainData, cfg: Any, state: dict[str, Any] | None) -> None:
+    """Refuse to resume a streamed run mid-epoch with settings that reshape the rest of its epoch
+    (``--workers``: one lane each; ``--stream-buffer``; ``--reader``): rows would repeat or be skipped."""
+    if state is None or int(state.get("position", 0)) == 0:
+        return
+    was = state.get("config") or {}
+    keys = ("reader", "workers", "stream_buffer") if data.stream is not None else ("reader",)
+    diff = [
+        f"--{k.replace('_', '-')} {was[k]} -> {getattr(cfg, k)}"
+        for k in keys
+        if k in was and was[k] != getattr(cfg, k)
+    ]
+    if diff:
+        raise ConfigError(
+            f"resuming in the middle of an epoch with {', '.join(diff)} would change the order of the rest of "
+            "the epoch (the stream reader's order depends on them): resume with the checkpoint's settings"
+        )
 
 
 def _order(data: TrainData, cfg: Any, world: int, rank: int, epoch: int, lanes: int) -> StreamOrder:
@@ -170,7 +189,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
     def _batch(self, step: int, rows: np.ndarray, held: dict) -> dict[str, Any]:
         o = self.order
         views = np.stack([choose_views(o.seed, o.epoch, int(r), self.stored_views, self.views) for r in rows])
-        got = gather(held, o.shard_size, rows, views)
+        got = gather(held, o.shard_size, rows, views, self.setup.view_map)
         out: dict[str, Any] = {"rows": torch.as_tensor(rows), "step": int(step)}
         out.update(_targets(got, self.setup))
         stored = got["views"].astype(np.float32)

@@ -121,11 +121,18 @@ class StreamOrder:
 class StreamReader:
     """Fetches whole shard files of the row arrays (cls, views, tokens, token_scale) of a store.
 
-    Picklable: each process opens its own filesystem on first use. ``arrays``: the arrays to fetch.
+    Picklable: each process opens its own filesystem on first use. ``arrays``: the arrays to fetch;
+    ``parts``: the store ("") and its view extensions (their folders), each fetched shard by shard.
     """
 
-    def __init__(self, url: str, arrays: tuple[str, ...], storage_options: dict | None = None) -> None:
-        self.url, self.arrays = str(url), tuple(arrays)
+    def __init__(
+        self,
+        url: str,
+        arrays: tuple[str, ...],
+        storage_options: dict | None = None,
+        parts: tuple[str, ...] = ("",),
+    ) -> None:
+        self.url, self.arrays, self.parts = str(url), tuple(arrays), tuple(parts)
         self.storage_options = dict(storage_options or {})
         self.display = redact_url(self.url)
         self._fs: Any = None
@@ -161,14 +168,15 @@ class StreamReader:
 
     @property
     def layouts(self) -> dict[str, ShardLayout]:
-        """Each array's shard layout, from its zarr.json (read once per process)."""
+        """Each array's shard layout (``part/name``, or ``name`` for the store itself), from its
+        zarr.json (read once per process)."""
         if self._layouts is None:
-            self._layouts = {name: self._layout(name) for name in self.arrays}
+            self._layouts = {_key(p, n): self._layout(_key(p, n)) for p in self.parts for n in self.arrays}
         return self._layouts
 
     def _layout(self, name: str) -> ShardLayout:
         lay = ShardLayout.from_metadata(json.loads(self._cat(f"{name}/zarr.json")))
-        lead = 2 if name in ("tokens", "token_scale") else 1
+        lead = 2 if name.rsplit("/", 1)[-1] in ("tokens", "token_scale") else 1
         if lay is None or lay.chunk[lead:] != lay.shard[lead:] or any(c != 1 for c in lay.chunk[:lead]):
             raise StoreError(
                 f"{self.display}: array {name} has codecs or chunks the stream reader does not read"
@@ -179,10 +187,16 @@ class StreamReader:
         """Every array's shard file of ``shard``, one GET each; ``extra(shard)`` under "extra" (what
         else a caller fetches with a shard, e.g. its images)."""
         out: dict[str, Any] = {} if extra is None else {"extra": extra(int(shard))}
-        for name, lay in self.layouts.items():
-            key = mf.shard_file_key(name, int(shard), len(lay.shape))
-            out[name] = ShardBlob(self._cat(key), lay, f"{self.display}/{key}")
-            self.gets += 1
+        parts: list[dict[str, ShardBlob]] = [{} for _ in self.parts]
+        for i, part in enumerate(self.parts):
+            for name in self.arrays:
+                lay = self.layouts[_key(part, name)]
+                key = mf.shard_file_key(_key(part, name), int(shard), len(lay.shape))
+                parts[i][name] = ShardBlob(self._cat(key), lay, f"{self.display}/{key}")
+                self.gets += 1
+        out.update(parts[0])
+        if len(parts) > 1:
+            out["parts"] = parts
         return out
 
     def prefetched(
@@ -267,21 +281,35 @@ def lane_batches(
         files.close()
 
 
+def _key(part: str, name: str) -> str:
+    return f"{part}/{name}" if part else name
+
+
 def gather(
-    held: dict[int, dict[str, ShardBlob]], shard_size: int, rows: np.ndarray, views: np.ndarray
+    held: dict[int, dict[str, Any]],
+    shard_size: int,
+    rows: np.ndarray,
+    views: np.ndarray,
+    view_map: Any = None,
 ) -> dict:
     """The row arrays of ``rows`` [n] x ``views`` [n, R] from held shard files, as stored (tokens
-    raw): cls [n, R, D], views [n, R, P], tokens [n, R, T, d] and token_scale [n, R, T] when fetched."""
+    raw): cls [n, R, D], views [n, R, P], tokens [n, R, T, d] and token_scale [n, R, T] when fetched.
+    ``view_map`` [V, 2] (a store with view extensions): view -> (part, view in that part)."""
     out: dict[str, Any] = {}
     first = held[int(rows[0]) // shard_size] if len(rows) else {}
     for name in [n for n in first if n in ROW_ARRAYS]:
         per_row = []
         for row, vs in zip(rows, views, strict=True):
-            blob = held[int(row) // shard_size][name]
-            local = int(row) % shard_size
+            files, local = held[int(row) // shard_size], int(row) % shard_size
+            where = [
+                (0, int(v)) if view_map is None else (int(view_map[v][0]), int(view_map[v][1])) for v in vs
+            ]
+            blobs = [files[name] if p == 0 else files["parts"][p][name] for p, _ in where]
             if name in ("cls", "views"):
-                per_row.append(blob.read((local,))[vs])
+                per_row.append(
+                    np.stack([b.read((local,))[v] for b, (_, v) in zip(blobs, where, strict=True)])
+                )
             else:
-                per_row.append(np.stack([blob.read((local, int(v))) for v in vs]))
+                per_row.append(np.stack([b.read((local, v)) for b, (_, v) in zip(blobs, where, strict=True)]))
         out[name] = np.stack(per_row)
     return out
