@@ -94,8 +94,7 @@ def train(
     # set-up model (the same init on every rank; then seed + rank, so drop-path masks differ per rank)
     model = build_model(cfg, data, device, rank=ctx.rank)
     # resume
-    at, state = resume(cfg, out, model, targets_header(data)["store"])
-    check_stream_resume(data, cfg, state)
+    at, state = _resume(cfg, out, model, data)
     reuse = start_run(cfg, out, data, model, at, resumed=state is not None, ctx=ctx)
     with MetricsLog(out / "metrics.jsonl", ctx.is_main, sinks=open_loggers(cfg, ctx.is_main)) as metrics:
         # optimizer (with compressor_first: the compressor is fitted and frozen first)
@@ -142,6 +141,13 @@ def train(
             runtime.barrier()
     speed = views_done / (time.perf_counter() - t_start) if views_done else 0.0
     return summary(cfg, ctx, data, at, last, speed)
+
+
+def _resume(cfg: DistillConfig, out: Path, model: DistillModel, data: TrainData) -> tuple[RunState, Any]:
+    """:func:`~cospress.distill.state.resume`, then refuse settings that would reshape a streamed epoch."""
+    at, state = resume(cfg, out, model, targets_header(data)["store"])
+    check_stream_resume(data, cfg, state)
+    return at, state
 
 
 # --------------------------------------------------------------------------- set-up
