@@ -96,7 +96,7 @@ def verify_cmd(cfg: VerifyConfig) -> None:
 
 @store_command("export", ExportConfig)
 def export_cmd(cfg: ExportConfig) -> None:
-    """Export the student as safetensors + JSON (timm name, input size, mean/std)."""
+    """Export the student as safetensors + JSON (timm name, input size, mean/std), and as ONNX with --format onnx."""
     with user_errors():
         from cospress.export import export_student
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -62,7 +63,8 @@ def progress_bar(description: str, enabled: bool = True, unit: str = "img") -> I
 
 
 def _fail(e: BaseException) -> None:
-    console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    """The one error line; the message is printed as it is (``[...]`` in it is text, not rich markup)."""
+    console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -53,7 +53,7 @@ class ExportConfig:
     format: str = setting(
         "safetensors",
         help="safetensors (+ student.json, loads in timm) or onnx (also student.onnx: opset 18, dynamic "
-        "batch, checked against the PyTorch student with onnxruntime; pip install 'cospress[onnx]').",
+        "batch, checked against the PyTorch student with onnxruntime; needs the onnx extra).",
         choices=("safetensors", "onnx"),
     )
 

@@ -81,36 +81,28 @@ def decode_setting() -> Any:
     )
 
 
-# The crop, flip, RandAugment and erasing of a view, shared by stage 1 and stage 2's online mode
-# (data.policy.ViewPolicy).
-def scale_min_setting(prefix: str = "") -> Any:
-    return setting(0.08, help=f"{prefix}RandomResizedCrop minimum area.")
-
-
-def scale_max_setting(prefix: str = "") -> Any:
-    return setting(1.0, help=f"{prefix}RandomResizedCrop maximum area.")
-
-
-def flip_setting(prefix: str = "") -> Any:
-    return setting(0.5, help=f"{prefix}Probability of a horizontal flip.")
-
-
-def rand_augment_setting(prefix: str = "") -> Any:
-    return setting(
+# The crop, flip, RandAugment and erasing of a view, shared by stage 1 and stage 2's online mode:
+# each setting's default (also `data.policy.ViewPolicy`'s) and help, written once.
+VIEW_SETTINGS: dict[str, tuple[Any, str]] = {
+    "scale_min": (0.08, "RandomResizedCrop minimum area."),
+    "scale_max": (1.0, "RandomResizedCrop maximum area."),
+    "flip": (0.5, "Probability of a horizontal flip."),
+    "rand_augment": (
         "",
-        help=f"{prefix}RandAugment as timm's string, e.g. rand-m9-mstd0.5-inc1 (the paper's); empty = off.",
-    )
-
-
-def erase_prob_setting(prefix: str = "") -> Any:
-    return setting(0.0, help=f"{prefix}Probability of random erasing (timm RandomErasing, one box).")
-
-
-def erase_mode_setting(prefix: str = "") -> Any:
-    return setting(
+        "RandAugment as timm's string, e.g. rand-m9-mstd0.5-inc1 (the paper's); empty = off.",
+    ),
+    "erase_prob": (0.0, "Probability of random erasing (timm RandomErasing, one box)."),
+    "erase_mode": (
         "pixel",
-        help=f"{prefix}Erasing fill: pixel (noise, timm train.py / DeiT), rand (one colour) or const (the mean).",
-    )
+        "Erasing fill: pixel (noise, timm train.py / DeiT), rand (one colour) or const (the mean).",
+    ),
+}
+
+
+def view_setting(name: str, prefix: str = "") -> Any:
+    """The config field of view setting ``name`` (a key of ``VIEW_SETTINGS``); ``prefix`` starts its help."""
+    default, text = VIEW_SETTINGS[name]
+    return setting(default, help=f"{prefix}{text}")
 
 
 def mapping_from_text(name: str, text: str) -> dict[str, Any]:

@@ -193,3 +193,9 @@ def test_a_store_command_parses_its_flags(tmp_path) -> None:
     assert (
         res.exit_code == 2 and res.output.startswith("error:") and len(res.output.strip().splitlines()) == 1
     )
+
+
+def test_an_error_line_prints_brackets_as_text(tmp_path) -> None:
+    """`pip install 'cospress[onnx]'` or a path like `a[1]` in a message is not eaten as rich markup."""
+    res = CliRunner().invoke(app, ["verify", str(tmp_path / "store[1]")])
+    assert res.exit_code == 2 and "store[1]" in res.output, res.output

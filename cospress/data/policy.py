@@ -23,6 +23,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from cospress.config import VIEW_SETTINGS as _V  # the defaults of the settings a stage exposes
 from cospress.data.randaugment import RA_SLOTS, parse_rand_augment
 from cospress.errors import ConfigError
 from cospress.utils import sha256_json
@@ -93,9 +94,9 @@ class ViewPolicy:
     ``version`` is derived (1 without the version 2 options); a stored policy gives it explicitly.
     """
 
-    scale: tuple[float, float] = (0.08, 1.0)  # crop area, fraction of the image
+    scale: tuple[float, float] = (_V["scale_min"][0], _V["scale_max"][0])  # crop area, fraction of the image
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio w / h
-    flip: float = 0.5
+    flip: float = _V["flip"][0]
     color_jitter: float = 0.0  # probability of applying brightness/contrast/saturation/hue
     brightness: float = 0.4
     contrast: float = 0.4
@@ -105,11 +106,11 @@ class ViewPolicy:
     blur: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels at 224 px
     version: int | None = None
-    rand_augment: str = ""
-    erase_prob: float = 0.0
+    rand_augment: str = _V["rand_augment"][0]
+    erase_prob: float = _V["erase_prob"][0]
     erase_area: tuple[float, float] = (0.02, 1 / 3)
     erase_aspect: tuple[float, float] = (0.3, 1 / 0.3)
-    erase_mode: str = "pixel"
+    erase_mode: str = _V["erase_mode"][0]
 
     def __post_init__(self) -> None:
         for name in ("scale", "ratio", "blur_sigma", "erase_area", "erase_aspect"):
@@ -165,6 +166,15 @@ class ViewPolicy:
         if unknown:
             raise ConfigError(f"unknown view policy fields {unknown}; known: {sorted(known)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    @classmethod
+    def from_settings(cls, cfg: Any) -> ViewPolicy:
+        """The one builder from a stage's settings (``config.view_setting`` fields: scale_min,
+        scale_max, flip, rand_augment, erase_prob, erase_mode, and where the stage has them
+        color_jitter, grayscale, blur); a bad RandAugment string or probability fails here, in one line."""
+        names = ("flip", "color_jitter", "grayscale", "blur", "rand_augment", "erase_prob", "erase_mode")
+        given = {n: getattr(cfg, n) for n in names if hasattr(cfg, n)}
+        return cls(scale=(cfg.scale_min, cfg.scale_max), **given)
 
     def fingerprint(self) -> str:
         """sha256 of :meth:`to_dict` (sorted keys): equal policies have equal fingerprints."""

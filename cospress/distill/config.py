@@ -56,12 +56,12 @@ class DistillConfig:
         None, help="Online mode: teacher input resolution.", shown="the teacher's"
     )
     limit: int | None = setting(None, help="Online mode: use a deterministic subset of N images of --data.")
-    scale_min: float = shared.scale_min_setting("Online mode: ")
-    scale_max: float = shared.scale_max_setting("Online mode: ")
-    flip: float = shared.flip_setting("Online mode: ")
-    rand_augment: str = shared.rand_augment_setting("Online mode: ")
-    erase_prob: float = shared.erase_prob_setting("Online mode: ")
-    erase_mode: str = shared.erase_mode_setting("Online mode: ")
+    scale_min: float = shared.view_setting("scale_min", "Online mode: ")
+    scale_max: float = shared.view_setting("scale_max", "Online mode: ")
+    flip: float = shared.view_setting("flip", "Online mode: ")
+    rand_augment: str = shared.view_setting("rand_augment", "Online mode: ")
+    erase_prob: float = shared.view_setting("erase_prob", "Online mode: ")
+    erase_mode: str = shared.view_setting("erase_mode", "Online mode: ")
     method: str = setting("cospress", help="cospress (the paper), cosine, mse or smooth-l1.")
     compressor: str = setting("linear", help="Compressor h: linear (paper: LayerNorm + Linear) or mlp.")
     compressor_first: bool = setting(
@@ -153,9 +153,9 @@ def validate(cfg: DistillConfig) -> None:
             "rand_augment, erase_prob and erase_mode apply to online mode (--teacher): a store replays the views it recorded"
         )
     if cfg.teacher is not None:
-        from cospress.distill.online import online_policy
+        from cospress.data.policy import ViewPolicy
 
-        online_policy(cfg)  # a bad RandAugment string or probability fails here, in one line
+        ViewPolicy.from_settings(cfg)  # a bad RandAugment string or probability fails here, in one line
     if cfg.teacher is not None and cfg.compressor_first:
         raise ConfigError("compressor_first fits h from a store's features: online mode (--teacher) has none")
     if cfg.compressor_first and cfg.method != "cospress":

@@ -80,17 +80,6 @@ class OnlineTeacher:
         }
 
 
-def online_policy(cfg: Any) -> ViewPolicy:
-    """The view policy of an online run (its DistillConfig): crop, flip, RandAugment, erasing."""
-    return ViewPolicy(
-        scale=(cfg.scale_min, cfg.scale_max),
-        flip=cfg.flip,
-        rand_augment=cfg.rand_augment,
-        erase_prob=cfg.erase_prob,
-        erase_mode=cfg.erase_mode,
-    )
-
-
 def load_online_teacher(cfg: Any, keys: list[str], device: torch.device) -> OnlineTeacher:
     """The teacher of ``cfg`` (the run's DistillConfig) on ``device``, frozen, with the run's view policy."""
     from cospress.models.teachers import build_teacher
@@ -98,7 +87,7 @@ def load_online_teacher(cfg: Any, keys: list[str], device: torch.device) -> Onli
     teacher = build_teacher(cfg.teacher, weights=cfg.weights, image_size=cfg.image_size).to(device)
     if hasattr(teacher, "to_channels_last"):
         teacher.to_channels_last()
-    policy = online_policy(cfg)
+    policy = ViewPolicy.from_settings(cfg)  # crop, flip, RandAugment, erasing (no colour options online)
     views = OnlineViews(policy, int(cfg.seed), keys, int(cfg.views_per_image), int(teacher.input_size))
     tokens = bool(cfg.use_tokens and teacher.num_tokens > 0)
     return OnlineTeacher(teacher, views, autocast_dtype(cfg.precision, device), tokens)

@@ -54,15 +54,15 @@ class ExtractConfig:
     )
     batch_size: int = setting(256, help="Views per teacher forward.")
     shard_size: int = setting(1024, help="Images per shard.")
-    scale_min: float = shared.scale_min_setting()
-    scale_max: float = shared.scale_max_setting()
-    flip: float = shared.flip_setting()
+    scale_min: float = shared.view_setting("scale_min")
+    scale_max: float = shared.view_setting("scale_max")
+    flip: float = shared.view_setting("flip")
     color_jitter: float = setting(0.0, help="Probability of colour jitter.")
     grayscale: float = setting(0.0, help="Probability of grayscale.")
     blur: float = setting(0.0, help="Probability of gaussian blur.")
-    rand_augment: str = shared.rand_augment_setting()
-    erase_prob: float = shared.erase_prob_setting()
-    erase_mode: str = shared.erase_mode_setting()
+    rand_augment: str = shared.view_setting("rand_augment")
+    erase_prob: float = shared.view_setting("erase_prob")
+    erase_mode: str = shared.view_setting("erase_mode")
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, help="Skip images with more pixels (decompression bombs).")
     precision: str = shared.precision_setting()
     device: str = shared.device_setting()
@@ -115,13 +115,4 @@ class ExtractConfig:
     def policy(self) -> ViewPolicy:
         from cospress.data.policy import ViewPolicy
 
-        return ViewPolicy(
-            scale=(self.scale_min, self.scale_max),
-            flip=self.flip,
-            color_jitter=self.color_jitter,
-            grayscale=self.grayscale,
-            blur=self.blur,
-            rand_augment=self.rand_augment,
-            erase_prob=self.erase_prob,
-            erase_mode=self.erase_mode,
-        )
+        return ViewPolicy.from_settings(self)
