@@ -57,6 +57,15 @@ def test_the_default_is_files_only_and_the_start_is_one_line(store, tmp_path: Pa
     assert "test_vit @ 32 px" in starts[0] and "config.yaml" in starts[0]
     assert not [r for r in caplog.records if r.levelno >= logging.INFO and "run header" in r.getMessage()]
     assert not (tmp_path / "run" / "tensorboard").exists() and (tmp_path / "run" / "metrics.jsonl").is_file()
+    caplog.clear()  # watch a run from its resume on: --logger is no changed setting
+    with caplog.at_level(logging.INFO, logger="cospress"):
+        run_distill(tiny_cfg(store[0], tmp_path / "run", epochs=2, resume=True, logger=["tensorboard"]))
+    changed = [r.getMessage() for r in caplog.records if "differ" in r.getMessage()]
+    assert changed == ["resuming with settings that differ from the checkpoint's: epochs"]  # not logger
+    acc = EventAccumulator(str(next((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss/total")]
+    assert steps and min(steps) > 1  # the rows of the resumed epoch only
 
 
 def test_a_bad_or_missing_logger_is_one_line_before_the_run(store, tmp_path: Path) -> None:

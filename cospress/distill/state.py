@@ -31,7 +31,7 @@ from cospress.utils import atomic_write_bytes, atomic_write_json, redact_config,
 log = logging.getLogger(__name__)
 
 # settings that may change on resume without a warning (they do not change what is trained)
-_FREE_ON_RESUME = ("resume", "workers", "out", "decode", "compile", "attention")
+_FREE_ON_RESUME = ("resume", "workers", "out", "decode", "compile", "attention", "logger")
 
 
 @dataclass
