@@ -174,7 +174,9 @@ def test_stream_batches_never_open_the_random_access_reader_nor_reload_columns(l
     ctx = runtime.DistContext(0, 1, 0, torch.device("cpu"))
     order, loader = stream_loader(data, cfg, ctx, 1, 0, "cpu")
     assert data.stream is not None and data.steps_per_epoch == len(order)
+    rng = torch.get_rng_state()
     steps = [int(b["step"]) for b in loader]
+    assert torch.equal(rng, torch.get_rng_state())  # the loader never draws the global RNG
     assert steps == list(range(len(order)))
     assert data.lazy._reader is None  # no per-row reader, no key / label / valid columns in the loader
     assert 0 < data.stream.reader.gets <= 3 * order.num_shards  # each shard file at most once

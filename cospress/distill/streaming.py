@@ -142,6 +142,7 @@ def stream_loader(
         collate_fn=_as_is,
         num_workers=cfg.workers,
         pin_memory=ctx.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),  # never draws the global RNG
     )
     return order, loader
 
