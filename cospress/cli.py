@@ -125,7 +125,7 @@ def distill_cmd(cfg: DistillConfig, show_progress: bool) -> None:
 
     cfg = prepare(cfg)  # settings checked against the store before the progress bar starts
     with progress_bar(f"distill ({cfg.method})", show_progress) as update:
-        summary = run_distill(cfg, progress=update)
+        summary = run_distill(cfg, progress=update, prepared=True)
     if int(os.environ.get("RANK", 0)) == 0:
         rows = [
             (k, f"{v:.4g}" if isinstance(v, float) else v)

@@ -135,3 +135,19 @@ def test_the_docs_example_calls_real_functions_with_real_settings() -> None:
     assert set(called) == set(API)
     for name, keywords in called.items():
         assert keywords <= {f.name for f in dataclasses.fields(API[name])}, name
+
+
+def test_the_cli_prepares_a_distill_run_once(setup: dict, monkeypatch) -> None:
+    """`cospress distill` checks the settings against the store before its progress bar, and only then."""
+    import cospress.distill.run as run_module
+
+    store = cospress.extract_teacher(
+        data=setup["data"], teacher="test_vit", weights=setup["weights"], image_size=32, views=2,
+        workers=0, precision="fp32", out=str(setup["tmp"] / "once-store"),
+    )  # fmt: skip
+    calls = []
+    real = run_module.prepare
+    monkeypatch.setattr(run_module, "prepare", lambda cfg: calls.append(cfg.store) or real(cfg))
+    settings = {"store": store.store, "student": "test_vit", "student_size": 32, "epochs": 1, "batch_size": 8}
+    _cli("distill", {**settings, "workers": 0, "precision": "fp32", "out": str(setup["tmp"] / "once-run")})
+    assert calls == [store.store]

@@ -64,14 +64,18 @@ from cospress.loggers import open_loggers
 log = logging.getLogger(__name__)
 
 
-def run_distill(cfg: DistillConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def run_distill(
+    cfg: DistillConfig, progress: Callable[[int, int], None] | None = None, *, prepared: bool = False
+) -> dict[str, Any]:
     """Train a student from a store (or online); returns a summary (steps, best/last kNN accuracy, paths, speed).
 
     ``progress(done_views, total_views)`` is called after every step on rank 0. Under torchrun every
     rank calls this; torch.distributed is initialised (and torn down) here unless already initialised.
+    ``prepared``: ``cfg`` is :func:`prepare`'s result already (the CLI checks it before its progress
+    bar), so the settings are checked and the store opened for them once.
     """
     runtime.tune_malloc()
-    cfg = prepare(cfg)
+    cfg = cfg if prepared else prepare(cfg)
     was_init = torch.distributed.is_available() and torch.distributed.is_initialized()
     ctx = runtime.init_distributed(cfg.device)
     try:
