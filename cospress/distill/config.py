@@ -39,7 +39,8 @@ class DistillConfig:
     reader: str = setting(
         "auto",
         help="Store reader: stream (whole shard files, once per epoch per rank), random (one read per "
-        "row and view) or auto (stream from a URL or a local store over 16 GiB; the log says which).",
+        "row and view) or auto (stream from a URL without --cache-dir or a local store over 16 GiB; "
+        "the log says which).",
     )
     stream_buffer: int = setting(4, help="Stream reader: shards shuffled together (the sample buffer).")
     stream_prefetch: int = setting(2, help="Stream reader: shards fetched ahead per loader worker.")

@@ -49,6 +49,8 @@ def choose_reader(cfg: Any, store: Any) -> tuple[str, str]:
     if cfg.reader != "auto":
         return cfg.reader, f"--reader {cfg.reader}"
     if not is_local(str(cfg.store)):
+        if cfg.cache_dir:  # the user asked for a local copy: whole shard files fetched once, then local reads
+            return "random", "auto: a URL store read through --cache-dir"
         return "stream", "auto: the store is read from a URL"
     size = store.layout.estimate_bytes()
     if size > LARGE_LOCAL_BYTES:
