@@ -17,6 +17,7 @@ from typing import Any
 import typer
 from rich.logging import RichHandler
 
+from cospress import redact
 from cospress.cli_store import COMMANDS as STORE_COMMANDS
 from cospress.cli_ui import console, progress_bar, table, user_errors
 from cospress.config import load_config
@@ -53,6 +54,7 @@ def _main(
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
         force=True,
     )
+    redact.install(*logging.getLogger().handlers)  # log lines, warnings, tracebacks: no secret
     for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 

@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cospress.errors import CospressError
+from cospress.redact import redact_text
 
 console = Console(stderr=True)
 
@@ -63,8 +64,8 @@ def progress_bar(description: str, enabled: bool = True, unit: str = "img") -> I
 
 
 def _fail(e: BaseException) -> None:
-    """The one error line; the message is printed as it is (``[...]`` in it is text, not rich markup)."""
-    console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+    """The one error line, redacted (`cospress.redact`); ``[...]`` in it is text, not rich markup."""
+    console.print(f"[bold red]error:[/] {escape(redact_text(str(e)))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -85,7 +86,7 @@ def table(title: str, rows: list[tuple[str, Any]]) -> None:
     out.add_column(style="bold")
     out.add_column()
     for k, v in rows:
-        out.add_row(k, str(v))
+        out.add_row(k, escape(redact_text(str(v))))
     Console().print(out)
 
 

@@ -7,12 +7,10 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
 
@@ -93,34 +91,5 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-# ---- redaction: what is written or logged never holds credentials or signed-URL queries ----------
-_URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
-_URL_QUERY = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s?#'\"]*)[?#][^\s'\"]*")
-
-
-def redact_url(url: str) -> str:
-    """``url`` without credentials (``user:password@``) and without query string or fragment."""
-    s = str(url)
-    if "://" not in s:
-        return s
-    parts = urlsplit(s)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def redact_text(text: str) -> str:
-    """``text`` with credentials and query strings removed from every URL in it (a spec such as
-    ``wds:https://user:token@host/a.tar?X-Amz-Signature=...``, an error message, a log line)."""
-    return _URL_QUERY.sub(r"\1", _URL_CREDENTIALS.sub(r"\1", str(text)))
-
-
-def redact_config(obj: Any) -> Any:
-    """A copy of a JSON-like value (a config dict, a manifest, a summary) with `redact_text` applied to
-    every string in it, keys included: what goes into a file or a log line."""
-    if isinstance(obj, str):
-        return redact_text(obj)
-    if isinstance(obj, dict):
-        return {redact_config(k) if isinstance(k, str) else k: redact_config(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact_config(v) for v in obj]
-    return obj
+# ---- redaction: one home, cospress.redact; these names stay importable from here
+from cospress.redact import redact_config, redact_text, redact_url  # noqa: E402, F401

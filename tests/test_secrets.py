@@ -208,3 +208,101 @@ def test_distill_and_knn_eval_from_a_signed_url_write_and_log_no_secret(secret_s
         assert files, folder
         for f in files:
             _assert_clean(f.read_bytes().decode("latin-1"), str(f.relative_to(tmp_path)))
+
+
+# --------------------------------------------------------------------------- one redaction path (issue 24)
+AT_PASSWORD = "p@ssw0rd-SECRET"  # "@" in a password: cut at the last "@", or "ssw0rd-SECRET" leaks
+AT_SECRETS = ("ssw0rd-SECRET", SIGNATURE)
+
+
+def test_redaction_of_passwords_with_at_and_of_library_errors():
+    import aiohttp
+    import yarl
+
+    url = f"http://alice:{AT_PASSWORD}@127.0.0.1:8/a.tar?X-Amz-Signature={SIGNATURE}&sig=z"
+    assert redact_text(f"wds:{url} failed") == "wds:http://127.0.0.1:8/a.tar failed"
+    info = aiohttp.RequestInfo(yarl.URL(url), "GET", {}, yarl.URL(url))  # str() quotes the "@" as %40
+    err = aiohttp.ClientResponseError(info, (), status=500, message="Internal Server Error")
+    for text in (str(err), repr(err), str(yarl.URL(url)), f"/b/k?X-Amz-Signature={SIGNATURE}"):
+        for s in AT_SECRETS:
+            assert s not in redact_text(text), (text, redact_text(text))
+    assert redact_text("Authorization: Basic YWxpY2U6cA==") == "Authorization: ***"
+    assert redact_text("--token-codec pca, folder:/data/a@b") == "--token-codec pca, folder:/data/a@b"
+
+
+def _grep_clean(texts: dict[str, str], root: Path) -> None:
+    """No secret in ``texts`` (outputs by name) nor in any file under ``root``."""
+    for name, text in texts.items():
+        for s in AT_SECRETS:
+            assert s not in text and s.replace("@", "%40") not in text, f"{name} holds {s!r}:\n{text}"
+    files = [f for f in root.rglob("*") if f.is_file()]
+    assert len(files) > 20
+    for f in files:
+        data = f.read_bytes().decode("latin-1")
+        for s in AT_SECRETS:
+            assert s not in data, f"{f.relative_to(root)} holds {s!r}"
+
+
+def test_every_command_from_a_credentialed_url_shows_and_writes_no_secret(tmp_path, monkeypatch):
+    """extract-teacher, distill, knn-eval from a `wds:` URL with user:password@ (an "@" in the password)
+    and a signed query; inspect, verify, export-wds from a store URL with credentials; import-wds,
+    publish; a server 500 mid-read in extract-teacher and in verify: every output and every file
+    written holds neither the password nor the signature."""
+    from tests.faultsrv import FaultServer
+
+    monkeypatch.setenv("COSPRESS_IO_ATTEMPTS", "2")
+    monkeypatch.setenv("COSPRESS_IO_BACKOFF", "0.01")
+    www, served = tmp_path / "www", tmp_path / "served"
+    www.mkdir()
+    _make_tar(www / "shard-000.tar", 5, 0)
+    _make_tar(www / "shard-001.tar", 4, 1)
+    tars = FaultServer(www, auth=(USER, AT_PASSWORD, SIGNATURE))
+    stores = FaultServer(served, auth=(USER, AT_PASSWORD, None))
+    work = tmp_path / "work"
+    spec = (
+        f"wds:http://{USER}:{AT_PASSWORD}@127.0.0.1:{tars.port}/shard-{{000..001}}.tar"
+        f"?X-Amz-Credential=AKIA%2F20250101&X-Amz-Signature={SIGNATURE}"
+    )
+    store_url = f"http://{USER}:{AT_PASSWORD}@127.0.0.1:{stores.port}/store"
+    weights = make_tiny_teacher_weights(tmp_path / "test_vit.safetensors", img_size=32)
+    common = ["--workers", "0", "--precision", "fp32", "--device", "cpu"]
+    extract = ["--teacher", "test_vit", "--weights", str(weights), "--image-size", "32", "--views", "2"]
+    extract += ["--shard-size", "4", "--no-progress", *common]
+    out: dict[str, str] = {}
+
+    def cli(name: str, *args: str, rc: int = 0) -> None:
+        proc = run_cli("-v", *args, check=False)
+        out[name] = proc.stdout + proc.stderr
+        assert proc.returncode == rc, out[name]
+
+    try:
+        cli("extract-teacher", "extract-teacher", "--data", spec, *extract, "--out", str(served / "store"))
+        cli("distill", "distill", "--store", str(served / "store"), "--data", spec, "--student", "test_vit",
+            "--student-size", "32", "--epochs", "1", "--batch-size", "6", "--views-per-image", "2",
+            "--val-fraction", "0.3", "--temperatures", "0.05,0.1", "--no-progress", *common,
+            "--out", str(work / "run"))  # fmt: skip
+        cli("knn-eval", "knn-eval", "--model", str(work / "run"), "--train", spec, "--test", spec, "--k", "2",
+            "--crop-pct", "1.0", "--fidelity-teacher", "none", "--cache-dir", str(work / "cache"), *common,
+            "--out", str(work / "eval"))  # fmt: skip
+        cli("inspect", "inspect", store_url, "--json")
+        text = out["inspect"]
+        assert json.JSONDecoder().raw_decode(text, text.index("{"))[0]["counts"]["rows"] == 9
+        cli("export-wds", "export-wds", store_url, "--out", str(work / "wds"), "--no-progress")
+        cli("import-wds", "import-wds", str(work / "wds"), "--out", str(work / "imported"), "--no-progress")
+        cli(
+            "publish",
+            "publish",
+            str(work / "imported"),
+            f"{store_url}-copy?X-Amz-Signature={SIGNATURE}",
+            rc=2,
+        )
+        tars.add("500", match="shard-001", times=None, ranged=True)  # a server 500 mid-read
+        cli("extract-500", "extract-teacher", "--data", spec, *extract, "--out", str(work / "s500"), rc=2)
+        assert "500" in out["extract-500"] and "after 2 attempts" in out["extract-500"]
+        stores.add("500", match="/views/", times=None)
+        cli("verify-500", "verify", store_url, rc=2)
+        assert "500" in out["verify-500"], out["verify-500"]
+    finally:
+        tars.close()
+        stores.close()
+    _grep_clean(out, tmp_path)

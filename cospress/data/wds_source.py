@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from cospress import netio
 from cospress.data.base import Source
 from cospress.data.wds_index import cached_index as _cached_index
 from cospress.errors import BadImageError, SourceError
@@ -44,11 +46,15 @@ def _label_from(ext: str, data: bytes) -> int:
     return -1
 
 
+def _remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
 def _open_binary(url: str):
-    if "://" in url and not url.startswith("file://"):
+    if _remote(url):
         import fsspec
 
-        return fsspec.open(url, "rb").open()
+        return fsspec.open(url, "rb", **netio.with_timeouts(url)).open()
     return open(url.removeprefix("file://"), "rb")
 
 
@@ -65,7 +71,7 @@ class WdsSource(Source):
         # the member index, as arrays (per sample: its shard, and the offset and size of its image
         # member, -1 when it has none): ~20 B per sample, built once per tar and cached (local tars)
         parts = [
-            _cached_index(url, lambda url=url, s=s: self._index_shard(shown, s, url))
+            _cached_index(url, lambda url=url, s=s: self._indexed(shown, s, url))
             for s, url in enumerate(self.shards)
         ]
         keys = [k for p in parts for k in p["keys"].tolist()]
@@ -80,6 +86,12 @@ class WdsSource(Source):
         self._lock = threading.Lock()
         super().__init__(spec, pattern, keys, labels)
 
+    def _indexed(self, spec: str, s: int, url: str) -> dict[str, np.ndarray]:
+        """`_index_shard`, a remote shard read again after a transient failure (`cospress.netio`)."""
+        if not _remote(url):
+            return self._index_shard(spec, s, url)
+        return netio.retry(lambda: self._index_shard(spec, s, url), f"shard {url} of {spec}")
+
     def _index_shard(self, spec: str, s: int, url: str) -> dict[str, np.ndarray]:
         """The member index of shard ``s`` at ``url`` (keys, labels, image offset and size, -1 for
         none); ``spec`` is the redacted spec, for errors."""
@@ -88,7 +100,13 @@ class WdsSource(Source):
         members_of: list[dict[str, tuple[int, int]]] = []
         try:
             f = _open_binary(url)
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            if _remote(url) and not isinstance(e, (FileNotFoundError, PermissionError)):
+                raise  # retried (cospress.netio)
+            raise SourceError(
+                f"{spec}: cannot open shard {redact_text(url)}: {redact_text(str(e))}; check the pattern"
+            ) from None
+        except ValueError as e:
             raise SourceError(
                 f"{spec}: cannot open shard {redact_text(url)}: {redact_text(str(e))}; check the pattern"
             ) from None
@@ -124,7 +142,10 @@ class WdsSource(Source):
                 members[ext] = (m.offset_data, m.size)
                 if ext in ("cls", "json") and m.size <= 1 << 16 and (ext == "cls" or labels[row] < 0):
                     f.seek(m.offset_data)
-                    labels[row] = _label_from(ext, f.read(m.size))
+                    data = f.read(m.size)
+                    if len(data) != m.size:
+                        raise netio.ShortRead(f"{url}: {len(data)} of {m.size} bytes of {name!r}")
+                    labels[row] = _label_from(ext, data)
         image = [next((m[e] for e in WDS_IMAGE_EXTENSIONS if e in m), (-1, -1)) for m in members_of]
         return {
             "keys": np.array(keys, dtype=np.str_),
@@ -156,7 +177,18 @@ class WdsSource(Source):
             if f is None:
                 f = self._handles[shard] = _open_binary(self.shards[shard])
             f.seek(offset)
-            return f.read(size)
+            data = f.read(size)
+        if len(data) != size:
+            raise netio.ShortRead(f"{len(data)} of {size} bytes")
+        return data
+
+    def _drop(self, shard: int) -> None:
+        """Forget shard ``shard``'s handle after a failed read: the next try opens a new one."""
+        with self._lock:
+            f = self._handles.pop(shard, None)
+        if f is not None:
+            with contextlib.suppress(Exception):
+                f.close()
 
     def image_members(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tar, offset, size) of the image member of each sample at ``positions`` (offset -1: none),
@@ -165,11 +197,17 @@ class WdsSource(Source):
         return self._shard[p], self._offset[p], self._size[p]
 
     def read_bytes(self, i: int) -> bytes:
+        """The image bytes of sample ``i``. A remote read is retried (`cospress.netio`) and then raises
+        NetworkError, never BadImageError: a failed read is not a bad image and is never skipped."""
         i = self._check_index(i)
         if self._offset[i] < 0:
             raise BadImageError(f"not an image: sample has no {'/'.join(WDS_IMAGE_EXTENSIONS)} member")
+        shard, offset, size = int(self._shard[i]), int(self._offset[i]), int(self._size[i])
+        if _remote(self.shards[shard]):
+            what = f"sample {self._keys[i]!r} of {self.shards[shard]} ({self.shown})"
+            return netio.retry(lambda: self._read(shard, offset, size), what, lambda: self._drop(shard))
         try:
-            return self._read(int(self._shard[i]), int(self._offset[i]), int(self._size[i]))
+            return self._read(shard, offset, size)
         except OSError as e:
             raise BadImageError(f"unreadable: {redact_text(str(e))}") from None
 

@@ -6,6 +6,7 @@ computes bitwise the same features as an uninterrupted one (same machine, CPU).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,6 +18,10 @@ from cospress.data.device_decode import Encoded, worker_read
 from cospress.data.sources import Source
 from cospress.data.views import ViewPolicy, center_view_params, replay_view, sample_view_params
 from cospress.errors import BadImageError
+from cospress.netio import io_skip
+from cospress.store.records import read_record
+
+log = logging.getLogger(__name__)
 
 
 class ViewDataset(Dataset):
@@ -109,3 +114,25 @@ def view_loader(dataset: ViewDataset, batches: list[list[int]], workers: int, pi
         pin_memory=pin_memory,
         prefetch_factor=4 if workers > 0 else None,
     )
+
+
+def io_skipped_shards(writer: Any, committed: set[int]) -> set[int]:
+    """The committed shards whose commit records a skip that was a read failure, not a bad image
+    (`cospress.netio.io_skip`; an older cospress recorded those): a rerun writes them again. Shards
+    published in the manifest of an append are kept."""
+    redo = set()
+    for shard in sorted(committed):
+        if shard < writer.protected_shards:
+            continue
+        try:
+            commit = read_record(writer.path, writer.paths.commit(shard))
+        except (OSError, ValueError):
+            continue
+        if any(io_skip(str(s.get("reason", ""))) for s in commit.get("skipped") or []):
+            redo.add(shard)
+    if redo:
+        log.warning(
+            "%d committed shard(s) hold images skipped for a read failure, not a bad image: extracting them again",
+            len(redo),
+        )
+    return redo

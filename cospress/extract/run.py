@@ -21,7 +21,7 @@ from cospress.config import to_dict
 from cospress.data.device_decode import resolve_decode
 from cospress.data.sources import open_source
 from cospress.extract.config import ExtractConfig
-from cospress.extract.reader import ViewDataset, shard_batches, view_loader
+from cospress.extract.reader import ViewDataset, io_skipped_shards, shard_batches, view_loader
 from cospress.extract.teacher import TeacherPass, load_teacher, run_teacher
 from cospress.extract.writer import OpenedStore, ShardSink, open_store
 from cospress.runtime import (
@@ -85,6 +85,7 @@ def _extract(
     # the reader: this rank's shards that are not committed yet
     writer = store.writer
     committed = writer.committed_shards()
+    committed -= io_skipped_shards(writer, committed)  # a read failure is not a bad image: redo
     mine = [s for s in range(writer.num_shards) if s % ctx.world == ctx.rank]
     pending = [s for s in mine if s not in committed]
     if committed and ctx.is_main:

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cospress.errors import StoreError
+from cospress.errors import CospressError, StoreError
+from cospress.netio import retry
 from cospress.store import manifest as mf
 from cospress.store.remote import is_local
 from cospress.utils import redact_config, redact_text, redact_url
@@ -63,19 +64,24 @@ class ReaderChecks:
             )
 
     def _hash_file(self, path: str) -> str | None:
-        h = hashlib.sha256()
-        try:
+        def digest() -> str:
+            h = hashlib.sha256()
             with self._fs.open(path, "rb") as f:
                 while block := f.read(1 << 22):
                     h.update(block)
+            return h.hexdigest()
+
+        try:
+            return digest() if is_local(self.url) else retry(digest, f"{path} of {self.display}")
         except FileNotFoundError:
             return None
+        except CospressError:
+            raise
         except Exception as e:
             raise StoreError(
                 f"cannot read {redact_url(path)} of {self.display}: "
                 f"{redact_text(f'{type(e).__name__}: {e}')}; check the network and retry"
             ) from None
-        return h.hexdigest()
 
     def verify(self, progress: Callable[[int, int], None] | None = None) -> list[dict]:
         """Recompute the sha256 of every shard file and (schema 1.3 on) every metadata file: each

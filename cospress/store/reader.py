@@ -21,7 +21,8 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync as zarr_sync
 
-from cospress.errors import StoreError
+from cospress.errors import CospressError, StoreError
+from cospress.netio import RetryingStore, retry, with_timeouts
 from cospress.store import manifest as mf
 from cospress.store import records
 from cospress.store.checks import ReaderChecks
@@ -59,7 +60,7 @@ class StoreReader(ReaderChecks):
         """``step()``, with any error but a StoreError turned into a one-line StoreError."""
         try:
             return step()
-        except StoreError:
+        except CospressError:  # StoreError, NetworkError (cospress.netio): one line already
             raise
         except Exception as e:
             # fsspec / aiohttp errors may quote the URL with its credentials: never show them
@@ -73,7 +74,9 @@ class StoreReader(ReaderChecks):
             self._fs: fsspec.AbstractFileSystem = fsspec.filesystem("file")
             self._root = str(Path(self.url).resolve())
         else:
-            self._fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            self._fs, self._root = fsspec.core.url_to_fs(
+                self.url, **with_timeouts(self.url, self.storage_options)
+            )
             self._root = self._root.rstrip("/")
         self.manifest = self._read_manifest()
         m = self.manifest
@@ -102,12 +105,18 @@ class StoreReader(ReaderChecks):
     def _path(self, key: str) -> str:
         return f"{self._root}/{key}"
 
+    def _cat(self, key: str) -> bytes:
+        """The bytes of file ``key`` of the store, a remote read retried (`cospress.netio`)."""
+        if is_local(self.url):
+            return self._fs.cat_file(self._path(key))
+        return retry(lambda: self._fs.cat_file(self._path(key)), f"the store {self.display} ({key})")
+
     def _read_manifest(self) -> dict:
         """The manifest (schema 2.0: ``cospress/manifest/zarr.json``; before: ``manifest.json``); sets
         ``paths``, the store's record layout."""
         for paths in (NEW, LEGACY):
             try:
-                raw = self._fs.cat_file(self._path(paths.manifest))
+                raw = self._cat(paths.manifest)
                 break
             except FileNotFoundError:
                 continue
@@ -140,8 +149,9 @@ class StoreReader(ReaderChecks):
         if is_local(self.url):
             return zarr.storage.LocalStore(self._root, read_only=True)
         store = zarr.storage.FsspecStore.from_url(
-            self.url, storage_options=self.storage_options, read_only=True
+            self.url, storage_options=with_timeouts(self.url, self.storage_options), read_only=True
         )
+        store = RetryingStore(store, self.display)  # transient failures retried (cospress.netio)
         if self.cache_dir is None:
             return store
         # Cache under the manifest's hash, so a re-extracted store never serves stale bytes.

@@ -11,6 +11,7 @@ from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
 from cospress.errors import StoreError
+from cospress.netio import retry
 from cospress.utils import atomic_write_bytes, redact_url
 
 
@@ -26,7 +27,7 @@ def check_range_support(fs: fsspec.AbstractFileSystem, path: str, display: str |
     """
     where = display or redact_url(path)
     try:
-        data = fs.cat_file(path, start=1, end=3)
+        data = retry(lambda: fs.cat_file(path, start=1, end=3), where)
     except FileNotFoundError:
         raise StoreError(
             f"{where} is missing; the store is incomplete or corrupted: re-upload or re-extract it"
