@@ -147,6 +147,30 @@ def test_store_reads_over_http_retry_each_fault_and_then_fail_in_one_line(tmp_pa
     assert proc.returncode == 2 and "Traceback" not in text, text
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "views/" in errors[0] and "after 4 attempts" in errors[0], text
+    _stream_reads_retry(tmp_path / "www", StoreReader(store).read_shard(1))
+
+
+def _stream_reads_retry(www: Path, want: dict) -> None:
+    """The stream reader of stage 2 (whole shard files) retries too, then fails in one line."""
+    from cospress.store.stream import StreamReader
+
+    srv = FaultServer(www)
+    try:
+        reader = StreamReader(f"{srv.url}/store", ("cls", "views"))
+        for fault, where in zip(
+            FAULTS, ("/cls/zarr", "/views/zarr", "/cls/c/1", "/views/c/1", "/cls/c/1"), strict=True
+        ):
+            srv.add(fault, match=where)
+        files = reader.fetch(1)
+        assert srv.pending() == 0
+        for row in range(len(want["keys"])):
+            np.testing.assert_array_equal(files["views"].read((row,)), want["views"][row])
+            np.testing.assert_array_equal(files["cls"].read((row,)), want["cls"][row])
+        srv.add("503", match="/cls/c/0", times=None)
+        with pytest.raises(NetworkError, match=r"cls/c/0.* \(after 4 attempts\)"):
+            reader.fetch(0)
+    finally:
+        srv.close()
 
 
 def _extract(spec: str, out: Path, weights: Path, *extra: str):

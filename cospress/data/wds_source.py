@@ -100,13 +100,9 @@ class WdsSource(Source):
         members_of: list[dict[str, tuple[int, int]]] = []
         try:
             f = _open_binary(url)
-        except OSError as e:
-            if _remote(url) and not isinstance(e, (FileNotFoundError, PermissionError)):
+        except (OSError, ValueError) as e:
+            if _remote(url) and netio.transient(e):
                 raise  # retried (cospress.netio)
-            raise SourceError(
-                f"{spec}: cannot open shard {redact_text(url)}: {redact_text(str(e))}; check the pattern"
-            ) from None
-        except ValueError as e:
             raise SourceError(
                 f"{spec}: cannot open shard {redact_text(url)}: {redact_text(str(e))}; check the pattern"
             ) from None

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cospress import netio
 from cospress.distill.data import DistillBatches, TrainData, choose_views
 from cospress.errors import ConfigError
 from cospress.runtime import DistContext
@@ -257,7 +258,7 @@ class ImageRanges:
         if url not in self._fs:
             self._fs[url] = fsspec.core.url_to_fs(url, skip_instance_cache=True)
         fs, path = self._fs[url]
-        return fs.cat_file(path, start=start, end=stop)
+        return netio.retry(lambda: fs.cat_file(path, start=start, end=stop), f"{url} bytes {start}-{stop}")
 
 
 def _targets(got: dict[str, np.ndarray], setup: StreamSetup) -> dict[str, Any]:

@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from cospress.errors import ConfigError, StoreError
+from cospress import netio
+from cospress.errors import ConfigError, CospressError, StoreError
 from cospress.store import manifest as mf
 from cospress.store.shardio import ShardBlob, ShardLayout
 from cospress.utils import redact_text, redact_url
@@ -157,7 +158,10 @@ class StreamReader:
         if self._fs is None or self._pid != os.getpid():  # a forked worker opens its own
             self._open()
         try:
-            return self._fs.cat_file(f"{self._root}/{key}", start=0)  # start: no size request first
+            fetch = lambda: self._fs.cat_file(f"{self._root}/{key}", start=0)  # noqa: E731  start: no size request
+            return fetch() if "://" not in self.url else netio.retry(fetch, f"{key} of {self.display}")
+        except CospressError:  # NetworkError after the retries (cospress.netio): one line already
+            raise
         except FileNotFoundError:
             raise StoreError(f"{self.display}/{key} is missing; run `cospress verify` on the store") from None
         except Exception as e:  # network errors may quote a signed URL: never show it
