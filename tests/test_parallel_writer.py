@@ -105,7 +105,7 @@ def test_threads_write_the_store_a_single_thread_writes(tmp_path, codec):
 _KILLER = """
 import os, signal, sys
 from pathlib import Path
-import cospress.store.writer as sw
+import cospress.store.dest as sw
 from tests.test_parallel_writer import data, open_writer, write
 victim = sys.argv[2]
 real = sw.write_shard_file

@@ -67,7 +67,10 @@ class ExtractConfig:
     precision: str = shared.precision_setting()
     device: str = shared.device_setting()
     decode: str = shared.decode_setting()
-    out: str = setting("store", help="Store directory.")
+    out: str = setting(
+        "store",
+        help="Store directory, or an fsspec URL (s3://bucket/store) written directly, with no local copy.",
+    )
     overwrite: bool = setting(
         False, help="Replace an existing store made with other settings.", flag="--overwrite"
     )
@@ -101,6 +104,13 @@ class ExtractConfig:
             raise ConfigError("--add-views N (N >= 1) and --to STORE go together")
         if self.add_views and self.append:
             raise ConfigError("--add-views adds views to every row, --append adds rows: choose one")
+        if "://" in self.out and not self.out.startswith("file://"):
+            if self.append:
+                raise ConfigError("--append works on a local store; append locally, then publish it")
+            if self.tokens and parse_codec(self.token_codec).name == "pca":
+                raise ConfigError(
+                    "--token-codec pca writes to a local store; extract locally, then publish it"
+                )
         if self.append and self.overwrite:
             raise ConfigError("--append adds to an existing store, --overwrite replaces it: choose one")
         if not 0 < self.scale_min <= self.scale_max <= 1:

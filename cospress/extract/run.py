@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from cospress import __version__
@@ -132,7 +131,7 @@ def _summary(
         "seconds_reading": res.reading,
         "seconds_teacher": res.teacher,
         "seconds_writing": writing,
-        "store": str(Path(cfg.out)),
+        "store": str(store.writer.dest),
         "estimated_bytes": store.estimated_bytes,
     }
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import shutil
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -23,8 +25,8 @@ from cospress.runtime import barrier
 from cospress.store import StoreLayout, StoreWriter
 from cospress.store.append import open_append, plan_append
 from cospress.store.codecs import parse_codec
+from cospress.store.dest import Dest
 from cospress.store.projection import codec_entry
-from cospress.store.records import detect, write_record
 from cospress.utils import human_bytes, redact_config
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,18 @@ class ShardBuffer:
         return {name: getattr(self, name) for name in names}
 
 
+KILL_ENV = "COSPRESS_TEST_EXTRACT_KILL"  # "RANK:N": that rank SIGKILLs itself after N commits (tests)
+
+
+def _kill_after() -> int | None:
+    """The test hook of `KILL_ENV`: this rank's commit count to die at, on torchrun's first attempt only."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    rank, count = (int(v) for v in spec.split(":"))
+    return count if int(os.environ.get("RANK", "0")) == rank else None
+
+
 class ShardSink:
     """The shard buffers of one rank; ``threads`` threads write and commit the full ones.
 
@@ -75,7 +89,9 @@ class ShardSink:
         ]
         self.error: BaseException | None = None
         self.seconds = 0.0  # spent writing, summed over the threads
+        self.committed = 0
         self._lock = threading.Lock()
+        self._kill_after = _kill_after()
 
     def buffer(self, shard: int) -> ShardBuffer:
         if shard not in self.buffers:
@@ -103,6 +119,9 @@ class ShardSink:
                 self.error = e
             with self._lock:
                 self.seconds += time.perf_counter() - t0
+                self.committed += self.error is None
+                if self._kill_after is not None and self.committed >= self._kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)  # tests: a rank dies mid-run
 
     def __enter__(self) -> ShardSink:
         for t in self.threads:
@@ -143,13 +162,13 @@ class OpenedStore:
     estimated_bytes: int
 
 
-def _save_config(cfg: ExtractConfig, out: Path) -> None:
+def _save_config(cfg: ExtractConfig, out: Dest) -> None:
     """The resolved config beside the store (URLs redacted): its config record (a legacy store: YAML)."""
-    paths = detect(out)
+    paths = out.paths()
     if paths.legacy:
-        save_config(cfg, out / paths.config)
+        save_config(cfg, out.path / paths.config)
     else:
-        write_record(out, paths.config, redact_config(to_dict(cfg)), paths)
+        out.write_record(paths.config, redact_config(to_dict(cfg)), paths)
 
 
 def open_store(
@@ -162,7 +181,8 @@ def open_store(
     for pca the projection is fitted here, before any shard, or taken from the store); other ranks
     take the store's.
     """
-    out = Path(cfg.out)
+    dest = Dest(cfg.out)
+    out = dest.path if dest.local else cfg.out  # a local Path, or the URL (no local staging copy)
     keys, labels, plan, projection = source.keys(), source.labels(), None, None
     if is_main:
         entry, projection = choose_codec(cfg, source, teacher)
@@ -185,10 +205,10 @@ def open_store(
         log.info(
             "store %s: %d images x %d views, teacher %s (dim %d, %d tokens, %s) -> about %s before compression "
             "(float16 embeddings compress only ~1.15x)",
-            out, len(keys), layout.stored_views, teacher.name, layout.dim,
+            dest, len(keys), layout.stored_views, teacher.name, layout.dim,
             layout.num_tokens if layout.tokens else 0, entry["name"], human_bytes(estimate),
         )  # fmt: skip
-        if not (cfg.overwrite is False and (out / detect(out).manifest).exists()):
+        if dest.local and not (cfg.overwrite is False and dest.exists(dest.paths().manifest)):
             check_free_disk(out, estimate)
         if plan is not None:
             writer = open_append(plan)
@@ -196,7 +216,7 @@ def open_store(
             writer = StoreWriter.open(
                 out, identity, layout, overwrite=cfg.overwrite, create=True, projection=projection
             )
-        _save_config(cfg, out)
+        _save_config(cfg, dest)
         if entry["name"] == "pca" and layout.tokens:
             barrier()  # the other ranks wait for the projection above
     barrier()

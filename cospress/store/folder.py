@@ -13,6 +13,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from cospress.errors import StoreError
+from cospress.store.dest import Dest
 from cospress.store.layout import DTYPES
 from cospress.store.records import LEGACY, NEW
 from cospress.store.schema import FORMAT_NAME
@@ -47,15 +48,40 @@ def looks_like_store(path: Path) -> bool:
         return False
 
 
-def create_group(p: Path) -> None:
+def create_group(p: Dest) -> None:
     """The store's root Zarr group (written first: a folder holding it is a store being created)."""
-    if not (p / "zarr.json").exists():
-        zarr.create_group(store=zarr.storage.LocalStore(p), zarr_format=3, attributes={"format": FORMAT_NAME})
+    if not p.exists("zarr.json"):
+        zarr.create_group(store=p.zarr_store(), zarr_format=3, attributes={"format": FORMAT_NAME})
 
 
-def prepare_folder(p: Path, overwrite: bool) -> None:
+def _remote_is_store(p: Dest) -> bool:
+    if any(p.exists(key) for key in (NEW.identity, NEW.manifest)):
+        return True
+    try:
+        return json.loads(p.read_bytes("zarr.json"))["attributes"]["format"] == FORMAT_NAME
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _prepare_remote(p: Dest, overwrite: bool) -> None:
+    """A URL: refuse a prefix holding other objects; ``overwrite`` deletes the store under it."""
+    if not p.names(""):
+        return
+    if not _remote_is_store(p):
+        raise StoreError(f"{p} holds objects and is not a cospress store; choose another store URL")
+    if overwrite:
+        log.info("overwrite: deleting the existing store at %s", p)
+        p.fs.rm(p.base, recursive=True)
+        p.refresh()
+
+
+def prepare_folder(dest: Dest, overwrite: bool) -> None:
     """Refuse a path that is a file or a non-empty folder that is not a store; ``overwrite``
     deletes an existing store (never a folder that is not one)."""
+    if not dest.local:
+        _prepare_remote(dest, overwrite)
+        return
+    p = dest.path
     if p.exists() and not p.is_dir():
         raise StoreError(f"{p} is a file, not a store folder; choose another store path")
     if overwrite and p.exists() and any(p.iterdir()):

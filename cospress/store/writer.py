@@ -21,15 +21,16 @@ import cospress
 from cospress.errors import StoreError
 from cospress.store import manifest as mf
 from cospress.store.codecs import Projection, decode_tokens, encode_tokens
+from cospress.store.dest import Dest
 from cospress.store.fidelity import codec_fidelity, sample_views
 from cospress.store.folder import compressor, create_group, looks_like_store, prepare_folder
 from cospress.store.layout import DTYPES, FILL_VALUES, StoreLayout, array_chunks
 from cospress.store.metadata import array_encoding, metadata_files
 from cospress.store.projection import read_projection, write_projection
-from cospress.store.records import NEW, StorePaths, detect, read_record, remove_record, write_record
+from cospress.store.records import NEW, StorePaths
 from cospress.store.schema import check_schema_version
-from cospress.store.shardio import ShardLayout, encode_shard, write_shard_file
-from cospress.utils import keys_sha256, sha256_file
+from cospress.store.shardio import ShardLayout, encode_shard
+from cospress.utils import keys_sha256
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,16 @@ _looks_like_store = looks_like_store  # its old name here (store/wds_io.py impor
 
 
 class StoreWriter:
-    """Writes one store at a local path. Use `StoreWriter.open`, not the constructor."""
+    """Writes one store at a local path or an fsspec URL (`cospress.store.dest.Dest`). Use
+    `StoreWriter.open`, not the constructor."""
 
     def __init__(
-        self, path: Path, identity: dict, arrays: dict[str, zarr.Array], projection: Projection | None = None,
+        self, dest: Dest, identity: dict, arrays: dict[str, zarr.Array], projection: Projection | None = None,
         paths: StorePaths = NEW,
     ):  # fmt: skip
-        self.path = path
+        self.dest = dest
+        self.path = dest.path if dest.local else dest.url  # a Path for a local store
+        self._manifest_removed = False
         self.paths = paths  # where its records are: the 2.0 layout, or a legacy store's own
         self.identity = identity
         self.arrays = arrays
@@ -83,16 +87,20 @@ class StoreWriter:
                 "a store needs at least one row and shard size >= 1 "
                 f"(got {layout.num_rows}, {layout.shard_size})"
             )
-        p = Path(path)
+        p = Dest(path)
+        if not p.local and layout.tokens and layout.token_codec == "pca":
+            raise StoreError(
+                f"a pca store is written to a local folder, not {p}: extract it there, then publish it"
+            )
         if create:
             prepare_folder(p, overwrite)
-        paths = detect(p)
+        paths = p.paths()
         full = mf.full_identity(identity, layout, paths.schema_version)
-        if create and not (p / paths.identity).exists():
+        if create and not p.exists(paths.identity):
             create_group(p)
             if layout.tokens and layout.token_codec == "pca":
-                write_projection(p, full, projection)
-            write_record(p, paths.identity, full, paths)
+                write_projection(p.path, full, projection)
+            p.write_record(paths.identity, full, paths)
         stored = cls._read_identity(p, paths)
         check_schema_version(stored.get("schema_version"), str(p))
         diff = mf.identity_diff(stored, full)
@@ -103,14 +111,16 @@ class StoreWriter:
             )
         arrays = cls._open_arrays(p, full, create=create)
         layout = StoreLayout.from_manifest(full)
-        proj = read_projection(p, full, str(p)) if layout.tokens and layout.token_codec == "pca" else None
+        pca = layout.tokens and layout.token_codec == "pca"
+        proj = read_projection(p.path, full, str(p)) if pca else None
         return cls(p, full, arrays, proj, paths)
 
     @staticmethod
-    def _read_identity(p: Path, paths: StorePaths | None = None) -> dict:
-        paths = paths or detect(p)
+    def _read_identity(p: Path | Dest, paths: StorePaths | None = None) -> dict:
+        p = p if isinstance(p, Dest) else Dest(p)
+        paths = paths or p.paths()
         try:
-            return read_record(p, paths.identity)
+            return p.read_record(paths.identity)
         except FileNotFoundError:
             raise StoreError(
                 f"{p} has no {paths.identity}: the store was not created; run rank 0 with create=True first"
@@ -121,16 +131,16 @@ class StoreWriter:
             ) from None
 
     @staticmethod
-    def _open_arrays(p: Path, ident: dict, *, create: bool) -> dict[str, zarr.Array]:
-        store = zarr.storage.LocalStore(p)
-        if not (p / "zarr.json").exists():
+    def _open_arrays(p: Dest, ident: dict, *, create: bool) -> dict[str, zarr.Array]:
+        store = p.zarr_store()
+        if not p.exists("zarr.json"):
             if not create:
                 raise StoreError(f"{p} has no zarr group yet; rank 0 must create the store first")
             create_group(p)
         layout = StoreLayout.from_manifest(ident)
         arrays = {}
         for name, shape in ident["shapes"].items():
-            if (p / name / "zarr.json").exists():
+            if p.exists(f"{name}/zarr.json"):
                 arrays[name] = zarr.open_array(store=store, path=name, mode="r+", config=_CONFIG)
                 if list(arrays[name].shape) != shape:
                     raise StoreError(
@@ -166,27 +176,18 @@ class StoreWriter:
 
     def _read_commit(self, shard: int) -> dict | None:
         try:
-            return read_record(self.path, self.paths.commit(shard))
+            return self.dest.read_record(self.paths.commit(shard))
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
     def committed_shards(self) -> set[int]:
         """Shards whose commit file is present and whose shard files all exist."""
-        out: set[int] = set()
-        commits = self.path / self.paths.commits
-        if not commits.is_dir():
-            return out
-        for entry in commits.iterdir():
-            shard = self.paths.parse_commit(entry.name)
-            if (
-                shard is None
-                or shard >= self.num_shards
-                or not (self.path / self.paths.commit(shard)).is_file()
-            ):
-                continue
-            if all((self.path / f).is_file() for f in self._shard_files(shard).values()):
-                out.add(shard)
-        return out
+        self.dest.refresh()
+        listed = (self.paths.parse_commit(name) for name in self.dest.names(self.paths.commits))
+        shards = sorted(s for s in listed if s is not None and s < self.num_shards)
+        need = {s: [self.paths.commit(s), *self._shard_files(s).values()] for s in shards}
+        present = self.dest.existing([k for keys in need.values() for k in keys])
+        return {s for s, keys in need.items() if present.issuperset(keys)}
 
     def _check(self, name: str, value: Any, n: int) -> np.ndarray:
         shape = [n, *self.identity["shapes"][name][1:]]
@@ -227,7 +228,7 @@ class StoreWriter:
         """
         if shard < self.protected_shards:
             raise StoreError(
-                f"shard {shard} of {self.path} is published in its manifest; an append never rewrites it"
+                f"shard {shard} of {self.dest} is published in its manifest; an append never rewrites it"
             )
         start, stop = self.shard_rows(shard)
         n = stop - start
@@ -235,9 +236,10 @@ class StoreWriter:
         fidelity = self._add_tokens(data, tokens, token_scale)
         checked = {name: self._check(name, value, n) for name, value in data.items()}
         commit_key = self.paths.commit(shard)
-        remove_record(self.path, commit_key, self.paths)
-        if not self.protected_shards:  # an append keeps the old manifest until the new one replaces it
-            remove_record(self.path, self.paths.manifest, self.paths)
+        self.dest.remove_record(commit_key, self.paths)
+        if not self.protected_shards and not self._manifest_removed:  # an append keeps the old manifest
+            self.dest.remove_record(self.paths.manifest, self.paths)  # until the new one replaces it
+            self._manifest_removed = True
         files = self._shard_files(shard)
         sha = {
             name: self._write_array_shard(name, files[name], start, stop, value)
@@ -257,7 +259,7 @@ class StoreWriter:
         }
         if fidelity is not None:
             commit["fidelity"] = fidelity
-        write_record(self.path, commit_key, commit, self.paths)
+        self.dest.write_record(commit_key, commit, self.paths)
         log.debug("committed shard %d (rows %d-%d, %d valid)", shard, start, stop, n_valid)
         return commit
 
@@ -310,13 +312,12 @@ class StoreWriter:
         shard); others go through zarr. Nothing here lists a folder: the cost of a shard does not
         grow with the shards already written.
         """
-        path = self.path / key
         layout = self.layouts[name]
         if layout is None:
             self.arrays[name][start:stop] = value  # one assignment per shard: its file is written once
-            return sha256_file(path)
+            return self.dest.sha256(key)
         data = encode_shard(layout, value)
-        write_shard_file(path, data)
+        self.dest.write_bytes(key, data)
         return hashlib.sha256(data).hexdigest()
 
     def finalize(self, extra: dict | None = None) -> dict:
@@ -325,7 +326,7 @@ class StoreWriter:
         missing = sorted(set(range(self.num_shards)) - done)
         if missing:
             raise StoreError(
-                f"{self.path}: {len(missing)} of {self.num_shards} shards are not committed "
+                f"{self.dest}: {len(missing)} of {self.num_shards} shards are not committed "
                 f"({mf.format_ranges(missing)}); rerun extract-teacher to finish them"
             )
         commits = []
@@ -333,22 +334,23 @@ class StoreWriter:
             commit = self._read_commit(shard)
             if commit is None:
                 raise StoreError(
-                    f"{self.path}/{self.paths.commit(shard)} is unreadable; rerun extract-teacher"
+                    f"{self.dest}/{self.paths.commit(shard)} is unreadable; rerun extract-teacher"
                 )
             commits.append(commit)
         keys = [str(k) for k in self.arrays["keys"][:]]
         manifest = mf.build_manifest(self.identity, commits, extra, cospress.__version__)
         manifest["keys_sha256"] = keys_sha256(keys)
         manifest["arrays"] = {
-            name: array_encoding(json.loads((self.path / name / "zarr.json").read_text()))
+            name: array_encoding(json.loads(self.dest.read_bytes(f"{name}/zarr.json")))
             for name in self.identity["shapes"]
         }
         files = metadata_files(manifest, self.paths.commit, self.paths.identity)
-        manifest["metadata_sha256"] = {rel: sha256_file(self.path / rel) for rel in files}
-        write_record(self.path, self.paths.manifest, manifest, self.paths)
+        manifest["metadata_sha256"] = {rel: self.dest.sha256(rel) for rel in files}
+        self.dest.write_record(self.paths.manifest, manifest, self.paths)
+        self._manifest_removed = False
         log.info(
             "store complete: %s (%d rows, %d skipped)",
-            self.path,
+            self.dest,
             manifest["counts"]["rows"],
             len(manifest["skipped"]),
         )
