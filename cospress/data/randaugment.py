@@ -251,13 +251,22 @@ def _geometric(y: torch.Tensor, names: list[str], values: list[float]) -> torch.
     n, _, size, _ = y.shape
     a = _affine(names, values)  # [n, 2, 3] in [0, 1] coordinates -> the same map in grid_sample's [-1, 1]
     theta = torch.cat([a[:, :, :2], a[:, :, :2].sum(2, keepdim=True) + 2 * a[:, :, 2:] - 1], 2)
-    grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)  # float64, pixel centres
-    inside = ((grid >= -1) & (grid < 1)).all(-1).unsqueeze(1).to(y.device)  # PIL: outside -> the fill
+    # the grid is built where the pixels are (float64, pixel centres): only theta (n x 48 bytes) is copied
+    grid = F.affine_grid(to_device(theta, y.device), [n, 1, size, size], align_corners=False)
+    inside = ((grid >= -1) & (grid < 1)).all(-1).unsqueeze(1)  # PIL: outside -> the fill
     warped = F.grid_sample(
-        y, grid.to(y.device, torch.float32), mode="bilinear", padding_mode="border", align_corners=False
+        y, grid.to(torch.float32), mode="bilinear", padding_mode="border", align_corners=False
     )
-    fill = torch.tensor(FILL, dtype=y.dtype, device=y.device).view(1, 3, 1, 1)
+    fill = torch.stack([y.new_full((), float(v)) for v in FILL]).view(1, 3, 1, 1)  # filled there: no copy
     return torch.where(inside, _trunc(warped), fill)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``: on CUDA through pinned memory without blocking (a pageable
+    ``.to(device)`` is a copy plus a wait for the stream); elsewhere ``t.to(device)``."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def apply_rand_augment(x: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
@@ -269,12 +278,13 @@ def apply_rand_augment(x: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
         return x
     vals = ops[:, 1::2].to(torch.float64)
     rows = torch.nonzero((op_ids > 0).any(1)).flatten()
-    y = x[rows.to(x.device)].mul(255.0).round_()
+    rows_dev = to_device(rows, x.device)
+    y = x[rows_dev].mul(255.0).round_()
     sub_ids, sub_vals = op_ids[rows], vals[rows]
     for slot in range(RA_SLOTS):
         geo = [i for i in range(len(rows)) if 0 < sub_ids[i, slot] and OPS[sub_ids[i, slot] - 1] in GEOMETRIC]
         if geo:
-            idx = torch.tensor(geo, device=x.device)
+            idx = to_device(torch.tensor(geo), x.device)
             names = [OPS[int(sub_ids[i, slot]) - 1] for i in geo]
             y.index_copy_(0, idx, _geometric(y[idx], names, [float(sub_vals[i, slot]) for i in geo]))
         for op in sorted(set(sub_ids[:, slot].tolist()) - {0}):
@@ -282,9 +292,9 @@ def apply_rand_augment(x: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
             if name in GEOMETRIC:
                 continue
             sel = torch.nonzero(sub_ids[:, slot] == op).flatten()
-            idx = sel.to(x.device)
-            v = sub_vals[sel, slot].to(x.device, torch.float32)
+            idx = to_device(sel, x.device)
+            v = to_device(sub_vals[sel, slot].to(torch.float32), x.device)
             y.index_copy_(0, idx, _POINTWISE[name](y[idx], v))
     out = x.clone()
-    out.index_copy_(0, rows.to(x.device), y.div_(255.0))
+    out.index_copy_(0, rows_dev, y.div_(255.0))
     return out

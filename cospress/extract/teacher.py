@@ -38,13 +38,25 @@ class TeacherPass:
     teacher: float = 0.0
 
 
+def _batch(images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The views of a batch as one tensor on ``device``. Host views bound for CUDA (pinned by the
+    DataLoader) are concatenated into pinned memory, so the copy does not block: ``torch.cat`` of
+    pinned tensors returns pageable memory, whose copy waits for the stream."""
+    if device.type != "cuda" or images[0].device.type == "cuda":
+        return torch.cat(images).to(device, non_blocking=True)
+    host = torch.empty(
+        (sum(len(im) for im in images), *images[0].shape[1:]), dtype=images[0].dtype, pin_memory=True
+    )
+    return torch.cat(images, out=host).to(device, non_blocking=True)
+
+
 def _features(
     teacher: Any, images: list[torch.Tensor], tokens: bool, device: torch.device, amp: torch.dtype | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The teacher's float16 cls [n, V, D] and tokens [n, V, T, D] (None unless ``tokens``) of n
     images' views, each uint8 [V, 3, S, S], on ``device`` (the host copy is :class:`HostCopies`'s)."""
     n, v = len(images), len(images[0])
-    x = torch.cat(images).to(device, non_blocking=True)
+    x = _batch(images, device)
     with torch.inference_mode(), autocast(device, amp):
         feats = teacher(x)
     cls = feats.cls.to(torch.float16).reshape(n, v, -1)
