@@ -82,10 +82,10 @@ def verify_cmd(cfg: VerifyConfig) -> None:
         bad = reader.verify()
     if bad:
         for b in bad:
-            what = f"shard {b['shard']} array {b['array']}" if b.get("shard") is not None else b["file"]
+            what = f"{b['file']} (shard {b['shard']})" if b.get("shard") is not None else b["file"]
+            got = "the file is missing" if b.get("actual") is None else f"got {str(b['actual'])[:12]}..."
             console.print(
-                f"[red]corrupted[/] {what}: "
-                f"expected sha256 {str(b.get('expected'))[:12]}..., got {str(b.get('actual'))[:12]}..."
+                f"[red]corrupted[/] {what}: expected sha256 {str(b.get('expected'))[:12]}..., {got}"
             )
         console.print(f"[bold red]verify failed:[/] {len(bad)} corrupted file(s) in {reader.display}")
         raise typer.Exit(1)

@@ -145,7 +145,7 @@ def test_verify_over_http_finds_a_flipped_byte_and_refuses_a_partial_upload(stor
     proc = run_cli("verify", f"{base}/flipped", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     text = " ".join(proc.stderr.split())
-    assert "corrupted shard 2 array tokens" in text and "verify failed: 1 corrupted" in text
+    assert "corrupted tokens/c/2/0/0/0 (shard 2)" in text and "verify failed: 1 corrupted" in text
     (copy / mf.MANIFEST_FILE).unlink()  # as if the upload stopped before its last file
     line = error_line(run_cli("verify", f"{base}/flipped", check=False))
     assert "has no manifest" in line and "finish the upload" in line

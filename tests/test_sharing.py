@@ -522,7 +522,7 @@ def test_cli_verify_detects_a_flipped_byte_in_any_shard(tmp_path):
     rel = f.relative_to(tmp_path / "s").as_posix().split("/")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     text = " ".join(proc.stderr.split())
-    assert f"corrupted shard {rel[2]} array {rel[0]}" in text and "verify failed: 1 corrupted" in text
+    assert f"corrupted {'/'.join(rel)} (shard {rel[2]})" in text and "verify failed: 1 corrupted" in text
 
 
 def test_partial_store_and_malformed_manifest_are_one_line_errors(tmp_path):

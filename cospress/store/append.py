@@ -22,7 +22,7 @@ from cospress.store.layout import StoreLayout
 from cospress.store.reader import StoreReader
 from cospress.store.records import detect, remove_record, write_record
 from cospress.store.writer import StoreWriter
-from cospress.utils import atomic_write_json
+from cospress.utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,10 @@ def plan_append(
         parts = list(old_src.get("parts") or [old_src]) + [source_info]
         src = mf.combined_source("append", spec, parts, real_all)
         ident = mf.full_identity({**identity, "source": src}, layout.with_rows(len(keys)), version)
-    ident.pop("class_names", None)
-    if names is not None:
-        ident["class_names"] = names
+    if ident.get("class_names") != names:  # kept in place when unchanged (an undone append: same bytes)
+        ident.pop("class_names", None)
+        if names is not None:
+            ident["class_names"] = names
     return AppendPlan(p, ident, keys, labels, positions, old_rows, old_shards, start)
 
 
@@ -152,7 +153,8 @@ def _resize_array(path: Path, name: str, num_rows: int) -> None:
     meta = json.loads(meta_path.read_text())
     if meta["shape"][0] != num_rows:
         meta["shape"][0] = num_rows
-        atomic_write_json(meta_path, meta)
+        # zarr's own formatting: shrinking back (an undone append) restores the file byte for byte
+        atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
 
 
 def open_append(plan: AppendPlan) -> StoreWriter:

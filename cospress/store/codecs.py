@@ -193,6 +193,9 @@ def decode_tokens(
         return tokens
     if scale is None:
         raise StoreError(f"a {name} store needs token_scale to decode its tokens")
+    from cospress.store.guard import check_scale
+
+    check_scale(scale, "the store")  # NaN, inf or a negative scale: refused, never decoded
     x = dequantize(tokens, scale)
     if name == "pca":
         if projection is None:

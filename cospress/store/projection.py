@@ -56,20 +56,24 @@ def read_projection(store: Any, identity: dict, where: str) -> Projection:
     codec = identity.get("token_codec") or {}
     if not isinstance(store, zarr.abc.store.Store):
         store = zarr.storage.LocalStore(store, read_only=True)
+    dim, comps = int(identity["dim"]), int(codec.get("components", -1))
     try:
-        mean = np.asarray(zarr.open_array(store=store, path=f"{GROUP}/mean", mode="r")[...], np.float32)
-        basis = np.asarray(zarr.open_array(store=store, path=f"{GROUP}/basis", mode="r")[...], np.float32)
+        arrays = [
+            zarr.open_array(store=store, path=f"{GROUP}/{name}", mode="r") for name in ("mean", "basis")
+        ]
+        shapes = [(dim,), (comps, dim)]  # checked before reading: never a crafted size
+        if any(a.shape != want or a.chunks != want for a, want in zip(arrays, shapes, strict=True)):
+            raise StoreError(
+                f"{where}: {GROUP}/ has shapes {list(arrays[0].shape)[:4]} and {list(arrays[1].shape)[:4]}, not the "
+                f"identity's [{dim}] and [{comps}, {dim}]; the store was changed: re-extract or re-upload it"
+            )
+        mean, basis = (np.asarray(a[...], np.float32) for a in arrays)
     except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
         raise StoreError(
             f"{where}: the pca projection ({GROUP}/) cannot be read ({type(e).__name__}); "
             "the store is incomplete or corrupted: re-extract or re-upload it"
         ) from None
     proj = Projection(mean, basis)
-    dim = int(identity["dim"])
-    if basis.shape != (int(codec.get("components", -1)), dim) or mean.shape != (dim,):
-        raise StoreError(
-            f"{where}: {GROUP}/ has shape {list(basis.shape)}, not the identity's; re-extract the store"
-        )
     if proj.sha256() != codec.get("projection_sha256"):
         raise StoreError(
             f"{where}: {GROUP}/ does not match the projection_sha256 of the store's identity; "

@@ -8,7 +8,6 @@ local copy of the shard files a remote read touched.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from cospress.store import manifest as mf
 from cospress.store import records
 from cospress.store.checks import ReaderChecks
 from cospress.store.codecs import decode_tokens
+from cospress.store.guard import GuardedStore, check_local_sizes, check_scale, chunk_spec
 from cospress.store.layout import StoreLayout
 from cospress.store.metadata import check_array
 from cospress.store.projection import read_projection
@@ -93,6 +93,7 @@ class StoreReader(ReaderChecks):
         self._keys: list[str] | None = None
         self._cols: tuple[np.ndarray, np.ndarray] | None = None
         self._projection: Any = None
+        self._specs: dict[str, Any] = {}
         self.base_views = self.stored_views  # the views of this store's own arrays
         self.extensions: list[Any] = []
         from cospress.store.extensions import open_extensions
@@ -146,17 +147,19 @@ class StoreReader(ReaderChecks):
         )
 
     def _zarr_store(self) -> Any:
+        """The store's files as a read-only zarr store, behind the checks of
+        `cospress.store.guard.GuardedStore` (and the verified cache of ``cache_dir``)."""
         if is_local(self.url):
-            return zarr.storage.LocalStore(self._root, read_only=True)
+            return GuardedStore(
+                zarr.storage.LocalStore(self._root, read_only=True), self.display, self._root, self._specs
+            )
         store = zarr.storage.FsspecStore.from_url(
             self.url, storage_options=with_timeouts(self.url, self.storage_options), read_only=True
         )
         store = RetryingStore(store, self.display)  # transient failures retried (cospress.netio)
-        if self.cache_dir is None:
-            return store
-        # Cache under the manifest's hash, so a re-extracted store never serves stale bytes.
-        tag = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
-        return FileCacheStore(store, os.path.join(self.cache_dir, tag))
+        if self.cache_dir is not None:
+            store = FileCacheStore(store, self.cache_dir, self._fs, self._root, self.manifest, self.display)
+        return GuardedStore(store, self.display, None, self._specs)
 
     @property
     def _arrays(self) -> dict[str, zarr.Array]:
@@ -168,16 +171,21 @@ class StoreReader(ReaderChecks):
 
     def _open_arrays(self) -> dict[str, zarr.Array]:
         store = self._zarr_store()
-        try:
-            arrays = {
-                name: zarr.open_array(store=store, path=name, mode="r") for name in self.manifest["shapes"]
-            }
-        except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
-            raise StoreError(
-                f"{self.display}: an array cannot be opened ({type(e).__name__}: {e}); the store is corrupted: re-extract or re-upload it"
-            ) from None
+        arrays = {}
+        for name in self.manifest["shapes"]:
+            try:
+                arrays[name] = zarr.open_array(store=store, path=name, mode="r")
+            except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
+                raise StoreError(
+                    f"{self.display}: {name}/zarr.json cannot be opened ({type(e).__name__}: {str(e)[:120]}); "
+                    "the store is corrupted: re-extract or re-upload it"
+                ) from None
         for name, arr in arrays.items():  # dtype, shape and codecs as the manifest says
-            check_array(name, arr.metadata.to_dict(), self.manifest, self.display)
+            meta = arr.metadata.to_dict()
+            check_array(name, meta, self.manifest, self.display)
+            self._specs[name] = chunk_spec(name, meta, self.display)
+        if is_local(self.url):
+            check_local_sizes(self.manifest, self._root, self.display)
         return arrays
 
     # ---- whole-store columns ------------------------------------------------------------------
@@ -205,6 +213,7 @@ class StoreReader(ReaderChecks):
 
     # ---- rows ---------------------------------------------------------------------------------
     def _rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        self._arrays  # noqa: B018 - the store's files checked before anything sized by its manifest is built
         r = np.asarray(rows, dtype=np.int64).reshape(-1)
         if r.size and (r.min() < 0 or r.max() >= self.num_rows):
             raise StoreError(f"row index out of range: the store has {self.num_rows} rows")
@@ -284,6 +293,8 @@ class StoreReader(ReaderChecks):
 
     def _tokens(self, stored: np.ndarray, scale: np.ndarray | None, raw: bool) -> tuple[Any, Any]:
         """(tokens, token_scale) as `read_rows` returns them: decoded float16 unless ``raw``."""
+        if scale is not None:
+            check_scale(scale, self.display)
         if raw or not self._lossy:
             return stored, scale
         return decode_tokens(self.layout.token_codec, stored, scale, self.projection), None
@@ -314,7 +325,9 @@ class StoreReader(ReaderChecks):
             layout = None
             if is_local(self.url):
                 layout = ShardLayout.from_metadata(self._arrays[name].metadata.to_dict())
-            self._direct[name] = ShardFileReader(Path(self._root) / name, layout) if layout else None
+            self._direct[name] = (
+                ShardFileReader(Path(self._root) / name, layout, self.display) if layout else None
+            )
         return self._direct[name]
 
     def _gather(self, name: str, selections: list[tuple[int, ...]], batch: int = 1024) -> np.ndarray:

@@ -10,6 +10,7 @@ from typing import Any
 
 from cospress.errors import StoreError
 from cospress.store.codecs import CODEC_NAMES
+from cospress.store.guard import check_declared, safe_key
 from cospress.store.layout import StoreLayout
 
 # 1.1: appended stores (padding rows, counts.padding).
@@ -96,6 +97,7 @@ def _check_layout(doc: dict) -> None:
         raise ValueError(f"'shapes' {shorten(doc['shapes'])} do not match the layout fields")
     if doc["dtypes"] != expected["dtypes"]:
         raise ValueError(f"'dtypes' {shorten(doc['dtypes'])} are not the store's dtypes")
+    check_declared(doc)  # sizes bounded before a reader allocates anything
 
 
 def _check_shards(doc: dict) -> None:
@@ -121,6 +123,9 @@ def _check_shards(doc: dict) -> None:
             isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in entry["sha256"].values()
         ):
             raise ValueError(f"shards[{i}].'sha256' must hold one hex sha256 per array")
+        files = entry.get("files", {})
+        if not isinstance(files, dict) or not all(safe_key(f) for f in files.values()):
+            raise ValueError(f"shards[{i}].'files' {shorten(files)} names a path outside the store")
 
 
 def _is_int(v: Any, low: int = 0) -> bool:
@@ -199,6 +204,9 @@ def _check_manifest_extras(doc: dict) -> None:
     hashes = doc.get("metadata_sha256", {})
     if not isinstance(hashes, dict) or not all(isinstance(k, str) and _is_hex(h) for k, h in hashes.items()):
         raise ValueError("'metadata_sha256' must map file names to hex sha256s")
+    outside = [k for k in hashes if not safe_key(k)]
+    if outside:  # never read a file outside the store (`..`, an absolute path, /dev/zero)
+        raise ValueError(f"'metadata_sha256' names {outside[0][:80]!r}, a path outside the store")
     arrays = doc.get("arrays")
     if arrays is not None and (
         not isinstance(arrays, dict)

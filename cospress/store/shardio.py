@@ -34,6 +34,7 @@ import numpy as np
 from numcodecs import Blosc
 
 from cospress.errors import StoreError
+from cospress.store.guard import ChunkSpec, blosc_problem
 
 __all__ = ["ShardLayout", "ShardFileReader", "ShardBlob", "encode_shard", "write_shard_file"]
 
@@ -167,9 +168,13 @@ class ShardFileReader:
     cached indexes stay valid for the life of a reader. Safe to share between threads.
     """
 
-    def __init__(self, array_dir: str | os.PathLike, layout: ShardLayout, max_open: int = 16) -> None:
+    def __init__(
+        self, array_dir: str | os.PathLike, layout: ShardLayout, where: str | None = None, max_open: int = 16
+    ) -> None:
         self.dir = Path(array_dir)
         self.layout = layout
+        self.where = where or str(self.dir.parent)
+        self.chunk_nbytes = int(np.prod(layout.chunk)) * layout.dtype.itemsize
         self.codec = layout.codec()
         self.max_open = max_open
         self._files: OrderedDict[tuple[int, ...], tuple[int, np.ndarray]] = OrderedDict()
@@ -188,10 +193,10 @@ class ShardFileReader:
             pass
 
     def __getstate__(self) -> dict:  # file handles do not cross process boundaries
-        return {"dir": self.dir, "layout": self.layout, "max_open": self.max_open}
+        return {"dir": self.dir, "layout": self.layout, "where": self.where, "max_open": self.max_open}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["dir"], state["layout"], state["max_open"])
+        self.__init__(state["dir"], state["layout"], state["where"], state["max_open"])
 
     def _open(self, shard: tuple[int, ...]) -> tuple[int, np.ndarray]:
         with self._lock:
@@ -215,6 +220,12 @@ class ShardFileReader:
             os.close(fd)
             raise StoreError(
                 f"the index of shard file {path} is corrupted; run `cospress verify` on the store"
+            )
+        problem = ChunkSpec("", "blosc", self.chunk_nbytes, len(body) // 16).index_problem(raw, size)
+        if problem:
+            os.close(fd)
+            raise StoreError(
+                f"{self.where}: shard file {path} is corrupted: {problem}; run `cospress verify` on the store"
             )
         index = np.frombuffer(body, "<u8").reshape(*self.layout.grid, 2)
         with self._lock:
@@ -246,6 +257,11 @@ class ShardFileReader:
 
     def _decode(self, raw: bytes, shard: tuple[int, ...]) -> np.ndarray:
         lay = self.layout
+        problem = blosc_problem(raw, self.chunk_nbytes)  # before blosc allocates what its header claims
+        if problem:
+            raise StoreError(
+                f"{self.where}: shard file {self._name(shard)} is corrupted: {problem}; run `cospress verify` on the store"
+            )
         try:
             out = np.frombuffer(self.codec.decode(raw), dtype=lay.dtype)
             return out.reshape(lay.chunk)
@@ -286,8 +302,11 @@ class ShardFileReader:
         blob = os.pread(fd, size, 0)
         if len(blob) != size:
             raise StoreError(f"shard file {self._name(key)} is truncated; run `cospress verify` on the store")
-        out = np.empty(lay.shard, dtype=lay.dtype)
+        rows = max(0, min(rows, lay.shard[0]))
+        out = np.empty((-(-rows // lay.chunk[0]) * lay.chunk[0], *lay.shard[1:]), dtype=lay.dtype)
         for local in product(*(range(g) for g in lay.grid)):
+            if local[0] * lay.chunk[0] >= rows:  # past the rows asked for: never allocated nor read
+                continue
             offset, nbytes = (int(v) for v in index[local])
             sel = tuple(slice(c * k, (c + 1) * k) for c, k in zip(local, lay.chunk, strict=True))
             if offset == int(_EMPTY):
@@ -317,6 +336,10 @@ class ShardBlob:
             raise StoreError(
                 f"the index of shard file {name} is corrupted; run `cospress verify` on the store"
             )
+        self.chunk_nbytes = int(np.prod(layout.chunk)) * layout.dtype.itemsize
+        problem = ChunkSpec("", "blosc", self.chunk_nbytes, len(body) // 16).index_problem(raw, len(blob))
+        if problem:
+            raise StoreError(f"shard file {name} is corrupted: {problem}; run `cospress verify` on the store")
         self.index = np.frombuffer(body, "<u8").reshape(*layout.grid, 2)
         self.codec = layout.codec()
 
@@ -335,6 +358,11 @@ class ShardBlob:
             return np.full(shape, lay.fill_value, dtype=lay.dtype)
         if offset + nbytes > len(self.blob) - lay.index_nbytes():
             raise StoreError(f"shard file {self.name} is truncated; run `cospress verify` on the store")
+        problem = blosc_problem(memoryview(self.blob)[offset : offset + nbytes], self.chunk_nbytes)
+        if problem:
+            raise StoreError(
+                f"shard file {self.name} is corrupted: {problem}; run `cospress verify` on the store"
+            )
         try:
             out = np.frombuffer(self.codec.decode(memoryview(self.blob)[offset : offset + nbytes]), lay.dtype)
             return out.reshape(shape)
