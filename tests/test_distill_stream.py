@@ -48,12 +48,16 @@ def _weights(out: Path) -> dict:
 
 def test_auto_streams_a_url_and_reads_a_small_local_store_at_random(local):
     store = StoreReader(local[0])
-    cfg = SimpleNamespace(reader="auto", store=local[0])
-    assert choose_reader(cfg, store)[0] == "random"
-    assert choose_reader(SimpleNamespace(reader="auto", store="file://" + local[0]), store)[0] == "stream"
-    assert choose_reader(SimpleNamespace(reader="auto", store="s3://b/x"), store)[0] == "stream"
-    assert choose_reader(SimpleNamespace(reader="stream", store=local[0]), store)[0] == "stream"
-    assert choose_reader(SimpleNamespace(reader="random", store="s3://b/x"), store)[0] == "random"
+
+    def mode(reader: str, url: str, cache_dir=None) -> str:
+        return choose_reader(SimpleNamespace(reader=reader, store=url, cache_dir=cache_dir), store)[0]
+
+    assert mode("auto", local[0]) == "random"
+    assert mode("auto", "file://" + local[0]) == "stream"
+    assert mode("auto", "s3://b/x") == "stream"
+    assert mode("auto", "s3://b/x", cache_dir="/tmp/c") == "random"  # read through the cache
+    assert mode("stream", local[0]) == "stream"
+    assert mode("random", "s3://b/x") == "random"
 
 
 def test_a_streamed_run_is_reproducible_and_says_which_reader(local, tmp_path, caplog):
