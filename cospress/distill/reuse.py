@@ -8,7 +8,9 @@ point up to the highest reuse measured). A run planned beyond either gets one wa
 
 Counts are exact: they replay :class:`~cospress.distill.data.BatchPlan` (the epoch order and the R
 views drawn for every row) for up to :data:`COUNTED_ROWS` training rows (all of them in a run with
-fewer), so a resumed run counts the same.
+fewer), so a resumed run counts the same. Under ``--reader stream`` the views of a row are the same
+draw (``choose_views``) but the rows left out of an epoch's last batches follow the stream order, so
+there the counts replay the random-access plan and are exact only up to those few rows.
 """
 
 from __future__ import annotations

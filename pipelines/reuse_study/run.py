@@ -64,8 +64,14 @@ class Study:
         self.a, self.out = a, Path(a.out).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = self.out / "commands.log"
-        self.times_path = self.out / "times.json"
-        self.times = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
+        self.times_path = self.out / a.times  # a second lane running beside the first writes its own file
+        self.times = {}
+        for path in sorted(self.out.glob("times*.json")):  # every lane's wall times
+            self.times.update(json.loads(path.read_text()))
+        self.times = {
+            **self.times,
+            **(json.loads(self.times_path.read_text()) if self.times_path.exists() else {}),
+        }
         self.train_data, self.eval_data = Path(a.data).resolve(), Path(a.eval_data).resolve()
         self.train_src = f"folder:{self.train_data / 'train'}"
         self.bank_src, self.test_src = (
@@ -183,6 +189,7 @@ def main() -> None:
     p.add_argument("--extra-seeds", default="k1:1,online:1", help="arm:seed pairs run after the first seed")
     p.add_argument("--no-online", action="store_true")
     p.add_argument("--write-doc", default=None)
+    p.add_argument("--times", default="times.json", help="wall-time file in OUT (all times*.json are read)")
     a = p.parse_args()
     study = Study(a)
     study.make_data()
