@@ -53,14 +53,22 @@ def test_planner_line_and_recommended_k(monkeypatch):
     warn = ru.reuse_warning(300, 3, 4)  # reuse 225 > the 100 measured
     assert "unmeasured" in warn and "K >= 9" in warn
     monkeypatch.setattr(ru, "LOSS_REUSE", 50.0)
+    monkeypatch.setattr(ru, "SAFE_REUSE", None)
     warn = ru.reuse_warning(300, 3, 10)
     assert "behind online from reuse 50" in warn and "K >= 18" in warn
+    monkeypatch.setattr(ru, "LOSS_REUSE", 100.0)  # a loss measured at 100, none at 33
+    monkeypatch.setattr(ru, "SAFE_REUSE", 100 / 3)
+    assert ru.reuse_warning(100, 1, 3) is None  # reuse 33.3: measured, no loss
+    warn = ru.reuse_warning(100, 1, 2)  # reuse 50: between the two measured points
+    assert "between them is unmeasured" in warn and "K >= 3" in warn
+    assert "behind online from reuse 100" in ru.reuse_warning(100, 1, 1)
     assert "fresh views" in ru.plan_line(100, 2, 3, None)
 
 
 def test_distill_records_reuse_per_epoch_and_warns(tmp_path, caplog, monkeypatch):
     url, _ = make_store(tmp_path, n=16, k=4, shard_size=16)
     monkeypatch.setattr(ru, "MEASURED_REUSE", 1.0)  # 3 epochs x R=2 / 4 views = 1.5 > 1: warns
+    monkeypatch.setattr(ru, "LOSS_REUSE", None)
     with caplog.at_level("INFO"):
         run_distill(
             tiny_cfg(url, tmp_path / "run", epochs=3, batch_size=12, views_per_image=2, val_fraction=0.0)
@@ -106,9 +114,10 @@ def test_online_runs_say_fresh_views(tmp_path, caplog):
 
 
 def test_plan_command_prints_reuse_size_and_the_recommended_k():
+    # the study's numbers: a loss at reuse 100, none at 33.3 -> K >= 900 / 33.3 = 27 for 300 x R=3
     from tests.helpers import run_cli
 
     proc = run_cli("plan", "--images", "1281167", "--views", "4", "--views-per-image", "3", "--epochs", "300")
     out = proc.stdout + proc.stderr  # the table, then the warning line
-    assert "225.0" in out and "recommended K" in out and "9 (reuse <= " in out.replace("\n", " ")
-    assert "GiB" in out and "warning" in out and "--add-views 5" in " ".join(out.split())
+    assert "225.0" in out and "recommended K" in out and "27 (reuse <= 33.3" in out.replace("\n", " ")
+    assert "GiB" in out and "warning" in out and "--add-views 23" in " ".join(out.split())

@@ -215,7 +215,7 @@ def _ms(values: list[float], digits: int, scale: float = 1.0) -> str:
 
 
 def _reuse(r: dict) -> str:
-    return "fresh" if r["reuse"] is None else f"{r['reuse']:g}"
+    return "fresh" if r["reuse"] is None else f"{r['reuse']:.3g}"
 
 
 def table(rows: list[dict], teacher: dict, a: argparse.Namespace) -> str:
@@ -277,7 +277,7 @@ def plot(rows: list[dict], teacher: dict, path: Path) -> None:
         if key != "spearman":
             ax.axhline(teacher[key], color="gray", ls=":", label="teacher")
         ax.set_xscale("log")
-        ax.set_xticks(reuses, [f"{u:g}" for u in reuses])
+        ax.set_xticks(reuses, [f"{u:.3g}" for u in reuses])
         ax.set_xlabel("reuse = epochs x R / K (times each stored view is shown)")
         ax.set_title(label)
     axes[0].legend(fontsize=7)
