@@ -1,5 +1,5 @@
-"""Stage 1 teacher loop: batch k's features come back (pinned, double-buffered on CUDA) and are
-written into their shard's rows once batch k+1's teacher forward is queued."""
+"""Stage 1 teacher loop: batch k's features come back (pinned, double-buffered on CUDA) and leave
+the teacher, to be written into their shard's rows, once batch k+1's teacher forward is queued."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from cospress.data.sources import open_source  # noqa: E402
 from cospress.data.views import PARAM_NAMES  # noqa: E402
 from cospress.extract.config import ExtractConfig  # noqa: E402
 from cospress.extract.reader import ViewDataset, shard_batches  # noqa: E402
-from cospress.extract.teacher import load_teacher, run_teacher  # noqa: E402
+from cospress.extract.teacher import TeacherPass, load_teacher, run_teacher  # noqa: E402
 from cospress.extract.writer import ShardBuffer  # noqa: E402
 from cospress.store import StoreLayout  # noqa: E402
 from tests.helpers import make_image_folder, make_tiny_teacher_weights  # noqa: E402
@@ -29,21 +29,6 @@ DEVICES = [
         marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned copies)"),
     ),
 ]
-
-
-class _RecordingSink:
-    """The two calls run_teacher makes on a ShardSink, into real shard buffers, in order."""
-
-    def __init__(self, layout: StoreLayout, keys: list[str], events: list[str]) -> None:
-        self.layout, self.keys, self.events, self.buffers = layout, keys, events, {}
-
-    def buffer(self, shard: int) -> ShardBuffer:
-        if shard not in self.buffers:
-            self.buffers[shard] = ShardBuffer(self.layout, shard, self.keys, [0] * len(self.keys))
-        return self.buffers[shard]
-
-    def filled(self, shard: int, rows: int) -> None:
-        self.events.append(f"fill{shard}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -69,9 +54,16 @@ def test_batch_k_is_written_after_batch_k_plus_1_is_queued_with_its_own_features
 
     events: list[str] = []
     teacher.register_forward_pre_hook(lambda *_: events.append("forward"))
-    sink = _RecordingSink(layout, source.keys(), events)
-    res = run_teacher(batches, teacher, sink, cfg, dev, None)
-    assert res.done == len(source) and res.skipped == 0
+    buffers: dict[int, ShardBuffer] = {}  # the writer's part (ShardSink.add), without the threads
+    res = TeacherPass()
+    for items, cls, tok in run_teacher(batches, teacher, cfg.tokens, dev, None, res):
+        shard = items[0]["row"] // cfg.shard_size
+        events.append(f"fill{shard}")
+        if shard not in buffers:
+            buffers[shard] = ShardBuffer(layout, shard, source.keys(), [0] * len(source))
+        assert buffers[shard].fill(items, cls, tok) == 0
+        res.done += len(items)
+    assert res.done == len(source) and res.teacher > 0
     shard_of = [f"fill{b[0] // cfg.shard_size}" for b in rows]
     want = ["forward", "forward", shard_of[0]]
     for k in range(2, len(rows)):
@@ -87,7 +79,7 @@ def test_batch_k_is_written_after_batch_k_plus_1_is_queued_with_its_own_features
             tok = f.tokens.to(torch.float16).reshape(len(batch), cfg.stored_views, teacher.num_tokens, -1)
             tok = tok.cpu().numpy()
             for g, it in enumerate(batch):
-                buf = sink.buffers[it["row"] // cfg.shard_size]
+                buf = buffers[it["row"] // cfg.shard_size]
                 i = it["row"] - buf.start
                 assert np.array_equal(buf.cls[i], cls[g]) and np.array_equal(buf.tokens[i], tok[g])
                 assert np.array_equal(buf.views[i], it["params"]) and buf.valid[i] == 1

@@ -1,8 +1,9 @@
 """Stage 1 runner: K augmented views of every image -> teacher -> a sharded Zarr v3 store.
 
-The runner combines the reader (`cospress.extract.reader`: views of each row, in shard-aligned
-batches), the teacher (`cospress.extract.teacher`) and the writer (`cospress.extract.writer`: shard
-buffers written and committed in the background). The work is a list of independent shard ids:
+The runner's loop reads batches (`cospress.extract.reader`: views of each row, in shard-aligned
+batches), runs the teacher on them (`cospress.extract.teacher`, which knows no writer) and hands
+their features to the writer (`cospress.extract.writer`: shard buffers filled, then written and
+committed in the background). The work is a list of independent shard ids:
 each rank (torchrun) owns the shards ``s`` with ``s % world_size == rank``; a finished shard is
 written in one piece and committed atomically, so rerunning the same command skips committed
 shards and completes the rest.
@@ -96,11 +97,14 @@ def _extract(
     )  # fmt: skip
     batches = list(shard_batches(pending, writer.shard_rows, max(1, cfg.batch_size // cfg.stored_views)))
     loader = view_loader(dataset, batches, cfg.workers, pin_memory=ctx.device.type == "cuda")
-    # teacher -> writer
-    t0 = time.perf_counter()
+    # the loop: read -> teacher -> write (batch k leaves the teacher once batch k+1's forward is queued)
+    t0, res = time.perf_counter(), TeacherPass()
     with ShardSink(writer, store.keys, store.labels, cfg.writer_threads) as sink:
-        on_batch = None if progress is None else (lambda done: progress(done, total))
-        res = run_teacher(loader, teacher, sink, cfg, ctx.device, amp, on_batch)
+        for items, cls, tokens in run_teacher(loader, teacher, cfg.tokens, ctx.device, amp, res):
+            res.skipped += sink.add(items, cls, tokens)
+            res.done += len(items)
+            if progress is not None:
+                progress(res.done, total)
     barrier()
     summary = _summary(cfg, ctx, store, res, time.perf_counter() - t0, sink.seconds, mine, pending)
     if ctx.is_main:

@@ -1,10 +1,10 @@
-"""Stage 1 teacher: features of every view of a batch, written into the rows of its shard's buffer."""
+"""Stage 1 teacher: the features of every view of each batch, back on the host (it knows no writer)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,6 @@ import torch
 
 from cospress.data.device_decode import decode_view_items
 from cospress.extract.config import ExtractConfig
-from cospress.extract.writer import ShardBuffer, ShardSink
 from cospress.models.teachers import build_teacher
 from cospress.runtime import autocast
 
@@ -30,7 +29,8 @@ def load_teacher(cfg: ExtractConfig, device: torch.device) -> Any:
 
 @dataclass
 class TeacherPass:
-    """What one rank's pass over its pending shards did (seconds spent reading and in the teacher)."""
+    """What one rank's pass over its pending shards did: images and skipped (counted by the runner),
+    seconds spent reading and in the teacher (counted by `run_teacher`)."""
 
     done: int = 0
     skipped: int = 0
@@ -112,74 +112,45 @@ class HostCopies:
         return [None if t is None else t.numpy() for t in out]
 
 
-def _fill(buf: ShardBuffer, items: list[dict], cls: np.ndarray | None, tok: np.ndarray | None) -> int:
-    """Write a batch's rows into their shard's buffer; returns how many were skipped."""
-    g = skipped = 0
-    for it in items:
-        i = it["row"] - buf.start
-        buf.views[i] = it["params"]
-        if it["images"] is None:
-            buf.skipped.append({"key": buf.keys[i], "reason": it["reason"]})
-            skipped += 1
-            log.warning("skipped %s: %s", buf.keys[i], it["reason"])
-            continue
-        buf.cls[i] = cls[g]
-        if tok is not None:
-            buf.tokens[i] = tok[g]
-        buf.valid[i] = 1
-        g += 1
-    return skipped
-
-
 def run_teacher(
     batches: Iterable[list[dict]],
     teacher: Any,
-    sink: ShardSink,
-    cfg: ExtractConfig,
+    tokens: bool,
     device: torch.device,
     amp: torch.dtype | None,
-    progress: Callable[[int], None] | None = None,
-) -> TeacherPass:
-    """Run the teacher over ``batches`` (of `ViewDataset` items, one shard each) into ``sink``.
+    res: TeacherPass,
+) -> Iterator[tuple[list[dict], np.ndarray | None, np.ndarray | None]]:
+    """Run the teacher over ``batches`` (of `ViewDataset` items, one shard each): yields each batch's
+    items with the float16 cls [n, V, D] and tokens [n, V, T, D] (None unless ``tokens``) of its good
+    images, as numpy (both None when every image of the batch was skipped).
 
-    Batch k's features are copied back (:class:`HostCopies`) and written into its shard's buffer
-    once batch k+1's teacher forward is queued. ``progress(done_images)`` is called after every batch.
+    Batch k is yielded once batch k+1's teacher forward is queued (its features come back meanwhile,
+    :class:`HostCopies`). Seconds spent reading and in the teacher are added to ``res``.
     """
-    res, copies, pending = TeacherPass(), HostCopies(device), None
+    copies, pending = HostCopies(device), None
     t0 = time.perf_counter()
     for items in batches:
         res.reading += time.perf_counter() - t0
         decode_view_items(items, teacher.input_size, device)  # bytes mode: decode + replay here
         good = [it["images"] for it in items if it["images"] is not None]
         t1 = time.perf_counter()
-        feats = _features(teacher, good, cfg.tokens, device, amp) if good else None
+        feats = _features(teacher, good, tokens, device, amp) if good else None
         handle = copies.start(list(feats)) if feats is not None else None
         res.teacher += time.perf_counter() - t1
         if pending is not None:
-            _finish(pending, copies, sink, cfg, res, progress)
+            yield _wait(pending, copies, res)
         pending = (items, handle)
         t0 = time.perf_counter()
     if pending is not None:
-        _finish(pending, copies, sink, cfg, res, progress)
-    return res
+        yield _wait(pending, copies, res)
 
 
-def _finish(
-    pending: tuple[list[dict], Any],
-    copies: HostCopies,
-    sink: ShardSink,
-    cfg: ExtractConfig,
-    res: TeacherPass,
-    progress: Callable[[int], None] | None,
-) -> None:
-    """Wait for a batch's host copies, write its rows into its shard's buffer, count it."""
+def _wait(
+    pending: tuple[list[dict], Any], copies: HostCopies, res: TeacherPass
+) -> tuple[list[dict], np.ndarray | None, np.ndarray | None]:
+    """A batch's items and its features, once their host copies are done."""
     items, handle = pending
     t1 = time.perf_counter()
     cls, tok = copies.wait(handle) if handle is not None else (None, None)
     res.teacher += time.perf_counter() - t1
-    shard = items[0]["row"] // cfg.shard_size
-    res.skipped += _fill(sink.buffer(shard), items, cls, tok)
-    sink.filled(shard, len(items))
-    res.done += len(items)
-    if progress is not None:
-        progress(res.done)
+    return items, cls, tok

@@ -51,6 +51,25 @@ class ShardBuffer:
         self.labels = np.asarray(labels[start:stop], np.int64)
         self.skipped: list[dict[str, str]] = []
 
+    def fill(self, items: list[dict], cls: np.ndarray | None, tok: np.ndarray | None) -> int:
+        """Write a batch's rows (`ViewDataset` items; cls / tok of its good images, in order) into
+        this buffer; returns how many were skipped."""
+        g = skipped = 0
+        for it in items:
+            i = it["row"] - self.start
+            self.views[i] = it["params"]
+            if it["images"] is None:
+                self.skipped.append({"key": self.keys[i], "reason": it["reason"]})
+                skipped += 1
+                log.warning("skipped %s: %s", self.keys[i], it["reason"])
+                continue
+            self.cls[i] = cls[g]
+            if tok is not None:
+                self.tokens[i] = tok[g]
+            self.valid[i] = 1
+            g += 1
+        return skipped
+
     def contents(self) -> dict[str, Any]:
         """The keyword arguments of `StoreWriter.write_shard` for this shard."""
         names = ("cls", "tokens", "views", "keys", "labels", "valid", "skipped")
@@ -92,6 +111,14 @@ class ShardSink:
         self.committed = 0
         self._lock = threading.Lock()
         self._kill_after = _kill_after()
+
+    def add(self, items: list[dict], cls: np.ndarray | None, tok: np.ndarray | None) -> int:
+        """A batch's rows (one shard's: `ShardBuffer.fill`) into that shard's buffer, which goes to the
+        writing threads once full. Returns how many rows were skipped."""
+        shard = items[0]["row"] // self.writer.layout.shard_size
+        skipped = self.buffer(shard).fill(items, cls, tok)
+        self.filled(shard, len(items))
+        return skipped
 
     def buffer(self, shard: int) -> ShardBuffer:
         if shard not in self.buffers:
