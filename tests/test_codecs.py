@@ -116,6 +116,15 @@ def test_codec_names_are_checked_in_one_line():
         ExtractConfig(token_codec="pca", token_fidelity=1.5)
 
 
+def test_the_codec_is_decided_in_one_place():
+    """ExtractConfig.codec: --token-codec, or fp16 with --no-tokens (a pca codec then fits nothing)."""
+    from cospress.extract import ExtractConfig
+
+    assert ExtractConfig(token_codec="pca:8").codec() == parse_codec("pca:8")
+    assert ExtractConfig(token_codec="int8", tokens=False).codec().name == "fp16"
+    assert ExtractConfig(token_codec="pca", tokens=False, out="s3://b/s").codec().name == "fp16"
+
+
 def test_pca_takes_the_fewest_components_that_reach_the_target():
     rng = np.random.default_rng(0)
     x = structured_tokens(rng, (24, 16, 64), rank=10, noise=0.1).astype(np.float32)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from cospress.store import StoreReader
 from cospress.store import manifest as mf
-from cospress.store.records import read_record
+from cospress.store.records import NEW, read_record
 from tests.helpers import cli_env, make_image_folder, make_tiny_teacher_weights, run_cli, torchrun_cli
 from tests.store_helpers import to_legacy
 
@@ -91,6 +91,12 @@ def test_store_complete_and_verifies(reference_store):
     assert sorted(set(g["labels"][...].tolist())) == [0, 1, 2]
     proc = run_cli("verify", str(reference_store))
     assert "ok" in proc.stderr + proc.stdout
+
+
+def test_the_config_is_stored_once_in_its_record(reference_store, images):
+    config = read_record(reference_store, NEW.config)
+    assert config["views"] == 3 and config["data"] == f"folder:{images}"
+    assert set(read_record(reference_store, NEW.manifest)["extra"]) == {"timings"}  # no second copy
 
 
 def test_stored_cls_equals_teacher_on_replayed_views(reference_store, images, weights):

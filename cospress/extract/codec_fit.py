@@ -20,7 +20,7 @@ from cospress.errors import StoreError
 from cospress.extract.config import ExtractConfig
 from cospress.extract.reader import ViewDataset
 from cospress.runtime import autocast, autocast_dtype
-from cospress.store.codecs import Projection, fit_projection, parse_codec
+from cospress.store.codecs import Projection, fit_projection
 from cospress.store.projection import codec_entry, read_projection
 from cospress.store.records import detect, read_record
 from cospress.utils import redact_text
@@ -46,9 +46,9 @@ def stored_codec(out: Path) -> tuple[dict, Projection | None] | None:
 def choose_codec(cfg: ExtractConfig, source: Any, teacher: Any) -> tuple[dict, Projection | None]:
     """The ``token_codec`` entry of this run's identity and, for pca, its projection: the store's own
     when it already has one that this run asks for (resume, append), else fitted now."""
-    spec = parse_codec(cfg.token_codec)
-    if not cfg.tokens or spec.name != "pca":
-        return codec_entry(spec.name if cfg.tokens else "fp16"), None
+    spec = cfg.codec()
+    if spec.name != "pca":
+        return codec_entry(spec.name), None
     have = None if cfg.overwrite else stored_codec(Path(cfg.out))
     if have is not None and have[0].get("name") == "pca":
         if spec.components in (None, have[0].get("components")):

@@ -13,6 +13,7 @@ from cospress.errors import ConfigError
 
 if TYPE_CHECKING:
     from cospress.data.policy import ViewPolicy
+    from cospress.store.codecs import CodecSpec
 
 
 def default_writer_threads() -> int:
@@ -107,7 +108,7 @@ class ExtractConfig:
         if "://" in self.out and not self.out.startswith("file://"):
             if self.append:
                 raise ConfigError("--append works on a local store; append locally, then publish it")
-            if self.tokens and parse_codec(self.token_codec).name == "pca":
+            if self.codec().name == "pca":
                 raise ConfigError(
                     "--token-codec pca writes to a local store; extract locally, then publish it"
                 )
@@ -121,6 +122,13 @@ class ExtractConfig:
     def stored_views(self) -> int:
         """Stored views per image: the K random views, plus the centre view when asked for."""
         return self.views + int(self.center_view)
+
+    def codec(self) -> CodecSpec:
+        """The token codec this run writes: ``--token-codec``, or fp16 with ``--no-tokens`` (the one
+        place that decides it; `codec_fit.choose_codec` fits or reuses a pca projection for it)."""
+        from cospress.store.codecs import parse_codec
+
+        return parse_codec(self.token_codec if self.tokens else "fp16")
 
     def policy(self) -> ViewPolicy:
         from cospress.data.policy import ViewPolicy

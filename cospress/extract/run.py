@@ -16,8 +16,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cospress import __version__
-from cospress.config import to_dict
 from cospress.data.device_decode import resolve_decode
 from cospress.data.sources import open_source
 from cospress.extract.config import ExtractConfig
@@ -109,8 +107,8 @@ def _extract(
     summary = _summary(cfg, ctx, store, res, time.perf_counter() - t0, sink.seconds, mine, pending)
     if ctx.is_main:
         timings = {k: summary[k] for k in _TIMINGS}
-        extra = {"config": to_dict(cfg), "cospress_version": __version__, "timings": timings}
-        summary["manifest"] = manifest = writer.finalize(extra=extra)
+        # the config is stored once, in the store's config record (`writer.open_store`)
+        summary["manifest"] = manifest = writer.finalize(extra={"timings": timings})
         summary["skipped_total"] = len(manifest.get("skipped", []))
         if extending is not None:
             extending.register(manifest)  # the store's extension index, written last

@@ -24,7 +24,6 @@ from cospress.extract.config import ExtractConfig
 from cospress.runtime import barrier
 from cospress.store import StoreLayout, StoreWriter
 from cospress.store.append import open_append, plan_append
-from cospress.store.codecs import parse_codec
 from cospress.store.dest import Dest
 from cospress.store.projection import codec_entry
 from cospress.utils import human_bytes, redact_config
@@ -214,7 +213,7 @@ def open_store(
     if is_main:
         entry, projection = choose_codec(cfg, source, teacher)
     else:
-        name = parse_codec(cfg.token_codec).name if cfg.tokens else "fp16"
+        name = cfg.codec().name
         if name == "pca":
             barrier()  # the main rank fits the projection and creates the store first
             entry = (stored_codec(out) or ({"name": name}, None))[0]
