@@ -123,6 +123,8 @@ def test_the_codec_is_decided_in_one_place():
     assert ExtractConfig(token_codec="pca:8").codec() == parse_codec("pca:8")
     assert ExtractConfig(token_codec="int8", tokens=False).codec().name == "fp16"
     assert ExtractConfig(token_codec="pca", tokens=False, out="s3://b/s").codec().name == "fp16"
+    with pytest.raises(ConfigError, match="local store"):
+        ExtractConfig(token_codec="pca:8", out="s3://b/s")
 
 
 def test_pca_takes_the_fewest_components_that_reach_the_target():
