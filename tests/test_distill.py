@@ -20,6 +20,7 @@ from cospress.distill.data import BatchPlan, choose_views, is_val_key, split_row
 from cospress.errors import ConfigError, CospressError, StoreError  # noqa: E402
 from cospress.store import StoreLayout  # noqa: E402
 from cospress.store import manifest as mf  # noqa: E402
+from cospress.store.records import NEW  # noqa: E402
 from cospress.store.writer import StoreWriter  # noqa: E402
 
 TINY_STUDENT = {"student": "test_vit", "student_size": 32}
@@ -297,16 +298,14 @@ def test_refuses_bad_stores_and_mismatches(store, tmp_path):
         run_distill(tiny_cfg(url, tmp_path / "a", expect_teacher="another-teacher"))
     broken = tmp_path / "nomanifest"
     shutil.copytree(url, broken)
-    (broken / mf.MANIFEST_FILE).unlink()
+    (broken / NEW.manifest).unlink()
     with pytest.raises(StoreError, match="manifest"):
         run_distill(tiny_cfg(str(broken), tmp_path / "b"))
     future = tmp_path / "future"
     shutil.copytree(url, future)
-    record = json.loads(
-        (future / mf.MANIFEST_FILE).read_text()
-    )  # a Zarr group node: the manifest in attributes
+    record = json.loads((future / NEW.manifest).read_text())  # a Zarr group node: the manifest in attributes
     record["attributes"]["schema_version"] = "9.0"
-    (future / mf.MANIFEST_FILE).write_text(json.dumps(record))
+    (future / NEW.manifest).write_text(json.dumps(record))
     with pytest.raises(StoreError, match="schema version"):
         run_distill(tiny_cfg(str(future), tmp_path / "c"))
     other = make_images(tmp_path / "other", 4)

@@ -17,7 +17,6 @@ import zarr
 from PIL import Image
 
 from cospress.store import StoreReader
-from cospress.store import manifest as mf
 from cospress.store.records import NEW, read_record
 from tests.helpers import cli_env, make_image_folder, make_tiny_teacher_weights, run_cli, torchrun_cli
 from tests.store_helpers import to_legacy
@@ -82,7 +81,7 @@ def reference_store(tmp_path_factory, images, weights) -> Path:
 
 
 def test_store_complete_and_verifies(reference_store):
-    manifest = read_record(reference_store, mf.MANIFEST_FILE)
+    manifest = read_record(reference_store, NEW.manifest)
     assert manifest["skipped"] == []
     g = zarr.open_group(str(reference_store), mode="r")
     assert g["cls"].shape == (24, 3, 64)
@@ -132,7 +131,7 @@ def test_rerun_is_a_noop_and_mismatch_is_refused(reference_store, images, weight
     assert "seed" in proc.stderr and "--overwrite" in proc.stderr
     assert "Traceback" not in proc.stderr
     run_cli(*_args(images, weights, out, "--seed", "1", "--overwrite"))
-    assert read_record(out, mf.MANIFEST_FILE)["seed"] == 1
+    assert read_record(out, NEW.manifest)["seed"] == 1
 
 
 def test_resume_with_another_decode_is_refused_and_old_stores_still_append(
@@ -142,9 +141,9 @@ def test_resume_with_another_decode_is_refused_and_old_stores_still_append(
     one store and is refused; a store written before it was recorded still resumes, verifies and appends."""
     out = tmp_path / "store"
     shutil.copytree(reference_store, out)
-    assert read_record(out, mf.IDENTITY_FILE)["decode"] == "cpu"
-    (out / mf.MANIFEST_FILE).unlink()  # an unfinished store: its last shard not committed
-    (out / mf.commit_key(4)).unlink()
+    assert read_record(out, NEW.identity)["decode"] == "cpu"
+    (out / NEW.manifest).unlink()  # an unfinished store: its last shard not committed
+    (out / NEW.commit(4)).unlink()
     proc = run_cli(*_args(images, weights, out, "--decode", "device"), check=False)
     assert proc.returncode == 2 and "decode path (store: cpu, this run: device:cpu)" in proc.stderr
     run_cli(*_args(images, weights, out, "--decode", "cpu"))
@@ -170,7 +169,7 @@ def test_resume_with_another_decode_is_refused_and_old_stores_still_append(
 
 
 def _commits(store: Path) -> int:
-    return len(list((store / mf.COMMITS_DIR).glob("shard-*/zarr.json")))
+    return len(list((store / NEW.commits).glob("shard-*/zarr.json")))
 
 
 def test_sigkill_then_rerun_is_bitwise_identical(reference_store, images, weights, tmp_path):
@@ -182,7 +181,7 @@ def test_sigkill_then_rerun_is_bitwise_identical(reference_store, images, weight
         proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
-            ready = (out / mf.IDENTITY_FILE).exists() if target == 0 else _commits(out) >= target
+            ready = (out / NEW.identity).exists() if target == 0 else _commits(out) >= target
             if ready:
                 break
             time.sleep(0.01)
@@ -190,7 +189,7 @@ def test_sigkill_then_rerun_is_bitwise_identical(reference_store, images, weight
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()
-        assert not (out / mf.MANIFEST_FILE).exists() or proc.returncode == 0
+        assert not (out / NEW.manifest).exists() or proc.returncode == 0
     assert kills >= 2, "the runs finished before they could be killed"
     assert _commits(out) < 5
     run_cli(*_args(images, weights, out))
@@ -204,7 +203,7 @@ def test_two_ranks_equal_one_process(reference_store, images, weights, tmp_path)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same(_arrays(reference_store), _arrays(out))
-    manifest = read_record(out, mf.MANIFEST_FILE)
+    manifest = read_record(out, NEW.manifest)
     assert len(manifest["shards"]) == 5
 
 
@@ -219,7 +218,7 @@ def test_bad_inputs_are_skipped_and_recorded(images, weights, tmp_path):
     Image.new("L", (1200, 1000)).save(bad / "bomb.png")  # over the --max-pixels limit below
     out = tmp_path / "store"
     proc = run_cli(*_args(data, weights, out, "--max-pixels", "500000"))
-    manifest = read_record(out, mf.MANIFEST_FILE)
+    manifest = read_record(out, NEW.manifest)
     reasons = {s["key"]: s["reason"] for s in manifest["skipped"]}
     assert set(reasons) == {
         "class_0/zero.png",

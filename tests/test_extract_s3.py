@@ -22,7 +22,7 @@ pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[tes
 
 from cospress.extract.writer import KILL_ENV  # noqa: E402
 from cospress.store import StoreReader  # noqa: E402
-from cospress.store import manifest as mf  # noqa: E402
+from cospress.store.records import NEW  # noqa: E402
 from tests import test_s3_store  # noqa: E402
 from tests.helpers import cli_env, make_image_folder, make_tiny_teacher_weights, run_cli  # noqa: E402
 
@@ -113,8 +113,8 @@ def test_two_ranks_to_s3_killed_then_rerun_equal_a_local_extract(
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode != 0
     s3.invalidate_cache()
-    commits = [p for p in s3.find(f"{url}/{mf.COMMITS_DIR}") if p.endswith("zarr.json") and "/shard-" in p]
-    assert 1 <= len(commits) < 7 and not s3.exists(f"{url}/{mf.MANIFEST_FILE}")
+    commits = [p for p in s3.find(f"{url}/{NEW.commits}") if p.endswith("zarr.json") and "/shard-" in p]
+    assert 1 <= len(commits) < 7 and not s3.exists(f"{url}/{NEW.manifest}")
     first = dict(requests_counted)
     requests_counted.clear()
     proc = subprocess.run(_torchrun(29572, *_args(images, weights, url)), env=cli_env(), capture_output=True,

@@ -23,13 +23,12 @@ import torch
 import zarr
 from PIL import Image
 
-from cospress.store import manifest as mf
-from cospress.store.records import read_record
+from cospress.store.records import NEW, read_record
 from tests.helpers import make_tiny_teacher_weights, run_cli
 
 GOLDEN = Path(__file__).parent / "data" / "golden_store.json"
 # Files whose bytes hold a time or a local path: compared through the manifest's checksums instead.
-VOLATILE = (mf.MANIFEST_FILE, mf.IDENTITY_FILE, mf.CONFIG_FILE)
+VOLATILE = (NEW.manifest, NEW.identity, NEW.config)
 GOLDEN_FEATURES = GOLDEN.with_name("golden_store_features.npz")
 FEATURES = (
     "cls/",
@@ -56,7 +55,7 @@ def _file_hashes(store: Path) -> dict[str, str]:
     out = {}
     for p in sorted(store.rglob("*")):
         rel = p.relative_to(store).as_posix()
-        if p.is_file() and rel not in VOLATILE and not rel.startswith(f"{mf.COMMITS_DIR}/"):
+        if p.is_file() and rel not in VOLATILE and not rel.startswith(f"{NEW.commits}/"):
             out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
@@ -71,7 +70,7 @@ def test_store_bytes_match_the_golden_store(tmp_path: Path) -> None:
         "--workers", "0", "--precision", "fp32", "--device", "cpu", "--decode", "cpu",
         "--color-jitter", "0.5", "--grayscale", "0.2", "--blur", "0.3", "--out", str(store), "--no-progress",
     )  # fmt: skip
-    manifest = read_record(store, mf.MANIFEST_FILE)
+    manifest = read_record(store, NEW.manifest)
     hashes = _file_hashes(store)
     got = {
         "torch": torch.__version__,

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 
 from cospress.errors import StoreError  # noqa: E402
 from cospress.store import StoreReader  # noqa: E402
-from cospress.store import manifest as mf  # noqa: E402
+from cospress.store.records import NEW  # noqa: E402
 from tests.helpers import (  # noqa: E402
     assert_same_losses,
     distill_train_losses,
@@ -146,7 +146,7 @@ def test_verify_over_http_finds_a_flipped_byte_and_refuses_a_partial_upload(stor
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     text = " ".join(proc.stderr.split())
     assert "corrupted tokens/c/2/0/0/0 (shard 2)" in text and "verify failed: 1 corrupted" in text
-    (copy / mf.MANIFEST_FILE).unlink()  # as if the upload stopped before its last file
+    (copy / NEW.manifest).unlink()  # as if the upload stopped before its last file
     line = error_line(run_cli("verify", f"{base}/flipped", check=False))
     assert "has no manifest" in line and "finish the upload" in line
 

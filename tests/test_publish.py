@@ -20,6 +20,7 @@ from cospress.errors import StoreError  # noqa: E402
 from cospress.store import StoreReader  # noqa: E402
 from cospress.store import manifest as mf  # noqa: E402
 from cospress.store.publish import KILL_AFTER_ENV, publish_store  # noqa: E402
+from cospress.store.records import NEW  # noqa: E402
 from tests import test_s3_store  # noqa: E402
 from tests.helpers import error_line, run_cli  # noqa: E402
 from tests.test_sharing import make_store  # noqa: E402
@@ -123,7 +124,7 @@ def test_a_failure_after_the_upload_leaves_no_manifest(s3, store):
     s3.rm_file("bucket/pub/fails/" + mf.shard_file_key("views", 2, 3))  # something to send again
     with pytest.raises(StoreError, match="does not match the local store after the upload"):
         publish_store(store, url, progress=change_a_file_mid_publish)
-    assert not s3.exists(f"bucket/pub/fails/{mf.MANIFEST_FILE}")
+    assert not s3.exists(f"bucket/pub/fails/{NEW.manifest}")
     with pytest.raises(StoreError, match="has no manifest"):
         StoreReader(url, storage_options={"use_listings_cache": False})
     victim.write_bytes(original)  # fixed: the same command finishes it
@@ -153,17 +154,17 @@ def test_publish_never_downloads_to_hash_and_a_resume_skips_what_is_there(s3, st
     monkeypatch.setenv(KILL_AFTER_ENV, "6")
     with _requests() as req:
         assert run_cli("publish", str(store), url, check=False).returncode == -9  # killed after 6 files
-    assert len(s3.find(prefix)) == 6 and not s3.exists(f"{prefix}/{mf.MANIFEST_FILE}")
+    assert len(s3.find(prefix)) == 6 and not s3.exists(f"{prefix}/{NEW.manifest}")
     monkeypatch.delenv(KILL_AFTER_ENV)
     with _requests() as req:
         info = publish_store(store, url)
     assert info["already_there"] == 6 and info["sent"] == info["files"] - 6
     gets = req.object_gets(prefix)
-    assert gets == [f"/{prefix}/{mf.IDENTITY_FILE}"], gets  # only the identity (to know the store there)
+    assert gets == [f"/{prefix}/{NEW.identity}"], gets  # only the identity (to know the store there)
     assert info["bytes_read"] < 0.01 * size * 10, (info["bytes_read"], size)
     with _requests() as req:
         again = publish_store(store, url)  # complete: nothing sent, nothing but the identity read
-    assert again["sent"] == 0 and req.object_gets(prefix) == [f"/{prefix}/{mf.IDENTITY_FILE}"]
+    assert again["sent"] == 0 and req.object_gets(prefix) == [f"/{prefix}/{NEW.identity}"]
     # a remote file changed behind our back (same size) is found by its ETag and sent again
     key = f"{prefix}/{mf.shard_file_key('cls', 1, 3)}"
     raw = bytearray(s3.cat_file(key))

@@ -20,8 +20,8 @@ s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e
 
 from cospress.errors import StoreError  # noqa: E402
 from cospress.store import StoreReader  # noqa: E402
-from cospress.store import manifest as mf  # noqa: E402
 from cospress.store.publish import KILL_AFTER_ENV, publish_store  # noqa: E402
+from cospress.store.records import NEW  # noqa: E402
 from tests import helpers  # noqa: E402
 from tests.helpers import error_line, run_cli  # noqa: E402
 
@@ -115,7 +115,7 @@ def test_publish_then_every_reading_command_reads_s3(published, store, images, w
 
 def test_publish_refuses_an_incomplete_store_and_another_store(s3, store, images, weights, tmp_path):
     partial = Path(shutil.copytree(store, tmp_path / "partial"))
-    (partial / mf.MANIFEST_FILE).unlink()
+    (partial / NEW.manifest).unlink()
     assert "has no manifest" in error_line(run_cli("publish", str(partial), URL + "-p", check=False))
     other = helpers.extract_tiny_store(images, weights, tmp_path / "other", seed=1)  # another store
     url = "s3://bucket/stores/y"
@@ -138,7 +138,7 @@ def test_a_killed_publish_is_refused_by_readers_and_a_rerun_finishes_it(s3, stor
     monkeypatch.setenv(KILL_AFTER_ENV, "5")
     assert run_cli("publish", str(store), url, check=False).returncode == -9  # SIGKILL after 5 files
     there = [p.removeprefix(root + "/") for p in s3.find(root)]
-    assert len(there) == 5 and mf.IDENTITY_FILE in there and mf.MANIFEST_FILE not in there
+    assert len(there) == 5 and NEW.identity in there and NEW.manifest not in there
     assert "has no manifest" in error_line(run_cli("inspect", url, check=False))
     monkeypatch.delenv(KILL_AFTER_ENV)
     info = publish_store(store, url)

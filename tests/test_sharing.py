@@ -22,7 +22,7 @@ from cospress.store import SCHEMA_VERSION, StoreLayout, StoreReader, StoreWriter
 from cospress.store import manifest as mf  # noqa: E402
 from cospress.store.append import open_append, plan_append  # noqa: E402
 from cospress.store.merge import merge_stores  # noqa: E402
-from cospress.store.records import LEGACY, read_record  # noqa: E402
+from cospress.store.records import LEGACY, NEW, read_record  # noqa: E402
 from cospress.store.wds_io import SIDECAR, decode_key, encode_key, export_wds, import_wds  # noqa: E402
 from cospress.utils import keys_sha256, sha256_json  # noqa: E402
 from tests.helpers import cli_env, make_image_folder, make_tiny_teacher_weights, run_cli  # noqa: E402
@@ -418,7 +418,7 @@ def test_import_refuses_unsafe_tar_members(tmp_path, name, kind, match):
     (tmp_path / "w" / SIDECAR).write_text(json.dumps(side))
     with pytest.raises(StoreError, match=match):
         import_wds(tmp_path / "w", tmp_path / "t")
-    assert not (tmp_path / "evil.cls.npy").exists() and not (tmp_path / "t" / mf.MANIFEST_FILE).exists()
+    assert not (tmp_path / "evil.cls.npy").exists() and not (tmp_path / "t" / NEW.manifest).exists()
 
 
 def test_import_refuses_pickles_tampering_and_bad_sidecars(tmp_path):
@@ -529,9 +529,9 @@ def test_partial_store_and_malformed_manifest_are_one_line_errors(tmp_path):
     make_store(tmp_path / "s", "team", 5, 2, seed=13)
     partial = tmp_path / "partial"
     shutil.copytree(tmp_path / "s", partial)
-    (partial / mf.MANIFEST_FILE).unlink()  # an upload cut short: the manifest goes last
+    (partial / NEW.manifest).unlink()  # an upload cut short: the manifest goes last
     _one_line_error(run_cli("verify", str(partial), check=False), "has no manifest", "finish the upload")
-    m = read_record(tmp_path / "s", mf.MANIFEST_FILE)
+    m = read_record(tmp_path / "s", NEW.manifest)
     cases = [
         ({k: v for k, v in m.items() if k != "shards"}, "required key 'shards' is missing"),
         ({**m, "num_rows": "5"}, "'num_rows' must be integer"),
@@ -541,7 +541,7 @@ def test_partial_store_and_malformed_manifest_are_one_line_errors(tmp_path):
         ([1, 2], "not a JSON object"),
     ]
     for doc, match in cases:
-        (partial / mf.MANIFEST_FILE).write_text(
+        (partial / NEW.manifest).write_text(
             json.dumps({"zarr_format": 3, "node_type": "group", "attributes": doc})
         )
         with pytest.raises(StoreError, match=match) as e:

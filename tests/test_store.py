@@ -17,8 +17,8 @@ import pytest
 
 from cospress.errors import StoreError
 from cospress.store import SCHEMA_VERSION, StoreLayout, StoreReader, StoreWriter, make_identity
-from cospress.store import manifest as mf
 from cospress.store.manifest import full_identity, shard_file_key
+from cospress.store.records import NEW
 from cospress.utils import redact_url
 from tests.helpers import run_cli
 
@@ -164,7 +164,7 @@ def test_resume_and_rewrite_is_identical(tmp_path):
     assert w.committed_shards() == {0}
     # A crash mid-shard: files written, no commit. The shard is not committed and rewriting it is exact.
     _write(w, data, 2)
-    (tmp_path / "s" / mf.commit_key(2)).unlink()
+    (tmp_path / "s" / NEW.commit(2)).unlink()
     w2 = _open(tmp_path / "s", 11, 4, create=False)
     assert w2.committed_shards() == {0}
     again = _write(w2, data, 2)
@@ -240,8 +240,8 @@ def test_changed_metadata_is_named_by_verify_and_refused_on_read(tmp_path):
     meta = p / "cls" / "zarr.json"
     original = meta.read_text()
     assert set(StoreReader(p).manifest["metadata_sha256"]) == {
-        "zarr.json", mf.IDENTITY_FILE, *(f"{a}/zarr.json" for a in ("cls", "tokens", "views", "keys", "labels", "valid")),
-        *(mf.commit_key(s) for s in range(3)),
+        "zarr.json", NEW.identity, *(f"{a}/zarr.json" for a in ("cls", "tokens", "views", "keys", "labels", "valid")),
+        *(NEW.commit(s) for s in range(3)),
     }  # fmt: skip
     meta.write_text(original.replace('"data_type": "float16"', '"data_type": "int16"'))
     r = StoreReader(p)  # opens: verify and inspect still run
@@ -255,10 +255,10 @@ def test_changed_metadata_is_named_by_verify_and_refused_on_read(tmp_path):
     with pytest.raises(StoreError, match=r"cls/zarr.json has codecs .*not the manifest's"):
         StoreReader(p).read_rows([0])
     meta.write_text(original)
-    _edit_json(p / mf.commit_key(1), lambda c: c.update(counts={"rows": 4, "valid": 4, "skipped": 0}))
-    _edit_json(p / mf.IDENTITY_FILE, lambda c: c.update(seed=99))
+    _edit_json(p / NEW.commit(1), lambda c: c.update(counts={"rows": 4, "valid": 4, "skipped": 0}))
+    _edit_json(p / NEW.identity, lambda c: c.update(seed=99))
     bad = StoreReader(p).verify()
-    assert sorted(b["file"] for b in bad) == sorted([mf.commit_key(1), mf.IDENTITY_FILE])
+    assert sorted(b["file"] for b in bad) == sorted([NEW.commit(1), NEW.identity])
     _assert_equal(StoreReader(p).read_rows(np.arange(9)), data, np.arange(9))
 
 
@@ -272,7 +272,7 @@ def test_store_of_schema_1_2_still_verifies_and_reads(tmp_path):
         m.pop("metadata_sha256"), m.pop("arrays")
         m["schema_version"] = "1.2"
 
-    _edit_json(p / mf.MANIFEST_FILE, as_1_2)
+    _edit_json(p / NEW.manifest, as_1_2)
     r = StoreReader(p)
     assert r.verify() == [] and r.manifest["schema_version"] == "1.2"
     _assert_equal(r.read_rows(np.arange(7)), data, np.arange(7))
@@ -295,14 +295,14 @@ def test_store_of_schema_1_2_still_verifies_and_reads(tmp_path):
 def test_manifest_fields_are_validated(tmp_path, field, value, words):
     p = tmp_path / "s"
     _full_store(p, 7, 3, seed=5)
-    _edit_json(p / mf.MANIFEST_FILE, lambda m: m.update({field: value}))
+    _edit_json(p / NEW.manifest, lambda m: m.update({field: value}))
     with pytest.raises(StoreError, match="the manifest is malformed: " + re.escape(words)):
         StoreReader(p)
 
 
 def test_unknown_major_is_refused_newer_minor_is_read(tmp_path):
     _full_store(tmp_path / "s", 5, 2, seed=8)
-    mpath = tmp_path / "s" / mf.MANIFEST_FILE
+    mpath = tmp_path / "s" / NEW.manifest
     for newer in ("2.7", "1.9"):  # a newer minor of either major this code reads
         _edit_json(mpath, lambda m, v=newer: m.update(schema_version=v))
         assert StoreReader(tmp_path / "s").num_rows == 5

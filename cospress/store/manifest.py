@@ -1,4 +1,5 @@
-"""The store's identity and manifest: file names, the identity, the manifest built from commits.
+"""The store's identity and manifest: the identity, the manifest built from commits (the records'
+paths are the layout object's, `cospress.store.records.NEW` / `StorePaths`; no alias here).
 
 Everything a writer and a reader must agree on lives here, in `cospress.store.layout` (row and array
 shapes) and in `cospress.store.schema` (version and checks); docs/store-format.md describes the same
@@ -14,16 +15,8 @@ from typing import Any
 from cospress.errors import StoreError
 from cospress.store.fidelity import combine
 from cospress.store.layout import StoreLayout
-from cospress.store.records import NEW
 from cospress.store.schema import FORMAT_NAME, SCHEMA_VERSION, shorten
 from cospress.utils import keys_sha256, redact_config
-
-# The record paths of a store of this schema (2.0: Zarr group nodes under cospress/); a store of an
-# older schema keeps them as plain files at its root (`cospress.store.records.LEGACY`).
-IDENTITY_FILE = NEW.identity
-MANIFEST_FILE = NEW.manifest
-COMMITS_DIR = NEW.commits
-CONFIG_FILE = NEW.config
 
 # Human names for identity fields, used in mismatch errors.
 FIELD_LABELS = {
@@ -55,11 +48,6 @@ FIELD_LABELS = {
 def shard_file_key(name: str, shard: int, ndim: int) -> str:
     """Path of a shard file relative to the store root (default chunk key encoding, "/")."""
     return "/".join([name, "c", str(shard)] + ["0"] * (ndim - 1))
-
-
-def commit_key(shard: int) -> str:
-    """The commit record of a shard in a store of this schema (`StorePaths.commit` for any)."""
-    return NEW.commit(shard)
 
 
 def now_utc() -> str:
