@@ -43,9 +43,9 @@ import torch  # noqa: E402
 from bench_common import random_teacher_weights  # noqa: E402
 
 from cospress.distill import DistillConfig, run_distill  # noqa: E402
-from cospress.distill.model import DistillModel, param_groups, train_step  # noqa: E402
+from cospress.distill.model import make_optimizer, train_step  # noqa: E402
+from cospress.distill.run import build_model, open_train_data, prepare  # noqa: E402
 from cospress.models.features import Features  # noqa: E402
-from cospress.models.timm_features import set_attention  # noqa: E402
 from cospress.runtime import autocast_dtype, tune_malloc  # noqa: E402
 
 WARMUP_STEPS = 2  # steps of every phase left out of its median
@@ -66,22 +66,19 @@ def make_store(path: Path, a: argparse.Namespace, teacher: dict) -> str:
 
 
 class Bare:
-    """The training step alone: one batch of random uint8 images and targets kept in memory."""
+    """The training step alone: one batch of random uint8 images and targets kept in memory; the model
+    and optimizer are stage 2's own (`distill.run.build_model`, `distill.model.make_optimizer`)."""
 
-    def __init__(self, cfg: DistillConfig, dt: int, grid_t: tuple[int, int]) -> None:
-        from cospress.models.students import build_student
-
-        torch.manual_seed(cfg.seed)
+    def __init__(self, cfg: DistillConfig) -> None:
         device = torch.device("cpu")
-        student = build_student(cfg.student, cfg.student_size)
-        set_attention(student, cfg.attention, device)
-        self.model = DistillModel(student, cfg.method, dt)
-        self.model.amp_dtype = autocast_dtype(cfg.precision, device)
-        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
-        b, s = cfg.batch_size, cfg.student_size
+        cfg = prepare(cfg)
+        data = open_train_data(cfg, 1, device)
+        self.model = build_model(cfg, data, device)
+        self.opt = make_optimizer(self.model, cfg, data, fit=True, log_metric=lambda row: None)
+        b, s, dt, grid_t = cfg.batch_size, cfg.student_size, data.reader.dim, data.grid_t
         self.images = torch.randint(0, 255, (b, 3, s, s), dtype=torch.uint8)
         self.teacher = Features(cls=torch.randn(b, dt), tokens=torch.randn(b, grid_t[0] * grid_t[1], dt))
-        self.cfg, self.grids = cfg, (grid_t, tuple(student.grid))
+        self.cfg, self.grids = cfg, (grid_t, tuple(self.model.student.grid))
 
     def rates(self, steps: int) -> list[float]:
         out = []
@@ -156,11 +153,7 @@ def main() -> None:
         teacher=a.teacher, weights=teacher["weights"], image_size=a.teacher_size,
         data="fashion-mnist:train", limit=a.images,
     )  # fmt: skip
-    from cospress.store.reader import StoreReader
-
-    reader = StoreReader(store)
-    grid_t = tuple(reader.manifest["teacher"]["grid"])
-    bare = Bare(DistillConfig(store=store, **common), reader.dim, grid_t)
+    bare = Bare(DistillConfig(store=store, **common))
     phases = {
         "bare": lambda n, tag: bare.rates(n),
         "cached": lambda n, tag: run_rates(
