@@ -62,7 +62,11 @@ def _main(
 # --------------------------------------------------------------------------- stage commands
 def stage_command(name: str, cls: type, *, progress: bool = True) -> Callable[[Callable], Callable]:
     """Register ``body(cfg, show_progress)`` as a command whose flags are the fields of ``cls``,
-    plus ``--config FILE.yaml`` (defaults < file < flags) and ``--progress/--no-progress``."""
+    plus ``--config FILE.yaml`` (defaults < file < flags) and ``--progress/--no-progress``.
+
+    Reading the flags checks each value's type and choices; the stage's runner checks the rest
+    (``cfg.validate()``, once, first), as for the Python API.
+    """
 
     def register(body: Callable[[Any, bool], None]) -> Callable:
         def command(**flags: Any) -> None:
@@ -123,11 +127,9 @@ def extract_teacher(cfg: ExtractConfig, show_progress: bool) -> None:
 def distill_cmd(cfg: DistillConfig, show_progress: bool) -> None:
     """Stage 2: train the CosPress compressor and the student from a store (no teacher needed)."""
     from cospress.distill import run_distill
-    from cospress.distill.run import prepare
 
-    cfg = prepare(cfg)  # settings checked against the store before the progress bar starts
     with progress_bar(f"distill ({cfg.method})", show_progress) as update:
-        summary = run_distill(cfg, progress=update, prepared=True)
+        summary = run_distill(cfg, progress=update)
     if int(os.environ.get("RANK", 0)) == 0:
         rows = [
             (k, f"{v:.4g}" if isinstance(v, float) else v)

@@ -41,7 +41,8 @@ class RateColumn(ProgressColumn):
 
 @contextlib.contextmanager
 def progress_bar(description: str, enabled: bool = True, unit: str = "img") -> Iterator[Any]:
-    """Yields ``update(done, total)``: a rich bar with ``unit``/s (rank 0 only, TTY or not)."""
+    """Yields ``update(done, total)``: a rich bar with ``unit``/s (rank 0 only, TTY or not), drawn from
+    the first update on, so a run refused while it sets up (a setting, a store) prints one error line."""
     rank = int(os.environ.get("RANK", 0))
     if not enabled or rank != 0:
         yield lambda done, total: None
@@ -54,10 +55,16 @@ def progress_bar(description: str, enabled: bool = True, unit: str = "img") -> I
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=console, transient=False, refresh_per_second=4) as bar:
-        task = bar.add_task(description, total=None, unit=unit)
+    with contextlib.ExitStack() as stack:
+        shown: list[tuple[Progress, Any]] = []
 
         def update(done: int, total: int, **fields: Any) -> None:
+            if not shown:
+                bar = stack.enter_context(
+                    Progress(*columns, console=console, transient=False, refresh_per_second=4)
+                )
+                shown.append((bar, bar.add_task(description, total=None, unit=unit)))
+            bar, task = shown[0]
             bar.update(task, completed=done, total=total)
 
         yield update

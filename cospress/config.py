@@ -3,7 +3,10 @@
 Each stage defines one dataclass (``ExtractConfig``, ``DistillConfig``, ``EvalConfig``) in its
 ``config.py``. Every field is declared once, with :func:`setting`: its default and its help text.
 The CLI flags (``cospress/flags.py``), the YAML keys and docs/cli.md are generated from the fields.
-This module holds the declaration helper and the merge, validation and save logic they share.
+This module holds the declaration helper and the merge and save logic they share.
+
+Validation has one shape: reading (:func:`load_config`) checks each value's type and ``choices``; each
+stage config's ``validate()`` checks the rest, called once, first, by the stage's runner.
 """
 
 from __future__ import annotations
@@ -187,7 +190,8 @@ def load_config(
     cls: type[C], config_file: str | Path | None, overrides: dict[str, Any], *, given: str = "flags"
 ) -> C:
     """Merge defaults < YAML file < overrides (flags the user actually gave; None means not given);
-    ``given`` names the overrides in an error (flags, or the API's keyword arguments).
+    ``given`` names the overrides in an error (flags, or the API's keyword arguments). Checks types and
+    choices only: the stage's runner calls ``cfg.validate()``, so a partial config loads.
 
     YAML keys may use dashes or underscores (``student-size`` or ``student_size``).
     """

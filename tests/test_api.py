@@ -78,12 +78,30 @@ def _cli(command: str, settings: dict) -> None:
     assert res.exit_code == 0, res.output
 
 
-def test_api_results_equal_the_cli_results(setup: dict) -> None:
+def _count_checks(monkeypatch) -> dict[str, int]:
+    """Calls of each stage config's validate() and of distill's prepare (the real ones run)."""
+    import cospress.distill.run as run_module
+
+    calls = dict.fromkeys([*(c.__name__ for c in API.values()), "prepare"], 0)
+
+    def counted(name: str, real):
+        return lambda *a: calls.__setitem__(name, calls[name] + 1) or real(*a)
+
+    for cls in API.values():
+        monkeypatch.setattr(cls, "validate", counted(cls.__name__, cls.validate))
+    monkeypatch.setattr(run_module, "prepare", counted("prepare", run_module.prepare))
+    return calls
+
+
+def test_api_results_equal_the_cli_results(setup: dict, monkeypatch) -> None:
+    """... and each run, CLI or API, validates its config once and prepares a distill run once."""
+    checks = _count_checks(monkeypatch)
     tmp, common = setup["tmp"], {"workers": 0, "precision": "fp32", "seed": 0}
     extract = {"data": setup["data"], "teacher": "test_vit", "weights": setup["weights"], "image_size": 32}
     extract.update(views=2, shard_size=6, batch_size=8, **common)
     _cli("extract-teacher", {**extract, "out": str(tmp / "cli-store")})
     store = cospress.extract_teacher(**extract, out=str(tmp / "api-store"))
+    assert checks == {"ExtractConfig": 2, "DistillConfig": 0, "EvalConfig": 0, "prepare": 0}
     assert store.store == str(tmp / "api-store") and store.summary["images"] == 12
     a, b = zarr.open_group(str(tmp / "cli-store"), mode="r"), zarr.open_group(store.store, mode="r")
     for name in ("cls", "tokens", "views", "keys", "valid"):
@@ -100,6 +118,7 @@ def test_api_results_equal_the_cli_results(setup: dict) -> None:
         rows[which] = [json.loads(x) for x in lines]
     assert run.best == next(r for r in rows["cli-run"] if r["phase"] == "val")
     losses = {k: [r["loss/total"] for r in v if "loss/total" in r] for k, v in rows.items()}
+    assert checks == {"ExtractConfig": 2, "DistillConfig": 2, "EvalConfig": 0, "prepare": 2}
     assert len(losses["cli-run"]) == 3 and losses["api-run"] == pytest.approx(losses["cli-run"], rel=1e-5)
 
     knn = {
@@ -115,6 +134,7 @@ def test_api_results_equal_the_cli_results(setup: dict) -> None:
     cli_report = json.loads((tmp / "cli-eval" / "report.json").read_text())
     assert report.out == str(tmp / "api-eval") and report.report["knn"] == cli_report["knn"]
     assert report.report["top1"] == cli_report["top1"]
+    assert checks == {"ExtractConfig": 2, "DistillConfig": 2, "EvalConfig": 2, "prepare": 2}
 
 
 def test_the_docs_example_calls_real_functions_with_real_settings() -> None:
@@ -135,19 +155,3 @@ def test_the_docs_example_calls_real_functions_with_real_settings() -> None:
     assert set(called) == set(API)
     for name, keywords in called.items():
         assert keywords <= {f.name for f in dataclasses.fields(API[name])}, name
-
-
-def test_the_cli_prepares_a_distill_run_once(setup: dict, monkeypatch) -> None:
-    """`cospress distill` checks the settings against the store before its progress bar, and only then."""
-    import cospress.distill.run as run_module
-
-    store = cospress.extract_teacher(
-        data=setup["data"], teacher="test_vit", weights=setup["weights"], image_size=32, views=2,
-        workers=0, precision="fp32", out=str(setup["tmp"] / "once-store"),
-    )  # fmt: skip
-    calls = []
-    real = run_module.prepare
-    monkeypatch.setattr(run_module, "prepare", lambda cfg: calls.append(cfg.store) or real(cfg))
-    settings = {"store": store.store, "student": "test_vit", "student_size": 32, "epochs": 1, "batch_size": 8}
-    _cli("distill", {**settings, "workers": 0, "precision": "fp32", "out": str(setup["tmp"] / "once-run")})
-    assert calls == [store.store]

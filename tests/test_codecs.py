@@ -110,10 +110,10 @@ def test_codec_names_are_checked_in_one_line():
     assert parse_codec("pca:96").components == 96 and parse_codec("INT8").name == "int8"
     for bad in ("int4", "pca:0", "pca:x", "int8:3"):
         with pytest.raises(ConfigError, match="token-codec") as e:
-            ExtractConfig(token_codec=bad)
+            ExtractConfig(token_codec=bad).validate()
         assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="token-fidelity"):
-        ExtractConfig(token_codec="pca", token_fidelity=1.5)
+        ExtractConfig(token_codec="pca", token_fidelity=1.5).validate()
 
 
 def test_the_codec_is_decided_in_one_place():
@@ -124,7 +124,7 @@ def test_the_codec_is_decided_in_one_place():
     assert ExtractConfig(token_codec="int8", tokens=False).codec().name == "fp16"
     assert ExtractConfig(token_codec="pca", tokens=False, out="s3://b/s").codec().name == "fp16"
     with pytest.raises(ConfigError, match="local store"):
-        ExtractConfig(token_codec="pca:8", out="s3://b/s")
+        ExtractConfig(token_codec="pca:8", out="s3://b/s").validate()
 
 
 def test_pca_takes_the_fewest_components_that_reach_the_target():

@@ -16,7 +16,7 @@ from cospress import checkpoint as ckpt  # noqa: E402
 from cospress.data.sources import open_source  # noqa: E402
 from cospress.data.views import PARAM_NAMES, ViewPolicy, sample_view_params  # noqa: E402
 from cospress.distill import DistillConfig, run_distill  # noqa: E402
-from cospress.distill.data import BatchPlan, choose_views, is_val_key, split_rows  # noqa: E402
+from cospress.distill.data import BatchPlan, check_batch, choose_views, is_val_key, split_rows  # noqa: E402
 from cospress.errors import ConfigError, CospressError, StoreError  # noqa: E402
 from cospress.store import StoreLayout  # noqa: E402
 from cospress.store import manifest as mf  # noqa: E402
@@ -157,8 +157,9 @@ def test_batch_plan_views_and_rank_slices():
     other = BatchPlan(rows, seed=1, epoch=3, batch_size=12, views_per_image=3, stored_views=5)
     assert not np.array_equal(other.order, full.order)
     assert sorted(other.order) == sorted(full.order)
-    with pytest.raises(ConfigError):
-        BatchPlan(rows, seed=1, epoch=0, batch_size=12, views_per_image=6, stored_views=5)
+    for bad in ((12, 6, 5, 1), (12, 5, 5, 1), (12, 3, 5, 3)):  # R > stored, R not dividing, ranks uneven
+        with pytest.raises(ConfigError):
+            check_batch(*bad)  # once per run, in run.prepare: every BatchPlan of the run has this shape
 
 
 # --------------------------------------------------------------------------- runs

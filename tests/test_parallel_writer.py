@@ -179,4 +179,4 @@ def test_writer_threads_setting():
     assert ExtractConfig().writer_threads == max(1, (os.cpu_count() or 2) // 4)
     assert ExtractConfig(writer_threads=3).writer_threads == 3
     with pytest.raises(ConfigError, match="--writer-threads must be at least 1"):
-        ExtractConfig(writer_threads=0)
+        ExtractConfig(writer_threads=0).validate()

@@ -49,11 +49,11 @@ def test_attention_setting_is_a_no_op_for_cnns():
 
 
 def test_distill_refuses_an_unknown_attention_kernel(tmp_path):
-    from cospress.distill.config import DistillConfig, validate
+    from cospress.distill.config import DistillConfig
     from cospress.errors import ConfigError
 
     with pytest.raises(ConfigError, match="attention 'sdpa' is unknown"):
-        validate(DistillConfig(store=str(tmp_path), attention="sdpa"))
+        DistillConfig(store=str(tmp_path), attention="sdpa").validate()
 
 
 def _python(code: str, **env: str) -> str:

@@ -121,6 +121,44 @@ class DistillConfig:
     save_every: int = setting(0, help="Also save `last` every N steps (0 = at epoch ends only).")
     resume: bool = setting(False, help="Continue from OUT/last.", flag="--resume")
 
+    def validate(self) -> None:
+        """Refuse settings that cannot work, in one line (a ConfigError). ``distill.run.prepare`` calls it
+        once, first (then checks the batch against the store); building the config checks only each value's
+        type and choices."""
+        from cospress.data.device_decode import DECODE_CHOICES
+        from cospress.models.timm_features import ATTENTION_CHOICES
+
+        _one_of("method", self.method, METHODS)
+        _one_of("compressor", self.compressor, COMPRESSORS)
+        _one_of("attention", self.attention, ATTENTION_CHOICES)
+        _one_of("decode", self.decode, DECODE_CHOICES)
+        _one_of("reader", self.reader, READERS)
+        check_loggers(self.logger)
+        if self.stream_buffer < 1 or self.stream_prefetch < 1:
+            raise ConfigError("stream_buffer and stream_prefetch must be >= 1")
+        if self.teacher is None and (self.limit is not None or self.weights or self.image_size):
+            raise ConfigError("limit, weights and image_size apply to online mode (--teacher) only")
+        if self.teacher is None and (self.rand_augment or self.erase_prob or self.erase_mode != "pixel"):
+            raise ConfigError(
+                "rand_augment, erase_prob and erase_mode apply to online mode (--teacher): a store replays the views it recorded"
+            )
+        if self.teacher is not None:
+            from cospress.data.policy import ViewPolicy
+
+            ViewPolicy.from_settings(self)  # a bad RandAugment string or probability fails here, in one line
+        if self.teacher is not None and self.compressor_first:
+            raise ConfigError(
+                "compressor_first fits h from a store's features: online mode (--teacher) has none"
+            )
+        if self.compressor_first and self.method != "cospress":
+            raise ConfigError("compressor_first applies to method cospress only")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch_size must be >= 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        if not self.temperatures or min(self.temperatures) <= 0:
+            raise ConfigError("temperatures must be a non-empty list of positive numbers")
+
 
 def parse_kwargs(value: Any) -> dict[str, Any]:
     """``student_kwargs`` from a dict, a JSON object, or ``k=v,k=v`` (values parsed as YAML scalars)."""
@@ -132,38 +170,3 @@ def parse_kwargs(value: Any) -> dict[str, Any]:
 def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} {value!r} is unknown; use one of {', '.join(choices)}")
-
-
-def validate(cfg: DistillConfig) -> None:
-    """Refuse settings that cannot work, with a one-line ConfigError."""
-    from cospress.data.device_decode import DECODE_CHOICES
-    from cospress.models.timm_features import ATTENTION_CHOICES
-
-    _one_of("method", cfg.method, METHODS)
-    _one_of("compressor", cfg.compressor, COMPRESSORS)
-    _one_of("attention", cfg.attention, ATTENTION_CHOICES)
-    _one_of("decode", cfg.decode, DECODE_CHOICES)
-    _one_of("reader", cfg.reader, READERS)
-    check_loggers(cfg.logger)
-    if cfg.stream_buffer < 1 or cfg.stream_prefetch < 1:
-        raise ConfigError("stream_buffer and stream_prefetch must be >= 1")
-    if cfg.teacher is None and (cfg.limit is not None or cfg.weights or cfg.image_size):
-        raise ConfigError("limit, weights and image_size apply to online mode (--teacher) only")
-    if cfg.teacher is None and (cfg.rand_augment or cfg.erase_prob or cfg.erase_mode != "pixel"):
-        raise ConfigError(
-            "rand_augment, erase_prob and erase_mode apply to online mode (--teacher): a store replays the views it recorded"
-        )
-    if cfg.teacher is not None:
-        from cospress.data.policy import ViewPolicy
-
-        ViewPolicy.from_settings(cfg)  # a bad RandAugment string or probability fails here, in one line
-    if cfg.teacher is not None and cfg.compressor_first:
-        raise ConfigError("compressor_first fits h from a store's features: online mode (--teacher) has none")
-    if cfg.compressor_first and cfg.method != "cospress":
-        raise ConfigError("compressor_first applies to method cospress only")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ConfigError("epochs and batch_size must be >= 1")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ConfigError(f"val_fraction={cfg.val_fraction} must be in [0, 1)")
-    if not cfg.temperatures or min(cfg.temperatures) <= 0:
-        raise ConfigError("temperatures must be a non-empty list of positive numbers")

@@ -77,7 +77,7 @@ class BatchPlan:
     """The batches of one epoch for one rank: ``rows_views(step) -> (rows [n], views [n, R])``.
 
     ``steps`` = full global batches in the epoch (a short last batch is dropped: the global term
-    depends on the batch size).
+    depends on the batch size). The shape was checked once, by :func:`check_batch` in ``run.prepare``.
     """
 
     def __init__(
@@ -92,7 +92,6 @@ class BatchPlan:
         rank: int = 0,
         world: int = 1,
     ) -> None:
-        check_batch(batch_size, views_per_image, stored_views, world)
         self.images_per_batch = batch_size // views_per_image
         self.local_images = self.images_per_batch // world
         self.order = epoch_permutation(np.asarray(train_rows, dtype=np.int64), seed, epoch)
@@ -119,7 +118,8 @@ class BatchPlan:
 
 
 def check_batch(batch_size: int, views_per_image: int, stored_views: int, world: int) -> None:
-    """Refuse a batch that cannot be split into R views per image and equal per-rank slices."""
+    """Refuse a batch that cannot be split into R views per image and equal per-rank slices
+    (``run.prepare`` calls it, once per run: every ``BatchPlan`` of the run has this shape)."""
     if not 1 <= views_per_image <= stored_views:
         raise ConfigError(
             f"views_per_image={views_per_image} must be between 1 and the store's {stored_views} stored views"

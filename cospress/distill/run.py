@@ -34,7 +34,7 @@ from torch import nn
 from cospress import checkpoint as ckpt
 from cospress import runtime
 from cospress.data.device_decode import resolve_decode
-from cospress.distill.config import DistillConfig, parse_kwargs, validate
+from cospress.distill.config import DistillConfig, parse_kwargs
 from cospress.distill.data import (
     TrainData,
     _Lazy,
@@ -64,18 +64,14 @@ from cospress.loggers import open_loggers
 log = logging.getLogger(__name__)
 
 
-def run_distill(
-    cfg: DistillConfig, progress: Callable[[int, int], None] | None = None, *, prepared: bool = False
-) -> dict[str, Any]:
+def run_distill(cfg: DistillConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Train a student from a store (or online); returns a summary (steps, best/last kNN accuracy, paths, speed).
 
     ``progress(done_views, total_views)`` is called after every step on rank 0. Under torchrun every
     rank calls this; torch.distributed is initialised (and torn down) here unless already initialised.
-    ``prepared``: ``cfg`` is :func:`prepare`'s result already (the CLI checks it before its progress
-    bar), so the settings are checked and the store opened for them once.
     """
+    cfg = prepare(cfg)  # the settings, once, before anything loads
     runtime.tune_malloc()
-    cfg = cfg if prepared else prepare(cfg)
     was_init = torch.distributed.is_available() and torch.distributed.is_initialized()
     ctx = runtime.init_distributed(cfg.device)
     try:
@@ -172,48 +168,52 @@ def start_run(
 
 
 def prepare(cfg: DistillConfig) -> DistillConfig:
-    """Check the settings against the store before anything starts (the CLI calls this before its
-    progress bar); returns ``cfg`` with ``views_per_image`` resolved (None: min(3, stored views)).
+    """The settings checked once, before anything loads: alone (``cfg.validate()``), then the batch
+    against the store (or online: ``--data``); :func:`run_distill` calls it first. Returns ``cfg`` with
+    ``views_per_image`` resolved (None: min(3, stored views); 3 online, each view fresh).
 
     A store read from a URL needs ``--data``: the image source recorded in a published store is not
     opened (it could point a reader anywhere).
     """
+    cfg.validate()
+    if cfg.teacher is not None:
+        views = stored = _online_views(cfg)
+    else:
+        views, stored = cfg.views_per_image, _stored_views(cfg)
+        if views is None:
+            views = min(3, stored)
+            log.info(
+                "views per image (R): %d = min(3, the store's %d stored views); set --views-per-image to change it",
+                views, stored,
+            )  # fmt: skip
+    check_batch(cfg.batch_size, views, stored, runtime.dist_info()[1])  # the one check of the batch shape
+    return dataclasses.replace(cfg, views_per_image=views)
+
+
+def _stored_views(cfg: DistillConfig) -> int:
+    """The store's stored views (a URL store needs --data)."""
     from cospress.store.reader import StoreReader
     from cospress.store.remote import is_local
 
-    validate(cfg)
-    if cfg.teacher is not None:
-        return _prepare_online(cfg)
     if not cfg.data and not is_local(str(cfg.store)):
         raise ConfigError(
             "the store is read from a URL: pass --data with its image source "
             "(the source recorded in a published store is not opened)"
         )
-    reader = StoreReader(cfg.store, cache_dir=cfg.cache_dir)
-    views = cfg.views_per_image
-    if views is None:
-        views = min(3, reader.stored_views)
-        log.info(
-            "views per image (R): %d = min(3, the store's %d stored views); set --views-per-image to change it",
-            views, reader.stored_views,
-        )  # fmt: skip
-    check_batch(cfg.batch_size, views, reader.stored_views, runtime.dist_info()[1])
-    return dataclasses.replace(cfg, views_per_image=views)
+    return StoreReader(cfg.store, cache_dir=cfg.cache_dir).stored_views
 
 
-def _prepare_online(cfg: DistillConfig) -> DistillConfig:
-    """:func:`prepare` of online mode: --data needed, no --store; R defaults to 3."""
+def _online_views(cfg: DistillConfig) -> int:
+    """R of online mode (default 3): --data needed, no --store."""
     if not cfg.data:
         raise ConfigError("online mode (--teacher) reads its images from --data: pass --data")
     if cfg.store != DistillConfig.store:
         raise ConfigError("--teacher trains online and reads no store: drop --store (or --teacher)")
-    views = 3 if cfg.views_per_image is None else cfg.views_per_image
-    check_batch(cfg.batch_size, views, views, runtime.dist_info()[1])
-    return dataclasses.replace(cfg, views_per_image=views)
+    return 3 if cfg.views_per_image is None else cfg.views_per_image
 
 
 def open_train_data(cfg: DistillConfig, world: int, device: torch.device | None = None) -> TrainData:
-    """Open the store and its image source, check the batch shape, split the rows, pick the kNN rows.
+    """Open the store and its image source, split the rows, pick the kNN rows (``cfg``: :func:`prepare`'s).
 
     Online mode (``cfg.teacher``): the source of ``--data`` and the teacher (on ``device``) instead.
     """
@@ -222,7 +222,7 @@ def open_train_data(cfg: DistillConfig, world: int, device: torch.device | None 
     from cospress.store.reader import StoreReader
 
     if cfg.teacher is not None:
-        return _open_online(cfg, world, device or torch.device("cpu"))
+        return _open_online(cfg, device or torch.device("cpu"))
 
     reader = StoreReader(cfg.store, cache_dir=cfg.cache_dir)
     reader.check_identity(expect_teacher=cfg.expect_teacher)
@@ -235,7 +235,6 @@ def open_train_data(cfg: DistillConfig, world: int, device: torch.device | None 
     use_tokens = bool(cfg.use_tokens and reader.has_tokens)
     if cfg.use_tokens and not reader.has_tokens:
         log.warning("the store keeps no tokens: the local and token terms are off (CLS only)")
-    check_batch(cfg.batch_size, cfg.views_per_image, reader.stored_views, world)
     keys = reader.keys()
     rows = _rows(cfg, keys, reader.valid(), reader.labels())
     source = open_source(spec)
@@ -279,12 +278,11 @@ def _rows(cfg: DistillConfig, keys: list[str], valid: np.ndarray, labels: np.nda
     }
 
 
-def _open_online(cfg: DistillConfig, world: int, device: torch.device) -> TrainData:
+def _open_online(cfg: DistillConfig, device: torch.device) -> TrainData:
     """Online mode's TrainData: rows are the source positions of --data, targets from the teacher."""
     from cospress.data.sources import open_source
     from cospress.distill.online import load_online_teacher
 
-    check_batch(cfg.batch_size, cfg.views_per_image, cfg.views_per_image, world)
     source = open_source(cfg.data, limit=cfg.limit)
     keys = source.keys()
     rows = _rows(cfg, keys, np.ones(len(keys), bool), np.asarray(source.labels(), dtype=np.int64))

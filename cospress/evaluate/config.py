@@ -72,31 +72,32 @@ class EvalConfig:
     precision: str = shared.precision_setting()
     decode: str = shared.decode_setting()
 
+    def validate(self) -> None:
+        """Refuse settings that cannot work, in one line (a ConfigError). ``run_knn_eval`` calls it once,
+        first, before anything loads; building the config checks only each value's type and choices, so a
+        config without --model (a YAML file the command line completes) loads."""
+        from cospress.data.device_decode import DECODE_CHOICES
+        from cospress.evaluate.knn import PROTOCOLS
+        from cospress.evaluate.ood import parse_ood_specs
 
-def validate(cfg: EvalConfig) -> None:
-    """Refuse settings that cannot work, with a one-line ConfigError."""
-    from cospress.data.device_decode import DECODE_CHOICES
-    from cospress.evaluate.knn import PROTOCOLS
-    from cospress.evaluate.ood import parse_ood_specs
-
-    if not cfg.model:
-        raise ConfigError("no --model given; pass teacher:NAME or a distill run / export folder")
-    if not cfg.test:
-        raise ConfigError("no --test source given; pass e.g. --test fashion-mnist:test")
-    if bool(cfg.train) == bool(cfg.bank_store):
-        raise ConfigError("give exactly one bank: --train SOURCE or --bank-store STORE")
-    if cfg.protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown --protocol {cfg.protocol!r}; use {' or '.join(PROTOCOLS)}")
-    if cfg.index not in ("flat", "ivf"):
-        raise ConfigError(f"unknown --index {cfg.index!r}; use flat or ivf")
-    if not 0 < cfg.crop_pct <= 1:
-        raise ConfigError(f"--crop-pct must be in (0, 1], got {cfg.crop_pct}")
-    if cfg.k is not None and (not cfg.k or min(cfg.k) < 1):
-        raise ConfigError("--k takes positive integers, e.g. --k 10,20")
-    if cfg.memory_budget_mb < 1:
-        raise ConfigError("--memory-budget-mb must be at least 1")
-    if cfg.ood_k < 1:
-        raise ConfigError("--ood-k must be at least 1")
-    parse_ood_specs(cfg.ood)
-    if cfg.decode not in DECODE_CHOICES:
-        raise ConfigError(f"unknown --decode {cfg.decode!r}; use {', '.join(DECODE_CHOICES)}")
+        if not self.model:
+            raise ConfigError("no --model given; pass teacher:NAME or a distill run / export folder")
+        if not self.test:
+            raise ConfigError("no --test source given; pass e.g. --test fashion-mnist:test")
+        if bool(self.train) == bool(self.bank_store):
+            raise ConfigError("give exactly one bank: --train SOURCE or --bank-store STORE")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown --protocol {self.protocol!r}; use {' or '.join(PROTOCOLS)}")
+        if self.index not in ("flat", "ivf"):
+            raise ConfigError(f"unknown --index {self.index!r}; use flat or ivf")
+        if not 0 < self.crop_pct <= 1:
+            raise ConfigError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
+        if self.k is not None and (not self.k or min(self.k) < 1):
+            raise ConfigError("--k takes positive integers, e.g. --k 10,20")
+        if self.memory_budget_mb < 1:
+            raise ConfigError("--memory-budget-mb must be at least 1")
+        if self.ood_k < 1:
+            raise ConfigError("--ood-k must be at least 1")
+        parse_ood_specs(self.ood)
+        if self.decode not in DECODE_CHOICES:
+            raise ConfigError(f"unknown --decode {self.decode!r}; use {', '.join(DECODE_CHOICES)}")

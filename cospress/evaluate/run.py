@@ -22,7 +22,7 @@ from cospress.data.device_decode import resolve_decode
 from cospress.data.sources import open_source
 from cospress.evaluate import fidelity as fid
 from cospress.evaluate import knn, ood, robustness
-from cospress.evaluate.config import EvalConfig, validate
+from cospress.evaluate.config import EvalConfig
 from cospress.evaluate.embed import (
     BankSource,
     Embeddings,
@@ -53,8 +53,8 @@ def run_knn_eval(cfg: EvalConfig, progress: Progress | None = None) -> dict:
 
     progress(done, total) counts the robustness images (a corruption pass or an attack batch each call).
     """
+    cfg.validate()  # the settings, once, before anything loads
     tune_malloc()
-    validate(cfg)
     timer, t_all = _Timer(), time.perf_counter()
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)

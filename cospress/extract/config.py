@@ -85,7 +85,9 @@ class ExtractConfig:
     )
     to: str | None = setting(None, help="The store --add-views extends (local).")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """Refuse settings that cannot work, in one line (a ConfigError). ``run_extract`` calls it once,
+        first, before anything loads; building the config checks only each value's type and choices."""
         if self.views < 1:
             raise ConfigError(f"--views must be at least 1, got {self.views}")
         if self.shard_size < 1:

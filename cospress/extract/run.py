@@ -43,6 +43,7 @@ def run_extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None 
 
     ``progress(done_images, total_images)`` is called after every teacher batch of this rank.
     """
+    cfg.validate()  # the settings, once, before anything loads
     tune_malloc()
     extending = None
     if cfg.add_views:  # a view extension of the store --to (extract.extension)
