@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,20 +47,43 @@ def make_tiny_teacher_weights(path: Path, name: str = "test_vit", seed: int = 0,
     return path
 
 
-def torchrun_cli(port: int, *args: str) -> list[str]:
-    """The command line of `torchrun --nproc-per-node 2 -m cospress ARGS` (gloo ranks on this machine)."""
+def free_port() -> int:
+    """A TCP port nothing listens on now (for torchrun's store: a fixed port can collide with a
+    straggler of an earlier run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cli(*args: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """The command line of `torchrun --nproc-per-node 2 -m cospress ARGS` (gloo ranks on this machine,
+    a free port); ``extra``: more torchrun flags (they replace ``--master-port``)."""
+    where = list(extra) or ["--master-port", str(free_port())]
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc-per-node",
         "2",
-        "--master-port",
-        str(port),
+        *where,
         "-m",
         "cospress",
         *args,
     ]
+
+
+def run_group(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a torchrun command in a process group of its own. Past ``timeout`` the whole group (the
+    ranks too, so none keeps a port) is killed and the test fails with the tail of what it printed."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun ran past {timeout:.0f} s; its stderr ended with:\n{err[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def cli_env() -> dict[str, str]:

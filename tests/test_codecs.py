@@ -381,7 +381,7 @@ def test_two_ranks_share_one_projection(images, weights, tmp_path):
     one = tmp_path / "one"
     run_cli(*_extract_args(images, weights, one, "--token-codec", "pca:8"))
     two = tmp_path / "two"
-    cmd = torchrun_cli(29561, *_extract_args(images, weights, two, "--token-codec", "pca:8"))
+    cmd = torchrun_cli(*_extract_args(images, weights, two, "--token-codec", "pca:8"))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = StoreReader(one), StoreReader(two)

@@ -98,7 +98,6 @@ def test_torchrun_two_ranks_through_the_cli(tmp_path):
     url, _ = make_store(tmp_path, n=24, shard_size=8)
     out = tmp_path / "run"
     cmd = torchrun_cli(
-        29544,
         "distill",
         "--store",
         url,

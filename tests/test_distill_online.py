@@ -150,9 +150,7 @@ def test_online_torchrun_two_ranks_match_one_rank(setup, tmp_path):
     run_distill(one)
     out = tmp_path / "two"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in to_dict(one).items() if k in ONLINE_FLAGS]
-    cmd = torchrun_cli(
-        29561, "distill", *flags, "--out", str(out), "--temperatures", "0.02,0.1", "--no-progress"
-    )
+    cmd = torchrun_cli("distill", *flags, "--out", str(out), "--temperatures", "0.02,0.1", "--no-progress")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -108,9 +108,9 @@ def test_stored_cls_equals_teacher_on_replayed_views(reference_store, images, we
     teacher = build_teacher("test_vit", weights=str(weights), image_size=32)
     source = open_source(f"folder:{images}")
     keys = list(g["keys"][...])
-    assert keys == source.keys()
+    assert sorted(keys) == source.keys()  # every image once, in the shuffled row order
     for row in (0, 7, 23):
-        image = source.load(row).image
+        image = source.load(source.keys().index(keys[row])).image
         x = torch.stack([replay_view(image, p, 32) for p in g["views"][row]])
         with torch.inference_mode():
             feats = teacher(x)
@@ -199,7 +199,7 @@ def test_sigkill_then_rerun_is_bitwise_identical(reference_store, images, weight
 
 def test_two_ranks_equal_one_process(reference_store, images, weights, tmp_path):
     out = tmp_path / "store"
-    cmd = torchrun_cli(29533, *_args(images, weights, out))
+    cmd = torchrun_cli(*_args(images, weights, out))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same(_arrays(reference_store), _arrays(out))

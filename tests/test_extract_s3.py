@@ -8,8 +8,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import logging  # noqa: E402
 import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -24,7 +22,15 @@ from cospress.extract.writer import KILL_ENV  # noqa: E402
 from cospress.store import StoreReader  # noqa: E402
 from cospress.store.records import NEW  # noqa: E402
 from tests import test_s3_store  # noqa: E402
-from tests.helpers import cli_env, make_image_folder, make_tiny_teacher_weights, run_cli  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    cli_env,
+    free_port,
+    make_image_folder,
+    make_tiny_teacher_weights,
+    run_cli,
+    run_group,
+    torchrun_cli,
+)
 
 s3 = test_s3_store.s3  # the moto server fixture (module scope)
 
@@ -59,15 +65,13 @@ def _arrays(store) -> dict[str, np.ndarray]:
     return {name: g[name][...] for name in ARRAYS}
 
 
-def _torchrun(port: int, *args: str, restarts: int = 0) -> list[str]:
-    """torchrun with 2 gloo ranks; with restarts, the c10d rendezvous (a restarted group meets again)."""
-    where = (
-        ["--master-port", str(port)]
-        if not restarts
-        else ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
-    )
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-            "--max-restarts", str(restarts), *where, "-m", "cospress", *args]  # fmt: skip
+def _torchrun(*args: str, restarts: int = 0) -> list[str]:
+    """torchrun with 2 gloo ranks on a free port; with restarts, the c10d rendezvous (a restarted group
+    meets again)."""
+    if not restarts:
+        return torchrun_cli(*args)
+    rdzv = ("--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}")
+    return torchrun_cli(*args, extra=("--nnodes", "1", "--max-restarts", str(restarts), *rdzv))
 
 
 class Requests(logging.Handler):
@@ -109,16 +113,14 @@ def test_two_ranks_to_s3_killed_then_rerun_equal_a_local_extract(
 ):
     url = "s3://bucket/extract/killed"
     env = {**cli_env(), KILL_ENV: "1:1"}  # rank 1 dies after its first commit
-    proc = subprocess.run(_torchrun(29571, *_args(images, weights, url)), env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = run_group(_torchrun(*_args(images, weights, url)), env)
     assert proc.returncode != 0
     s3.invalidate_cache()
     commits = [p for p in s3.find(f"{url}/{NEW.commits}") if p.endswith("zarr.json") and "/shard-" in p]
     assert 1 <= len(commits) < 7 and not s3.exists(f"{url}/{NEW.manifest}")
     first = dict(requests_counted)
     requests_counted.clear()
-    proc = subprocess.run(_torchrun(29572, *_args(images, weights, url)), env=cli_env(), capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = run_group(_torchrun(*_args(images, weights, url)), cli_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     rerun = dict(requests_counted)
     s3.invalidate_cache()
@@ -131,8 +133,7 @@ def test_torchrun_restarts_a_killed_rank_and_completes(s3, images, weights, loca
     url = "s3://bucket/extract/restarted"
     env = {**cli_env(), KILL_ENV: "1:1"}  # killed on the first attempt only; torchrun restarts the group
     # 3 restarts: on a loaded machine a restarted gloo group can time out connecting once more
-    proc = subprocess.run(_torchrun(29573, *_args(images, weights, url), restarts=3), env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = run_group(_torchrun(*_args(images, weights, url), restarts=3), env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "restart" in proc.stderr.lower()
     _check_equal(s3, url, local_store)

@@ -7,6 +7,8 @@ labels or the chunk layout fails here. The teacher's float16 outputs (cls, token
 value with golden_store_features.npz: their last bits depend on the CPU's matmul kernels (the hashes
 of the same command differed between an AVX-512/AMX Xeon and an AVX-512 EPYC under the same torch).
 Regenerated for issue 26 (tokens stored with blosc lz4 instead of zstd: tokens/zarr.json changed).
+The command asks for source row order (the order of every store before --row-order): a source-order
+store stays byte-identical; tests/test_row_order.py shows the shuffled order holds the same rows.
 Regenerate only for an intended format change: COSPRESS_WRITE_GOLDEN=1 pytest tests/test_golden_store.py
 """
 
@@ -68,7 +70,8 @@ def test_store_bytes_match_the_golden_store(tmp_path: Path) -> None:
         "extract-teacher", "--data", f"folder:{images}", "--teacher", "test_vit", "--weights", str(weights),
         "--image-size", "32", "--views", "2", "--center-view", "--shard-size", "4", "--batch-size", "6",
         "--workers", "0", "--precision", "fp32", "--device", "cpu", "--decode", "cpu",
-        "--color-jitter", "0.5", "--grayscale", "0.2", "--blur", "0.3", "--out", str(store), "--no-progress",
+        "--color-jitter", "0.5", "--grayscale", "0.2", "--blur", "0.3", "--row-order", "source",
+        "--out", str(store), "--no-progress",
     )  # fmt: skip
     manifest = read_record(store, NEW.manifest)
     hashes = _file_hashes(store)

@@ -22,6 +22,7 @@ from cospress import netio
 from cospress.distill.data import DistillBatches, TrainData, choose_views
 from cospress.errors import ConfigError
 from cospress.runtime import DistContext
+from cospress.store.row_order import SHUFFLED, store_row_order
 from cospress.store.stream import StreamOrder, StreamReader, gather, lane_batches
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,33 @@ def attach_stream(data: TrainData, cfg: Any, world: int) -> TrainData:
         "%d lane(s); %d steps per epoch; images %s", why, data.stream.buffer, data.stream.depth, lanes, len(order),
         images,
     )  # fmt: skip
+    unmixed = unmixed_shards(
+        data.labels, store.shard_size, data.stream.buffer, store_row_order(store.manifest)
+    )
+    if unmixed:
+        log.warning(unmixed)
     return data
+
+
+def unmixed_shards(labels: np.ndarray, shard_size: int, buffer: int, row_order: str) -> str | None:
+    """One warning line when streamed batches would see few classes: a store in source order (a class
+    folder lists its images class by class) whose shards each hold few of its classes."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels[labels >= 0])
+    shards = -(-len(labels) // max(1, shard_size))
+    if row_order == SHUFFLED or len(classes) < 2 or shards < 2:
+        return None
+    picked = np.unique(np.linspace(0, shards - 1, min(shards, 256)).astype(np.int64))  # a sample of shards
+    per = [np.unique(s[s >= 0]).size for s in (labels[i * shard_size : (i + 1) * shard_size] for i in picked)]
+    mixed = min(len(classes), float(np.mean(per)) * buffer)
+    if mixed >= len(classes) / 2:
+        return None
+    return (
+        f"the store's rows are in source order and a shard holds {np.mean(per):.1f} of its {len(classes)} "
+        f"classes on average: a streamed batch mixes ~{mixed:.0f} (a buffer of {buffer} shard(s)), which costs "
+        "quality (docs/performance.md); re-extract with --row-order shuffled, raise --stream-buffer, or use "
+        "--reader random"
+    )
 
 
 def check_stream_resume(data: TrainData, cfg: Any, state: dict[str, Any] | None) -> None:

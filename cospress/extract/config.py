@@ -10,6 +10,7 @@ from cospress import config as shared
 from cospress.config import setting
 from cospress.data.sources import DEFAULT_MAX_PIXELS
 from cospress.errors import ConfigError
+from cospress.store.row_order import ROW_ORDERS
 
 if TYPE_CHECKING:
     from cospress.data.policy import ViewPolicy
@@ -55,6 +56,12 @@ class ExtractConfig:
     )
     batch_size: int = setting(256, help="Views per teacher forward.")
     shard_size: int = setting(1024, help="Images per shard.")
+    row_order: str = setting(
+        "auto",
+        choices=ROW_ORDERS,
+        help="Order of the store's rows: shuffled (a seeded mix, so a streamed epoch sees mixed batches), "
+        "source (the source's own order), auto: source for wds: sources, shuffled otherwise.",
+    )
     scale_min: float = shared.view_setting("scale_min")
     scale_max: float = shared.view_setting("scale_max")
     flip: float = shared.view_setting("flip")

@@ -18,6 +18,7 @@ from cospress.errors import ConfigError, StoreError
 from cospress.extract.config import ExtractConfig
 from cospress.store import extensions as ext
 from cospress.store.remote import is_local
+from cospress.store.row_order import store_row_order
 from cospress.utils import atomic_write_json
 
 
@@ -72,5 +73,6 @@ def prepare_extension(cfg: ExtractConfig) -> tuple[ExtractConfig, Extending]:
     out = dataclasses.replace(
         cfg, out=str(root / path), views=cfg.add_views, add_views=0, to=None,
         shard_size=reader.shard_size, tokens=reader.has_tokens, token_codec=codec, center_view=False,
+        row_order=store_row_order(reader.manifest),
     )  # fmt: skip
     return out, Extending(root, path, first, cfg.add_views, reader.manifest)

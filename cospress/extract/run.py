@@ -32,6 +32,8 @@ from cospress.runtime import (
     tune_malloc,
 )
 from cospress.store import StoreLayout, make_identity
+from cospress.store.dest import Dest
+from cospress.store.row_order import SHUFFLED, resolve_row_order, store_row_order
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ def _extract(
         param_names=policy.param_names, precision=dtype_name(amp),
         decode=decode if decode == "cpu" else f"{decode}:{ctx.device.type}",
     )  # fmt: skip
+    if _row_order(cfg, source.kind) == SHUFFLED and not cfg.append:
+        identity["row_order"] = SHUFFLED  # an append keeps the store's order (`plan_append`)
     if extending is not None:
         extending.check(identity)
         identity["extension"] = extending.record()
@@ -115,6 +119,18 @@ def _extract(
             extending.register(manifest)  # the store's extension index, written last
     barrier()
     return summary
+
+
+def _row_order(cfg: ExtractConfig, source_kind: str) -> str:
+    """The order of the store's rows (`cospress.store.row_order`); with ``auto``, a store already at
+    --out is resumed in its own order (one made before row orders existed: source order)."""
+    if cfg.row_order == "auto" and not cfg.overwrite:
+        dest = Dest(cfg.out)
+        try:
+            return store_row_order(dest.read_record(dest.paths().identity))
+        except (FileNotFoundError, ValueError):  # no store yet (or a damaged one: open_store says so)
+            pass
+    return resolve_row_order(cfg.row_order, source_kind)
 
 
 def _summary(

@@ -26,6 +26,7 @@ from cospress.store import StoreLayout, StoreWriter
 from cospress.store.append import open_append, plan_append
 from cospress.store.dest import Dest
 from cospress.store.projection import codec_entry
+from cospress.store.row_order import SHUFFLED, shuffled_rows, store_row_order
 from cospress.utils import human_bytes, redact_config
 
 log = logging.getLogger(__name__)
@@ -223,9 +224,14 @@ def open_store(
     layout = dataclasses.replace(
         layout, token_codec=entry["name"], token_dim=int(entry.get("components") or layout.dim)
     )
+    positions = None
     if cfg.append:
         plan = plan_append(out, identity, keys, labels, identity["source"], layout)
         keys, labels, layout = plan.keys, plan.labels, plan.layout  # per row of the grown store
+        positions = plan.positions
+    elif store_row_order(identity) == SHUFFLED:  # row i is source image positions[i]
+        positions = shuffled_rows(keys, cfg.seed)
+        keys, labels = [keys[i] for i in positions], [labels[i] for i in positions]
     estimate = layout.estimate_bytes()
     if is_main:
         log.info(
@@ -249,4 +255,4 @@ def open_store(
     if not is_main:
         writer = StoreWriter.open(out, identity if plan is None else plan.identity, layout, create=False)
         writer.protected_shards = 0 if plan is None else plan.old_shards
-    return OpenedStore(writer, keys, labels, None if plan is None else plan.positions, estimate)
+    return OpenedStore(writer, keys, labels, positions, estimate)

@@ -21,6 +21,7 @@ from cospress.store import manifest as mf
 from cospress.store.layout import StoreLayout
 from cospress.store.reader import StoreReader
 from cospress.store.records import detect, remove_record, write_record
+from cospress.store.row_order import SHUFFLED, shuffled_rows, store_row_order
 from cospress.store.writer import StoreWriter
 from cospress.utils import atomic_write_bytes
 
@@ -115,12 +116,17 @@ def plan_append(
     p = Path(path)
     reader = _open_complete(p)
     old = reader.manifest
+    identity = {k: v for k, v in identity.items() if k != "row_order"}  # an append keeps the store's order
+    if store_row_order(old) == SHUFFLED:
+        identity["row_order"] = SHUFFLED
     _check_same_run(p, old, identity, layout)
     old_keys = reader.keys()
     pad_rows = {r for a, b in old.get("padding", []) for r in range(a, b)}
     real = [k for i, k in enumerate(old_keys) if i not in pad_rows]
     have_keys = set(real)
     new = [(i, k) for i, k in enumerate(source_keys) if k not in have_keys]
+    if store_row_order(old) == SHUFFLED:  # the new rows in the store's order too
+        new = [new[j] for j in shuffled_rows([k for _, k in new], int(identity["seed"]))]
     old_rows, old_shards = reader.num_rows, reader.num_shards
     start = old_shards * layout.shard_size if new else old_rows
     keys = old_keys + [""] * (start - old_rows) + [k for _, k in new]

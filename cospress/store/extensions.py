@@ -37,6 +37,7 @@ RUN_FIELDS = (
     ("seed", lambda d: d.get("seed")),
     ("key set", lambda d: ((d.get("source") or {}).get("keys_sha256"), (d.get("source") or {}).get("count"))),
     ("view params", lambda d: d.get("param_names")),
+    ("row order", lambda d: d.get("row_order", "source")),
 )
 LAYOUT_FIELDS = (
     ("token codec", lambda d: ((d.get("token_codec") or {}).get("name", "fp16"), d.get("tokens"))),

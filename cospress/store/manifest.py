@@ -26,6 +26,7 @@ FIELD_LABELS = {
     "k": "K (random views per image)",
     "center_view": "centre view",
     "seed": "seed",
+    "row_order": "row order",
     "decode": "decode path",
     "source": "source keys",
     "param_names": "view parameter names",
