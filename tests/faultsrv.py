@@ -98,6 +98,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return 404, {}, b"not found\n"
         data = path.read_bytes()
         headers = {"Accept-Ranges": "bytes"}
+        if self.srv.etag:  # a version, as S3 and most HTTP servers report it
+            st = path.stat()
+            headers["ETag"] = f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
         rng = self.headers.get("Range")
         if rng and rng.startswith("bytes="):
             a, _, b = rng[6:].partition("-")
@@ -136,8 +139,9 @@ class FaultServer:
         root: Path | None = None,
         upstream: str | None = None,
         auth: tuple[str, str, str | None] | None = None,  # user, password, signature (or None)
+        etag: bool = False,  # answer with an ETag (a file's size and modification time)
     ) -> None:
-        self.root, self.upstream, self.auth = root, upstream, auth
+        self.root, self.upstream, self.auth, self.etag = root, upstream, auth, etag
         self.rules: list[Rule] = []
         self.log: list[tuple[str, str, str | None, str | None]] = []
         self._lock = threading.Lock()

@@ -147,3 +147,37 @@ def test_the_wds_member_index_is_arrays_built_once_and_cached(tmp_path, monkeypa
     assert open_source(f"wds:{tar}").read_bytes(0) == imgs[0] and entry.read_bytes() == built
     _write_shard(tar, [("y.png", imgs[2])])  # a changed tar: a new entry
     assert open_source(f"wds:{tar}").keys() == ["y"]
+
+
+def test_the_index_of_a_tar_at_a_url_is_cached_by_its_version(tmp_path, monkeypatch):
+    """A tar read over HTTP is indexed once (a full GET), then found by one HEAD per tar while its
+    ETag holds; a changed tar (new ETag) is indexed again; a server without versions: every time."""
+    from cospress.data.sources import open_source
+    from tests.faultsrv import FaultServer
+    from tests.test_sources import _encode, _rgb, _write_shard
+
+    monkeypatch.setenv("COSPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    imgs = [_encode(_rgb(i), "PNG") for i in range(3)]
+    www = tmp_path / "www"
+    www.mkdir()
+
+    def gets(srv: FaultServer) -> int:
+        n = sum(1 for method, *_ in srv.log if method == "GET")
+        srv.log.clear()
+        return n
+
+    for etag in (True, False):
+        for s in range(2):
+            _write_shard(www / f"t{s}.tar", [(f"s{s}_{i}.png", imgs[i]) for i in range(3)])
+        srv = FaultServer(www, etag=etag)
+        try:
+            spec = f"wds:{srv.url}/t{{0..1}}.tar"
+            first = open_source(spec)
+            assert gets(srv) >= 2 and first.keys() == [f"s{s}_{i}" for s in range(2) for i in range(3)]
+            again = open_source(spec)
+            assert again.keys() == first.keys() and again.read_bytes(4) == imgs[1]
+            assert gets(srv) == (1 if etag else 2 + 1)  # cached: only the image read; else both tars again
+            _write_shard(www / "t1.tar", [("new.png", imgs[2])])  # a changed tar: a new ETag
+            assert open_source(spec).keys()[-1] == "new" and gets(srv) >= 1
+        finally:
+            srv.close()
