@@ -52,7 +52,13 @@ class DistillConfig:
         help="Online mode: run this teacher (as extract-teacher's --teacher) on fresh views every step "
         "instead of reading a store.",
     )
-    weights: str | None = setting(None, help="Online mode: local weights file of the teacher.")
+    refresh: float = setting(
+        0.0,
+        help="Hybrid mode (with --store): a fraction F (0 < F <= 1) of each batch's views drawn fresh (keyed by seed, "
+        "epoch, step) from the store's view policy and run through the store's teacher (built from its record; "
+        "--weights if it came from a file), the rest read from the store; random-access reader only; 0 = off.",
+    )
+    weights: str | None = setting(None, help="Online mode, or --refresh: local weights file of the teacher.")
     image_size: int | None = setting(
         None, help="Online mode: teacher input resolution.", shown="the teacher's"
     )
@@ -136,17 +142,26 @@ class DistillConfig:
         check_loggers(self.logger)
         if self.stream_buffer < 1 or self.stream_prefetch < 1:
             raise ConfigError("stream_buffer and stream_prefetch must be >= 1")
-        if self.teacher is None and (self.limit is not None or self.weights or self.image_size):
+        online = self.teacher is not None and not self.refresh  # with --refresh, --teacher names the store's
+        if not 0.0 <= self.refresh <= 1.0:
+            raise ConfigError(
+                f"refresh={self.refresh} must be a fraction of each batch's views, 0 < F <= 1 (0 = off)"
+            )
+        if self.refresh and (self.limit is not None or self.image_size):
+            raise ConfigError(
+                "--refresh runs the store's teacher at its size on the store's rows: drop limit, image_size"
+            )
+        if not online and not self.refresh and (self.limit is not None or self.weights or self.image_size):
             raise ConfigError("limit, weights and image_size apply to online mode (--teacher) only")
-        if self.teacher is None and (self.rand_augment or self.erase_prob or self.erase_mode != "pixel"):
+        if not online and (self.rand_augment or self.erase_prob or self.erase_mode != "pixel"):
             raise ConfigError(
                 "rand_augment, erase_prob and erase_mode apply to online mode (--teacher): a store replays the views it recorded"
             )
-        if self.teacher is not None:
+        if online:
             from cospress.data.policy import ViewPolicy
 
             ViewPolicy.from_settings(self)  # a bad RandAugment string or probability fails here, in one line
-        if self.teacher is not None and self.compressor_first:
+        if online and self.compressor_first:
             raise ConfigError(
                 "compressor_first fits h from a store's features: online mode (--teacher) has none"
             )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,6 +180,7 @@ class TrainData:
     val_rows: np.ndarray
     steps_per_epoch: int
     online: Any = None  # online mode: the OnlineTeacher (reader is None); None: targets from the store
+    refresh: Any = None  # --refresh: the store's teacher (an OnlineTeacher) for the fresh views
     stream: Any = None  # distill.streaming.StreamSetup when the store is streamed; None: random access
 
     @property
@@ -206,7 +206,7 @@ def epoch_loader(
         rank=ctx.rank,
         world=ctx.world,
     )
-    online = data.online.views if data.online else None
+    online = data.online.views if data.online else data.refresh.views if data.refresh else None
     batches = DistillBatches(
         data.lazy, plan, data.source_index, cfg.student_size, data.use_tokens, decode, online
     )
@@ -297,7 +297,8 @@ class DistillBatches(Dataset):
     :class:`~cospress.data.device_decode.EncodedBatch` of the n images);
     :func:`cospress.distill.prefetch.device_images` decodes and replays them on the compute device.
     ``online`` (``distill.online.OnlineViews``): view params drawn fresh, not read; "cls" / "tokens"
-    None, "teacher_images" the views at the teacher's size (None in bytes mode).
+    None, "teacher_images" the views at the teacher's size (None in bytes mode). With a store
+    (``--refresh``), only the slots ``online.fresh`` picks are drawn fresh (and in "teacher_images").
     """
 
     def __init__(
@@ -320,19 +321,30 @@ class DistillBatches(Dataset):
     def __getitem__(self, step: int) -> dict[str, Any]:
         rows, views = self.plan.rows_views(int(step))
         out = {"cls": None, "tokens": None, "rows": torch.as_tensor(rows), "step": int(step)}
-        if self.online is None:
-            t = read_targets(self.lazy.reader, rows, views, self.tokens, keep_int8=True)
-            out["cls"], out["tokens"], out["token_scale"] = t["cls"], t["tokens"], t.get("token_scale")
-            stored = t["params"].numpy().reshape(len(rows), views.shape[1], -1)
+        e, fresh = self.plan.epoch, None if self.online is None else self.online.fresh(self.plan, int(step))
+        if self.lazy.store_url is None:  # online: every view fresh
+            return self._replay(
+                out, rows, lambda i, w, h: self.online.params(rows[i], e, views[i], w, h), fresh=fresh
+            )
+        t = read_targets(self.lazy.reader, rows, views, self.tokens, keep_int8=True)
+        out["cls"], out["tokens"], out["token_scale"] = t["cls"], t["tokens"], t.get("token_scale")
+        stored = t["params"].numpy().reshape(len(rows), views.shape[1], -1)
+        if fresh is None:
             return self._replay(out, rows, lambda i, w, h: stored[i])
-        e = self.plan.epoch
-        return self._replay(out, rows, lambda i, w, h: self.online.params(int(rows[i]), e, views[i], w, h))
+
+        def params_of(i: int, w: int, h: int) -> np.ndarray:  # --refresh: fresh params in the fresh slots
+            p, j = stored[i].copy(), np.flatnonzero(fresh[i])
+            p[j] = self.online.params(rows[i], e, j, w, h) if len(j) else p[j]
+            return p
+
+        return self._replay(out, rows, params_of, fresh=fresh)
 
     def _replay(
-        self, out: dict[str, Any], rows: np.ndarray, params_of: Any, source: Any = None
+        self, out: dict[str, Any], rows: np.ndarray, params_of: Any, source: Any = None, fresh: Any = None
     ) -> dict[str, Any]:
         """Read each row's image (from ``source``, default the run's) and replay its views;
-        ``params_of(i, width, height)`` -> f32 [R, P]."""
+        ``params_of(i, width, height)`` -> f32 [R, P]; ``fresh`` bool [n, R]: views also replayed at the
+        teacher's size ("teacher_images") and flagged in "fresh" [n*R] (online: all; --refresh: F of them)."""
         encoded, images, teacher_images, params = [], [], [], []
         source = self.lazy.source if source is None else source
         for i, row in enumerate(rows):
@@ -344,9 +356,11 @@ class DistillBatches(Dataset):
             p = params_of(i, *sample.image.size)
             params.append(p)
             images.extend(replay_view(sample.image, view, self.student_size) for view in p)
-            if self.online is not None:
-                teacher_images.extend(replay_view(sample.image, view, self.online.teacher_size) for view in p)
+            if fresh is not None:
+                size = self.online.teacher_size
+                teacher_images.extend(replay_view(sample.image, v, size) for v in p[fresh[i]])
         out["params"] = torch.from_numpy(np.ascontiguousarray(np.concatenate(params), dtype=np.float32))
+        out["fresh"] = None if fresh is None else torch.from_numpy(np.ascontiguousarray(fresh).reshape(-1))
         if encoded:
             return {**out, "images": None, "encoded": pack(encoded)}
         out["teacher_images"] = torch.stack(teacher_images) if teacher_images else None
@@ -369,31 +383,3 @@ class StepSampler(torch.utils.data.Sampler):
 def collate_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
     """The DataLoader yields whole batches (one item per step): unwrap the single item."""
     return items[0]
-
-
-def feature_batches(
-    reader: Any,
-    rows: np.ndarray,
-    *,
-    seed: int,
-    epoch: int,
-    batch_size: int,
-    views_per_image: int,
-    tokens: bool,
-) -> Iterator[dict[str, Any]]:
-    """Batches of cached features only (for fitting the compressor without images).
-
-    Yields {"cls": f16 [n*R, Dt], "tokens": f16 [n*R, T, Dt] | None} for every full batch of the epoch.
-    """
-    plan = BatchPlan(
-        rows,
-        seed=seed,
-        epoch=epoch,
-        batch_size=batch_size,
-        views_per_image=views_per_image,
-        stored_views=reader.stored_views,
-    )
-    for step in range(len(plan)):
-        rws, views = plan.rows_views(step)
-        t = read_targets(reader, rws, views, tokens)
-        yield {"cls": t["cls"], "tokens": t["tokens"]}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cospress import runtime
-from cospress.distill.data import TrainData, feature_batches
+from cospress.distill.data import BatchPlan, TrainData, read_targets
 from cospress.models.features import Features
 from cospress.runtime import autocast
 
@@ -319,3 +319,31 @@ def fit_compressor(
     runtime.broadcast_module(compressor)
     for p in compressor.parameters():
         p.requires_grad_(False)
+
+
+def feature_batches(
+    reader: Any,
+    rows: np.ndarray,
+    *,
+    seed: int,
+    epoch: int,
+    batch_size: int,
+    views_per_image: int,
+    tokens: bool,
+) -> Iterator[dict[str, Any]]:
+    """Batches of cached features only (for fitting the compressor without images).
+
+    Yields {"cls": f16 [n*R, Dt], "tokens": f16 [n*R, T, Dt] | None} for every full batch of the epoch.
+    """
+    plan = BatchPlan(
+        rows,
+        seed=seed,
+        epoch=epoch,
+        batch_size=batch_size,
+        views_per_image=views_per_image,
+        stored_views=reader.stored_views,
+    )
+    for step in range(len(plan)):
+        rws, views = plan.rows_views(step)
+        t = read_targets(reader, rws, views, tokens)
+        yield {"cls": t["cls"], "tokens": t["tokens"]}

@@ -44,7 +44,9 @@ from cospress.distill.data import (
     split_rows,
 )
 from cospress.distill.model import DistillModel, Schedule, compile_student, make_optimizer, train_step
+from cospress.distill.online import load_refresh_teacher
 from cospress.distill.prefetch import prefetch, prepare_batch
+from cospress.distill.refresh import check_refresh
 from cospress.distill.reuse import ReuseLog
 from cospress.distill.state import (
     MetricsLog,
@@ -116,7 +118,10 @@ def train(
             for ready in prefetch(loader, prep, device):  # k+1 is decoded + sent up while k trains
                 batch, t_data = ready.batch, time.perf_counter() - t0
                 lr = schedule(at.step)
-                teacher = data.online.features(batch, device) if ready.teacher is None else ready.teacher
+                fresh = (
+                    data.online or data.refresh
+                )  # the teacher of the fresh views (online: all; --refresh: F)
+                teacher = ready.teacher if fresh is None else fresh.features(batch, device, ready.teacher)
                 losses = train_step(dmodel, opt, ready.images, teacher, lr, cfg, data.use_tokens, grids)
                 at.step, at.position = at.step + 1, int(batch["step"]) + 1
                 views_done += cfg.batch_size
@@ -176,7 +181,7 @@ def prepare(cfg: DistillConfig) -> DistillConfig:
     opened (it could point a reader anywhere).
     """
     cfg.validate()
-    if cfg.teacher is not None:
+    if cfg.teacher is not None and not cfg.refresh:  # online (with --refresh, --teacher names the store's)
         views = stored = _online_views(cfg)
     else:
         views, stored = cfg.views_per_image, _stored_views(cfg)
@@ -191,7 +196,7 @@ def prepare(cfg: DistillConfig) -> DistillConfig:
 
 
 def _stored_views(cfg: DistillConfig) -> int:
-    """The store's stored views (a URL store needs --data)."""
+    """The store's stored views (a URL store needs --data); ``--refresh`` checked against the store."""
     from cospress.store.reader import StoreReader
     from cospress.store.remote import is_local
 
@@ -200,7 +205,10 @@ def _stored_views(cfg: DistillConfig) -> int:
             "the store is read from a URL: pass --data with its image source "
             "(the source recorded in a published store is not opened)"
         )
-    return StoreReader(cfg.store, cache_dir=cfg.cache_dir).stored_views
+    reader = StoreReader(cfg.store, cache_dir=cfg.cache_dir)
+    if cfg.refresh:
+        check_refresh(cfg, reader)
+    return reader.stored_views
 
 
 def _online_views(cfg: DistillConfig) -> int:
@@ -221,7 +229,7 @@ def open_train_data(cfg: DistillConfig, world: int, device: torch.device | None 
     from cospress.data.sources import open_source
     from cospress.store.reader import StoreReader
 
-    if cfg.teacher is not None:
+    if cfg.teacher is not None and not cfg.refresh:
         return _open_online(cfg, device or torch.device("cpu"))
 
     reader = StoreReader(cfg.store, cache_dir=cfg.cache_dir)
@@ -251,6 +259,8 @@ def open_train_data(cfg: DistillConfig, world: int, device: torch.device | None 
     if not data.knn:
         log.info("no labelled validation rows: kNN validation is off, best = last")
     attach_stream(data, cfg, world)
+    if cfg.refresh:  # the store's teacher, for the fresh views (prepare refused the stream reader)
+        data.refresh = load_refresh_teacher(cfg, reader, use_tokens, device or torch.device("cpu"))
     log.info(
         "store %s: %d rows (%d train, %d val), stored views=%d, Dt=%d, tokens=%s; source %s",
         reader.display, reader.num_rows, len(split.train), len(split.val),
@@ -308,7 +318,11 @@ def targets_header(data: TrainData) -> dict[str, Any]:
     """The run header's "teacher" and "store" entries (store None online)."""
     if data.online is not None:
         return {"teacher": data.online.describe(), "store": None}
-    return {"teacher": data.reader.manifest.get("teacher"), "store": store_entry(data.reader)}
+    teacher = data.reader.manifest.get("teacher")
+    if data.refresh is not None:  # --refresh: how the fresh views are drawn
+        v = data.refresh.views
+        teacher = {**teacher, "refresh": {"fraction": v.fraction, "seed": v.seed, "first_view": v.offset}}
+    return {"teacher": teacher, "store": store_entry(data.reader)}
 
 
 def _teacher_grid(reader: Any) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 """The reuse study: how often can a stored view be shown before a cached student falls behind online?
 
     .venv/bin/python pipelines/reuse_study/run.py --out runs/reuse-study [--ks 1,10,3] [--passes 100]
-        [--seeds 0] [--extra-seeds k1:1,online:1] [--write-doc FILE]
+        [--seeds 0] [--extra-seeds k1:1,online:1] [--refresh 0.25 --refresh-seeds 0,1] [--write-doc FILE]
 
 Reuse = epochs x R / K: how many times each stored view is shown over a run. The views study
 (pipelines/views_study/) held it at <= 12; the paper's ImageNet recipe over a K = 10 store is ~90.
@@ -17,6 +17,9 @@ Here every arm trains the same steps with the same R on few images for many epoc
 - ``k{K}``: ``cospress extract-teacher --views K`` (view seed 0 for every store), then ``cospress
   distill --store`` with R (1) views of each image per batch: reuse = passes / K;
 - ``online``: ``cospress distill --teacher`` with the same R: every epoch draws R fresh views;
+- ``k{K}r{F}`` (``--refresh F``, K = the first of ``--ks``): the K store with ``distill --refresh F``:
+  a fraction F of every batch's views drawn fresh and run through the store's teacher, the rest read
+  from the store (stored views shown passes x (1 - F) / K times, passes x F fresh views per image);
 - every arm: ``--passes`` (100) views of every image in all (epochs = passes / R), batch 200, 20%
   warm-up, cosine, AdamW 5e-4; then ``cospress knn-eval`` (kNN k = 20, T = 0.07 over classes 0-4,
   classes 5-9 held out as near-OOD, Spearman rho and 10-NN overlap to the teacher on the test images).
@@ -106,7 +109,7 @@ class Study:
         return store
 
     def distill(self, arm: str, seed: int) -> Path:
-        run, r = self.out / f"{arm}-s{seed}", self.a.r
+        run, r, (k, refresh) = self.out / f"{arm}-s{seed}", self.a.r, arm_parts(arm)
         epochs = self.a.passes // r
         common = [
             "--student", STUDENT, "--student-size", str(STUDENT_SIZE), "--student-kwargs", f"depth={DEPTH}",
@@ -117,7 +120,7 @@ class Study:
         if arm == "online":
             source = ["--teacher", TEACHER, "--image-size", str(TEACHER_SIZE), "--data", self.train_src]
         else:
-            source = ["--store", str(self.store(int(arm[1:])))]
+            source = ["--store", str(self.store(k))] + (["--refresh", f"{refresh:g}"] if refresh else [])
         if not (run / "export" / "student.json").exists():
             resume = ["--resume"] if (run / "last.json").exists() else []
             self.timed(f"distill-{arm}-s{seed}", "distill", *source, *common, *resume)
@@ -143,12 +146,23 @@ class Study:
         return sum(1 for r in rows if r.get("phase") == "train")
 
 
+def arm_parts(arm: str) -> tuple[int | None, float]:
+    """(K, refresh F) of an arm name: ``online`` -> (None, 0), ``k3`` -> (3, 0), ``k1r0.25`` -> (1, 0.25)."""
+    if arm == "online":
+        return None, 0.0
+    k, _, f = arm[1:].partition("r")
+    return int(k), float(f or 0.0)
+
+
 def row(study: Study, arm: str, seed: int, report: dict) -> dict:
     fid, t, a = report.get("fidelity") or {}, study.times, study.a
+    k, refresh = arm_parts(arm)
     return {
         "arm": arm,
         "seed": seed,
-        "reuse": None if arm == "online" else a.passes / int(arm[1:]),
+        "reuse": None if k is None else a.passes * (1.0 - refresh) / k,
+        "refresh": refresh,
+        "fresh_per_image": a.passes * (1.0 if k is None else refresh),
         "top1": report["top1"],
         "auroc": report["auroc"],
         "fpr95": report["fpr95"],
@@ -156,7 +170,7 @@ def row(study: Study, arm: str, seed: int, report: dict) -> dict:
         "overlap10": fid.get("knn10_overlap"),
         "steps": study.steps(arm, seed),
         "distill_s": t.get(f"distill-{arm}-s{seed}"),
-        "extract_s": t.get(f"extract-{arm}", 0.0),
+        "extract_s": t.get(f"extract-k{k}", 0.0),
         "eval_s": t.get(f"eval-{arm}-s{seed}"),
     }
 
@@ -167,6 +181,8 @@ def plan(a: argparse.Namespace) -> list[tuple[str, int]]:
     arms[1:1] = [] if a.no_online else ["online"]  # online right after the highest-reuse arm
     first = [(arm, s) for s in (int(x) for x in a.seeds.split(",")) for arm in arms]
     extra = [(arm, int(s)) for arm, s in (e.split(":") for e in a.extra_seeds.split(",") if e)]
+    if a.refresh:  # the hybrid arm on the highest-reuse store
+        extra += [(f"k{a.ks.split(',')[0]}r{a.refresh:g}", int(s)) for s in a.refresh_seeds.split(",") if s]
     return first + [e for e in extra if e not in first]
 
 
@@ -188,6 +204,13 @@ def main() -> None:
     p.add_argument("--seeds", default="0")
     p.add_argument("--extra-seeds", default="k1:1,online:1", help="arm:seed pairs run after the first seed")
     p.add_argument("--no-online", action="store_true")
+    p.add_argument(
+        "--refresh",
+        type=float,
+        default=None,
+        help="also the hybrid arm: the first K's store with distill --refresh F",
+    )
+    p.add_argument("--refresh-seeds", default="0,1", help="seeds of the --refresh arm")
     p.add_argument("--write-doc", default=None)
     p.add_argument("--times", default="times.json", help="wall-time file in OUT (all times*.json are read)")
     a = p.parse_args()
@@ -215,7 +238,10 @@ def _ms(values: list[float], digits: int, scale: float = 1.0) -> str:
 
 
 def _reuse(r: dict) -> str:
-    return "fresh" if r["reuse"] is None else f"{r['reuse']:.3g}"
+    if r["reuse"] is None:
+        return "fresh"
+    fresh = r.get("fresh_per_image") if r.get("refresh") else None
+    return f"{r['reuse']:.3g}" + (f" + {fresh:g} fresh" if fresh else "")
 
 
 def table(rows: list[dict], teacher: dict, a: argparse.Namespace) -> str:
@@ -258,12 +284,17 @@ def plot(rows: list[dict], teacher: dict, path: Path) -> None:
 
     metrics = (("top1", "kNN top-1 %"), ("auroc", "OOD AUROC"), ("spearman", "Spearman ρ to the teacher"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    cached = [r for r in rows if r["reuse"] is not None]
+    cached = [r for r in rows if r["reuse"] is not None and not r.get("refresh")]
+    hybrid = [r for r in rows if r.get("refresh")]
     reuses = sorted({r["reuse"] for r in cached})
     for ax, (key, label) in zip(axes, metrics, strict=True):
         ax.scatter([r["reuse"] for r in cached], [r[key] for r in cached], color="tab:blue", s=14)
         means = [statistics.mean(r[key] for r in cached if r["reuse"] == u) for u in reuses]
         ax.plot(reuses, means, "-o", color="tab:blue", label="cached (K views)")
+        for f in sorted({r["refresh"] for r in hybrid}):
+            rs = [r for r in hybrid if r["refresh"] == f]
+            ax.scatter([r["reuse"] for r in rs], [r[key] for r in rs], color="tab:green", marker="^", s=30,
+                       label=f"K = {rs[0]['arm'][1:].partition('r')[0]} + --refresh {f:g} (stored reuse)")  # fmt: skip
         online = [r[key] for r in rows if r["reuse"] is None]
         if online:
             lo, hi, mid = min(online), max(online), statistics.mean(online)

@@ -1,0 +1,147 @@
+"""The hybrid mode ``cospress distill --refresh F`` (issue 27): a fraction F of each batch's views drawn
+fresh from the store's view policy and run through the store's teacher, the rest read from the store.
+
+Checked: the fraction of fresh slots per batch and that they are a pure function of (seed, epoch,
+step); the fresh views' params are the keyed draws numbered after the stored views (so with the
+store's seed they are the views a larger store holds next) and their targets are that larger store's;
+F = 1 reads no stored target; SIGKILL + --resume gives bitwise the weights of an uninterrupted run; a
+--teacher other than the store's, a teacher file that is not the store's and the stream reader are
+refused in one line; the reuse accounting (counter, run.json, metrics.jsonl, the start-up line).
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from cospress.config import to_dict  # noqa: E402
+from cospress.distill import DistillConfig, run_distill  # noqa: E402
+from cospress.distill import reuse as ru  # noqa: E402
+from cospress.distill.data import BatchPlan, DistillBatches, read_targets  # noqa: E402
+from cospress.distill.refresh import fresh_count, fresh_mask  # noqa: E402
+from cospress.distill.run import open_train_data, prepare  # noqa: E402
+from cospress.errors import ConfigError, StoreError  # noqa: E402
+from cospress.store.reader import StoreReader  # noqa: E402
+from tests.helpers import error_line, make_tiny_teacher_weights, run_cli  # noqa: E402
+from tests.test_distill import make_images  # noqa: E402
+from tests.test_distill_resume import _resume_and_compare, kill_after_two_steps  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(images, teacher weights, a K=2 store, a K=4 store of the same seed), tiny test_vit teacher at 32 px."""
+    tmp = tmp_path_factory.mktemp("refresh")
+    make_images(tmp / "images", n=20)
+    weights = make_tiny_teacher_weights(tmp / "teacher.safetensors")
+    return tmp / "images", weights, _extract(tmp, weights, 2), _extract(tmp, weights, 4)
+
+
+def _extract(tmp: Path, weights: Path, k: int) -> Path:
+    from cospress.extract import ExtractConfig, run_extract
+
+    run_extract(
+        ExtractConfig(
+            data=f"folder:{tmp / 'images'}", teacher="test_vit", weights=str(weights), image_size=32, views=k,
+            seed=3, shard_size=5, batch_size=16, workers=0, precision="fp32", device="cpu", out=str(tmp / f"k{k}"),
+        )
+    )  # fmt: skip
+    return tmp / f"k{k}"
+
+
+def refresh_cfg(store: Path, weights: Path, images: Path, out: Path, **kw) -> DistillConfig:
+    base = dict(
+        store=str(store), weights=str(weights), data=f"folder:{images}", out=str(out), refresh=0.25,
+        student="test_vit", student_size=32, epochs=2, batch_size=12, views_per_image=2, workers=0,
+        precision="fp32", device="cpu", val_fraction=0.2, warmup_epochs=0.5, temperatures=[0.02, 0.1], seed=3,
+    )  # fmt: skip
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def test_fresh_slots_are_a_fraction_of_each_batch_and_keyed():
+    assert [fresh_count(200, f) for f in (0.0, 0.25, 1.0, 0.001)] == [0, 50, 200, 1]
+    a = fresh_mask(0, 3, 5, images=100, views_per_image=2, fraction=0.25)
+    assert a.shape == (100, 2) and a.sum() == 50
+    assert np.array_equal(a, fresh_mask(0, 3, 5, 100, 2, 0.25))  # (seed, epoch, step) -> the same slots
+    others = [fresh_mask(*key, 100, 2, 0.25) for key in ((1, 3, 5), (0, 4, 5), (0, 3, 6))]
+    assert all(not np.array_equal(a, b) for b in others)
+    assert fresh_mask(0, 0, 0, 10, 3, 1.0).all() and not fresh_mask(0, 0, 0, 10, 3, 0.0).any()
+
+
+def _batch(cfg: DistillConfig, rank: int = 0, world: int = 1, step: int = 0, epoch: int = 0):
+    cfg = prepare(cfg)
+    data = open_train_data(cfg, world, torch.device("cpu"))
+    plan = BatchPlan(data.split.train, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
+                     views_per_image=cfg.views_per_image, stored_views=data.reader.stored_views,
+                     rank=rank, world=world)  # fmt: skip
+    batches = DistillBatches(data.lazy, plan, data.source_index, 32, True, "cpu", data.refresh.views)
+    return cfg, data, plan, batches[step]
+
+
+def test_fresh_views_are_the_next_views_of_a_larger_store(setup, tmp_path):
+    """K=2 store, seed 3, F=1: epoch 0's fresh views are views 2, 3 of the same-seed K=4 store, with its targets."""
+    images, weights, k2, k4 = setup
+    cfg, data, plan, batch = _batch(refresh_cfg(k2, weights, images, tmp_path / "r", refresh=1.0))
+    assert batch["fresh"].all() and batch["teacher_images"].shape[0] == cfg.batch_size
+    rows = batch["rows"].numpy()
+    want = read_targets(StoreReader(str(k4)), rows, np.tile([2, 3], (len(rows), 1)), tokens=True)
+    assert torch.equal(batch["params"], want["params"])  # the keyed draws after the stored views
+    stored = data.refresh.features(batch, torch.device("cpu"), None)  # online form: every view from the teacher
+    torch.testing.assert_close(stored.cls, want["cls"].float(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(stored.tokens, want["tokens"].float(), rtol=2e-3, atol=2e-3)
+
+
+def test_a_fraction_of_the_batch_is_fresh_the_rest_read(setup, tmp_path):
+    images, weights, k2, k4 = setup
+    cfg, data, plan, batch = _batch(refresh_cfg(k2, weights, images, tmp_path / "r", refresh=0.25), step=0)
+    fresh = batch["fresh"].numpy()
+    assert fresh.sum() == 3 and batch["teacher_images"].shape[0] == 3  # 25% of 12 views
+    full = fresh_mask(cfg.seed, 0, 0, plan.images_per_batch, 2, 0.25).reshape(-1)
+    assert np.array_equal(fresh, full)
+    rows, views = plan.rows_views(0)
+    cached = read_targets(data.reader, rows, views, tokens=True)
+    assert torch.equal(batch["params"][~fresh], cached["params"][~fresh])  # stored views replayed as recorded
+    assert not torch.equal(batch["params"][fresh], cached["params"][fresh])
+    from cospress.distill.model import teacher_features
+
+    got = data.refresh.features(batch, torch.device("cpu"), teacher_features(batch, torch.device("cpu")))
+    assert torch.equal(got.cls[~fresh], cached["cls"].float()[~fresh])  # read from the store
+    assert not torch.allclose(got.cls[fresh], cached["cls"].float()[fresh])  # the teacher's, on new views
+    # two ranks: each takes its images' rows of the global mask
+    _, _, _, half = _batch(refresh_cfg(k2, weights, images, tmp_path / "r2", refresh=0.25), rank=1, world=2)
+    assert np.array_equal(half["fresh"].numpy(), full[len(full) // 2 :])
+
+
+def test_refresh_run_records_reuse_and_fresh_views(setup, tmp_path):
+    images, weights, k2, _ = setup
+    out = tmp_path / "run"
+    proc = run_cli(
+        "distill", "--store", str(k2), "--weights", str(weights), "--data", f"folder:{images}", "--refresh", "0.5",
+        "--student", "test_vit", "--student-size", "32", "--epochs", "2", "--batch-size", "12",
+        "--views-per-image", "2", "--workers", "0", "--device", "cpu", "--precision", "fp32",
+        "--val-fraction", "0.2", "--seed", "3", "--out", str(out), "--no-progress",
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert "--refresh 0.5" in log and "fresh views per image" in log
+    header = json.loads((out / "run.json").read_text())
+    assert header["teacher"]["refresh"] == {"fraction": 0.5, "seed": 3, "first_view": 2}
+    reuse = header["reuse"]
+    assert reuse["refresh"] == 0.5 and reuse["planned_reuse"] == pytest.approx(2 * 2 * 0.5 / 2)
+    assert reuse["planned_fresh_views"] == pytest.approx(2.0)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["phase"] == "train"]
+    assert train and all(np.isfinite(r["loss/total"]) for r in train)
+    per_epoch = [r for r in rows if r["phase"] == "reuse"]
+    assert [r["epoch"] for r in per_epoch] == [0, 1] and per_epoch == reuse["per_epoch"]
+    last = per_epoch[-1]
+    steps = reuse["images"] // 6  # per epoch: 6 images (12 views) per batch, all training rows counted
+    assert last["refresh"] == 0.5 and last["rows_counted"] == reuse["images"]
+    shown = (last["shown_mean"] * last["stored_views"] + last["fresh_views_mean"]) * last["rows_counted"]
+    assert shown == pytest.approx(2 * steps * 12)  # every view shown is either a stored or a fresh one
+    assert last["fresh_views_mean"] * last["rows_counted"] == pytest.approx(2 * steps * 6)  # 6 fresh per batch
