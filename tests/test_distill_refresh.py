@@ -92,7 +92,9 @@ def test_fresh_views_are_the_next_views_of_a_larger_store(setup, tmp_path):
     rows = batch["rows"].numpy()
     want = read_targets(StoreReader(str(k4)), rows, np.tile([2, 3], (len(rows), 1)), tokens=True)
     assert torch.equal(batch["params"], want["params"])  # the keyed draws after the stored views
-    stored = data.refresh.features(batch, torch.device("cpu"), None)  # online form: every view from the teacher
+    stored = data.refresh.features(
+        batch, torch.device("cpu"), None
+    )  # online form: every view from the teacher
     torch.testing.assert_close(stored.cls, want["cls"].float(), rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(stored.tokens, want["tokens"].float(), rtol=2e-3, atol=2e-3)
 
@@ -113,6 +115,17 @@ def test_a_fraction_of_the_batch_is_fresh_the_rest_read(setup, tmp_path):
     got = data.refresh.features(batch, torch.device("cpu"), teacher_features(batch, torch.device("cpu")))
     assert torch.equal(got.cls[~fresh], cached["cls"].float()[~fresh])  # read from the store
     assert not torch.allclose(got.cls[fresh], cached["cls"].float()[fresh])  # the teacher's, on new views
+    # bytes mode: the fresh views are decoded and replayed on the device (within a grey level)
+    lazy, index = data.lazy, data.source_index
+    dev = DistillBatches(lazy, plan, index, 32, True, "device", data.refresh.views)[0]
+    assert (
+        dev["images"] is None
+        and dev.get("teacher_images") is None
+        and torch.equal(dev["fresh"], batch["fresh"])
+    )
+    got_dev = data.refresh.features(dev, torch.device("cpu"), teacher_features(dev, torch.device("cpu")))
+    torch.testing.assert_close(got_dev.cls, got.cls, rtol=0, atol=0.05)
+    torch.testing.assert_close(got_dev.tokens, got.tokens, rtol=0, atol=0.05)
     # two ranks: each takes its images' rows of the global mask
     _, _, _, half = _batch(refresh_cfg(k2, weights, images, tmp_path / "r2", refresh=0.25), rank=1, world=2)
     assert np.array_equal(half["fresh"].numpy(), full[len(full) // 2 :])
@@ -144,4 +157,84 @@ def test_refresh_run_records_reuse_and_fresh_views(setup, tmp_path):
     assert last["refresh"] == 0.5 and last["rows_counted"] == reuse["images"]
     shown = (last["shown_mean"] * last["stored_views"] + last["fresh_views_mean"]) * last["rows_counted"]
     assert shown == pytest.approx(2 * steps * 12)  # every view shown is either a stored or a fresh one
-    assert last["fresh_views_mean"] * last["rows_counted"] == pytest.approx(2 * steps * 6)  # 6 fresh per batch
+    assert last["fresh_views_mean"] * last["rows_counted"] == pytest.approx(
+        2 * steps * 6
+    )  # 6 fresh per batch
+
+
+def test_refused_in_one_line(setup, tmp_path):
+    images, weights, k2, _ = setup
+    with pytest.raises(StoreError, match="made by teacher test_vit"):
+        prepare(refresh_cfg(k2, weights, images, tmp_path / "a", teacher="vit_small_patch14_dinov2"))
+    assert prepare(refresh_cfg(k2, weights, images, tmp_path / "b", teacher="test_vit")).refresh == 0.25
+    with pytest.raises(ConfigError, match="stream reader"):
+        prepare(refresh_cfg(k2, weights, images, tmp_path / "c", reader="stream"))
+    for bad in (dict(refresh=1.5), dict(refresh=-0.1), dict(limit=5), dict(image_size=64)):
+        with pytest.raises(ConfigError):
+            prepare(refresh_cfg(k2, weights, images, tmp_path / "d", **bad))
+    # a teacher file that is not the one the store was extracted with: its fingerprint differs
+    other = make_tiny_teacher_weights(tmp_path / "other.safetensors", seed=1)
+    bad = run_cli(
+        "distill", "--store", str(k2), "--refresh", "0.5", "--weights", str(other), "--data", f"folder:{images}",
+        "--student", "test_vit", "--student-size", "32", "--batch-size", "12", "--views-per-image", "2",
+        "--device", "cpu", "--workers", "0", "--out", str(tmp_path / "e"), check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "fingerprint" in error_line(bad) and "--weights" in error_line(bad)
+    bad = run_cli("distill", "--store", str(k2), "--refresh", "0.5", "--teacher", "resnet18", check=False)
+    assert bad.returncode == 2 and "not resnet18" in error_line(bad)
+
+
+def brute(rows: np.ndarray, epochs: int, batch: int, r: int, k: int, seed: int, f: float):
+    """(stored counts [rows, K], fresh views [rows]) read off the batch plans and fresh masks step by step."""
+    counts, fresh = np.zeros((rows.max() + 1, k), np.int64), np.zeros(rows.max() + 1, np.int64)
+    for epoch in range(epochs):
+        plan = BatchPlan(rows, seed=seed, epoch=epoch, batch_size=batch, views_per_image=r, stored_views=k)
+        for step in range(len(plan)):
+            rws, views = plan.rows_views(step)
+            mask = fresh_mask(seed, epoch, step, len(rws), r, f)
+            for row, vs, m in zip(rws, views, mask, strict=True):
+                counts[row, vs[~m]] += 1
+                fresh[row] += m.sum()
+    return counts[rows], fresh[rows]
+
+
+def test_reuse_counts_show_stored_views_less_and_count_fresh_ones():
+    rows = np.arange(3, 40, dtype=np.int64)
+    counter = ru.ReuseCounter(
+        rows, seed=7, views_per_image=2, images_per_batch=6, stored_views=3, refresh=0.25
+    )
+    for epoch in range(5):
+        counter.add_epoch(epoch)
+    counts, fresh = brute(rows, 5, 12, 2, 3, seed=7, f=0.25)
+    rec = counter.record(4)
+    assert rec["shown_mean"] == pytest.approx(counts.mean()) and rec["shown_max"] == counts.max()
+    assert (
+        rec["fresh_views_mean"] == pytest.approx(fresh.mean()) and fresh.sum() == 5 * 6 * 3
+    )  # 3 of 12 per batch
+    assert rec["distinct_views_mean"] == pytest.approx(((counts > 0).sum(1) + fresh).mean())
+    assert rec["refresh"] == 0.25 and rec["stored_views"] == 3
+    # the plan: stored views shown (1 - F) as often; the warning and the recommended K follow
+    assert ru.planned_reuse(100, 1, 1, refresh=0.25) == 75.0
+    assert ru.recommend_k(100, 1, limit=25, refresh=0.5) == 2 and ru.recommend_k(100, 1, limit=25) == 4
+    assert ru.reuse_warning(100, 1, 1, refresh=0.25).startswith("planned reuse 75 ")
+    assert "x (1 - refresh 0.25)" in ru.reuse_warning(100, 1, 1, refresh=0.25)
+    line = ru.plan_line(400, 100, 1, 1, refresh=0.25)
+    assert "~75.0 times" in line and "~25 fresh views per image" in line and "10,000 teacher forwards" in line
+
+
+KW = dict(epochs=2, save_every=1, refresh=0.5)
+
+
+def test_refresh_sigkill_then_resume_gives_the_same_weights(setup, tmp_path):
+    images, weights, k2, _ = setup
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # float sums depend on the thread count: match the subprocesses
+    try:
+        ref = run_distill(refresh_cfg(k2, weights, images, tmp_path / "ref", **KW))
+    finally:
+        torch.set_num_threads(threads)
+    steps = ref["steps"]
+    assert steps >= 4
+    cfg = to_dict(refresh_cfg(k2, weights, images, tmp_path / "killed", workers=1, **KW))
+    assert 2 <= kill_after_two_steps(cfg) < steps
+    _resume_and_compare(cfg, tmp_path / "ref", steps)

@@ -50,7 +50,7 @@ class DistillConfig:
     teacher: str | None = setting(
         None,
         help="Online mode: run this teacher (as extract-teacher's --teacher) on fresh views every step "
-        "instead of reading a store.",
+        "instead of reading a store; with --refresh, only checked to be the store's teacher (name or fingerprint).",
     )
     refresh: float = setting(
         0.0,

@@ -92,6 +92,7 @@ def train(
     # set-up data
     data = open_train_data(cfg, ctx.world, device)
     prep = functools.partial(prepare_batch, size=cfg.student_size, device=device, targets=not data.online)
+    fresh = data.online or data.refresh  # the teacher of the fresh views (online: all; --refresh: F of them)
     schedule = Schedule.for_run(cfg, data.steps_per_epoch)
     # set-up model (the same init on every rank; then seed + rank, so drop-path masks differ per rank)
     model = build_model(cfg, data, device, rank=ctx.rank)
@@ -116,11 +117,7 @@ def train(
             plan, loader = loader_of(data, cfg, ctx, at.epoch, at.position, decode)
             t0 = time.perf_counter()
             for ready in prefetch(loader, prep, device):  # k+1 is decoded + sent up while k trains
-                batch, t_data = ready.batch, time.perf_counter() - t0
-                lr = schedule(at.step)
-                fresh = (
-                    data.online or data.refresh
-                )  # the teacher of the fresh views (online: all; --refresh: F)
+                batch, t_data, lr = ready.batch, time.perf_counter() - t0, schedule(at.step)
                 teacher = ready.teacher if fresh is None else fresh.features(batch, device, ready.teacher)
                 losses = train_step(dmodel, opt, ready.images, teacher, lr, cfg, data.use_tokens, grids)
                 at.step, at.position = at.step + 1, int(batch["step"]) + 1
