@@ -51,7 +51,7 @@ def test_online_targets_equal_a_k1_store_on_the_same_views(setup, tmp_path):
     run_extract(
         ExtractConfig(
             data=f"folder:{images}", teacher="test_vit", weights=str(weights), image_size=32, views=1, seed=3,
-            shard_size=5, batch_size=16, workers=0, precision="fp32", device="cpu", out=str(store),
+            shard_size=5, batch_size=16, workers=0, precision="fp32", device="cpu", out=str(store), row_order="source",
         )
     )  # fmt: skip
     reader = StoreReader(str(store))
