@@ -216,8 +216,17 @@ def test_reuse_counts_show_stored_views_less_and_count_fresh_ones():
     # the plan: stored views shown (1 - F) as often; the warning and the recommended K follow
     assert ru.planned_reuse(100, 1, 1, refresh=0.25) == 75.0
     assert ru.recommend_k(100, 1, limit=25, refresh=0.5) == 2 and ru.recommend_k(100, 1, limit=25) == 4
-    assert ru.reuse_warning(100, 1, 1, refresh=0.25).startswith("planned reuse 75 ")
-    assert "x (1 - refresh 0.25)" in ru.reuse_warning(100, 1, 1, refresh=0.25)
+    # the study measured --refresh 0.25 at reuse 100 (stored views shown 75 times): no warning up to there
+    assert (
+        ru.reuse_warning(100, 1, 1, refresh=0.25) is None and ru.reuse_warning(100, 1, 1, refresh=0.5) is None
+    )
+    warn = ru.reuse_warning(300, 1, 1, refresh=0.25)  # stored reuse 225: beyond what was measured
+    assert (
+        warn.startswith("planned reuse 225 ")
+        and "x (1 - refresh 0.25)" in warn
+        and "add --refresh" not in warn
+    )
+    assert "add --refresh 0.25" in ru.reuse_warning(100, 1, 1)  # a cached run past the loss is told of it
     line = ru.plan_line(400, 100, 1, 1, refresh=0.25)
     assert "~75.0 times" in line and "~25 fresh views per image" in line and "10,000 teacher forwards" in line
 
