@@ -110,11 +110,12 @@ from tests.test_parallel_writer import data, open_writer, write
 victim = sys.argv[2]
 real = sw.write_shard_file
 def write_shard_file(path, blob):
+    blob = blob if isinstance(blob, bytes) else b"".join(blob)  # a shard comes in parts
     if str(path).endswith(victim):  # half the bytes reach the temp file, then the process dies
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).with_name("." + Path(path).name + ".tmp").write_bytes(blob[: len(blob) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
-    real(path, blob)
+    return real(path, blob)
 sw.write_shard_file = write_shard_file
 write(open_writer(Path(sys.argv[1]), 29, 3), data(29, seed=2), threads=2)
 """

@@ -109,3 +109,27 @@ def test_other_codecs_are_left_to_zarr(tmp_path):
         store=zarr.storage.LocalStore(tmp_path), name="b", shape=(8, 4), dtype="float32", chunks=(1, 4)
     )
     assert ShardLayout.from_metadata(plain.metadata.to_dict()) is None
+
+
+def test_a_shard_written_part_by_part_is_the_encoded_file_and_its_hash(tmp_path):
+    """The writer streams a shard's chunks into the file (no shard-sized join): same bytes, same sha256."""
+    import hashlib
+
+    from cospress.store.shardio import shard_parts, write_shard_file
+
+    name, shape, chunk, dtype = CASES[0]
+    layout = ShardLayout.from_metadata(
+        _zarr_array(tmp_path / "z", name, shape, chunk, dtype).metadata.to_dict()
+    )
+    data = _data(shape, dtype, 3)
+    for start, stop in [(0, 4), (8, 10)]:
+        blob = encode_shard(layout, data[start:stop])
+        parts = list(shard_parts(layout, data[start:stop]))
+        assert len(parts) == (stop - start) * shape[1] + 1  # one per inner chunk, then the index
+        path = tmp_path / "out" / f"s{start}"
+        assert write_shard_file(path, iter(parts)) == hashlib.sha256(blob).hexdigest()
+        assert path.read_bytes() == blob
+        assert write_shard_file(path, blob) == hashlib.sha256(blob).hexdigest()
+        assert sorted(p.name for p in path.parent.iterdir()) == sorted(
+            f"s{a}" for a in (0, 8)[: 1 + (start > 0)]
+        )

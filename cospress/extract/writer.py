@@ -88,6 +88,15 @@ def _kill_after() -> int | None:
     return count if int(os.environ.get("RANK", "0")) == rank else None
 
 
+def _one_torch_thread() -> None:
+    """Torch ops in this thread (a writer thread's codec fidelity) use one thread, not the process's
+    pool: each writer thread is one core's work, and two threads sharing the pool of a 2-core machine
+    slowed each other. Per thread (OpenMP's setting of the calling thread): the main thread keeps its pool."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 class ShardSink:
     """The shard buffers of one rank; ``threads`` threads write and commit the full ones.
 
@@ -135,6 +144,7 @@ class ShardSink:
             self.queue.put((shard, self.buffers.pop(shard)))
 
     def _run(self) -> None:
+        _one_torch_thread()
         while (item := self.queue.get()) is not None:
             shard, buf = item
             if self.error is not None:

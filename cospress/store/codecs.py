@@ -63,19 +63,37 @@ def token_dim(identity: dict) -> int:
 
 
 # ---- int8 ------------------------------------------------------------------------------------------
-def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize(x: np.ndarray, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-token int8 of ``x [..., D]``: (q int8 [..., D], scale float16 [...]).
 
     ``scale = max|x| / 127`` rounded to float16 first, so ``q * scale`` decodes with the stored scale;
-    an all-zero token has scale 0 and q 0. Computed with torch (vectorised; ~4x numpy's speed).
+    an all-zero token has scale 0 and q 0. float32 arithmetic, ``block`` tokens at a time (a block
+    stays in the cache; numpy releases the GIL and uses no thread pool, so writer threads quantize side
+    by side): ~3x faster per core than the same ops in torch, and the same bytes
+    (tests/test_quantize.py compares them with torch's ops).
     """
-    import torch
-
-    t = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32)
-    scale = (t.abs().amax(dim=-1) / _QMAX).clamp_(max=_F16_MAX).to(torch.float16)
-    s = scale.to(torch.float32).unsqueeze(-1)
-    q = torch.where(s > 0, t / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(t))
-    return q.round_().clamp_(-_QMAX, _QMAX).to(torch.int8).numpy(), scale.numpy()
+    x = np.asarray(x)
+    d = x.shape[-1]
+    flat = x.reshape(-1, d)
+    n = len(flat)
+    q, scale = np.empty((n, d), np.int8), np.empty(n, np.float16)
+    f = np.empty((min(block, n), d), np.float32)
+    mag = np.empty_like(f)
+    for i in range(0, n, block):
+        j = min(i + block, n)
+        fb, ab = f[: j - i], mag[: j - i]
+        np.copyto(fb, flat[i:j], casting="unsafe")  # float32
+        amax = np.abs(fb, out=ab).max(axis=1)
+        amax /= np.float32(_QMAX)
+        scale[i:j] = np.minimum(amax, np.float32(_F16_MAX), out=amax)  # rounded to float16 here
+        s = scale[i:j].astype(np.float32)
+        zero = ~(s > 0)  # 0 or NaN: the token's q is 0
+        s[zero] = 1.0
+        np.divide(fb, s[:, None], out=fb)
+        fb[zero] = 0.0
+        np.clip(np.rint(fb, out=fb), -_QMAX, _QMAX, out=fb)
+        q[i:j] = fb
+    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +66,14 @@ class Dest:
         """The object's bytes (FileNotFoundError when it is absent)."""
         return (self.path / key).read_bytes() if self.local else self.fs.cat_file(self._full(key))
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def write_bytes(self, key: str, data: bytes | Iterable[bytes]) -> str:
+        """Write an object whole (bytes, or its parts in order); returns its sha256. Locally each part is
+        hashed and written as it comes (`shardio.write_shard_file`); an object store gets one PUT."""
         if self.local:
-            write_shard_file(self.path / key, data)
-        else:
-            self.fs.pipe_file(self._full(key), data)
+            return write_shard_file(self.path / key, data)
+        data = data if isinstance(data, (bytes, bytearray, memoryview)) else b"".join(data)
+        self.fs.pipe_file(self._full(key), data)
+        return hashlib.sha256(data).hexdigest()
 
     def remove(self, key: str) -> None:
         if self.local:

@@ -5,13 +5,10 @@ then an index of ``(offset, nbytes)`` uint64 pairs per inner chunk (C order over
 grid, little-endian) and the CRC32C of that index. See the Zarr v3 sharding codec specification,
 https://zarr-specs.readthedocs.io/en/latest/v3/codecs/sharding-indexed/v1.0.html .
 
-zarr-python routes every inner chunk through its asyncio pipeline and a thread pool, about 1 ms
-of overhead per chunk on a small CPU. A store keeps one chunk per (row, view) of ``tokens`` (so one
-view can be read alone), which makes that overhead the main cost: writing one 128-image x 8-view
-shard is ~1,000 chunks, and a stage-2 batch of 64 images x 3 views reads ~200. The functions here
-do the same work with one blosc call per chunk and one read or write per file, and produce files
-byte-identical to zarr-python's (same codec settings, same chunk order), so either side can read
-what the other wrote.
+zarr-python costs ~1 ms per inner chunk (its asyncio pipeline); a store keeps one chunk per (row,
+view) of ``tokens``, so a 128-image x 8-view shard is ~1,000 chunks. The functions here do one blosc
+call per chunk and one read or write per file, byte-identical to zarr-python's files (same codec
+settings, same chunk order), so either side reads what the other wrote.
 
 Only the codec chains cospress creates are handled here (``bytes`` little-endian + ``blosc``,
 index ``bytes`` + ``crc32c`` at the end); :meth:`ShardLayout.from_metadata` returns None for
@@ -21,9 +18,11 @@ anything else and callers fall back to zarr.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -36,7 +35,7 @@ from numcodecs import Blosc
 from cospress.errors import StoreError
 from cospress.store.guard import ChunkSpec, blosc_problem
 
-__all__ = ["ShardLayout", "ShardFileReader", "ShardBlob", "encode_shard", "write_shard_file"]
+__all__ = ["ShardLayout", "ShardFileReader", "ShardBlob", "encode_shard", "shard_parts", "write_shard_file"]
 
 _EMPTY = np.uint64(2**64 - 1)  # offset and nbytes of a chunk that is not stored
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
@@ -44,11 +43,8 @@ _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle"
 
 @functools.lru_cache(maxsize=32)
 def _chunk_order(grid: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-    """The order zarr-python writes inner chunks in (Morton order), else C order.
-
-    The order does not matter to readers (the index says where each chunk is); following zarr's
-    keeps the files byte-identical to the ones zarr writes.
-    """
+    """The order zarr-python writes inner chunks in (Morton order), else C order: readers need no
+    order (the index says where each chunk is); zarr's keeps the files byte-identical to zarr's."""
     try:
         from zarr.core.indexing import morton_order_iter
 
@@ -117,47 +113,46 @@ class ShardLayout:
 
     def codec(self) -> Blosc:
         b = self.blosc
-        return Blosc(
-            cname=b["cname"],
-            clevel=int(b["clevel"]),
-            shuffle=_SHUFFLE[b["shuffle"]],
-            blocksize=int(b.get("blocksize", 0)),
-            typesize=int(b["typesize"]),
-        )
+        shuffle, blocksize, typesize = _SHUFFLE[b["shuffle"]], int(b.get("blocksize", 0)), int(b["typesize"])
+        return Blosc(b["cname"], int(b["clevel"]), shuffle, blocksize, typesize=typesize)
 
     def index_nbytes(self) -> int:
         return int(np.prod(self.grid)) * 16 + 4
 
 
 def encode_shard(layout: ShardLayout, rows: np.ndarray) -> bytes:
-    """The bytes of one shard file holding ``rows`` (the shard's rows, at most ``layout.shard[0]``;
-    in a short last shard, chunks past the end are not stored and a chunk that straddles it is padded
-    with the fill value, as zarr does). Every other inner chunk is stored, even when all fill."""
+    """The bytes of one shard file holding ``rows``: :func:`shard_parts` joined."""
+    return b"".join(shard_parts(layout, rows))
+
+
+def shard_parts(layout: ShardLayout, rows: np.ndarray) -> Iterator[bytes]:
+    """The bytes of one shard file holding ``rows`` (the shard's rows, at most ``layout.shard[0]``), part
+    by part: each encoded inner chunk, then the index and its CRC32C. In a short last shard, chunks past
+    the end are not stored and a chunk that straddles it is padded with the fill value, as zarr does;
+    every other inner chunk is stored, even when all fill. A generator: :func:`write_shard_file` hashes
+    and writes each chunk as it comes, so no shard-sized buffer is allocated (and page-faulted) per shard.
+    """
     rows = np.asarray(rows)
     n = rows.shape[0]
     if tuple(rows.shape[1:]) != layout.shard[1:] or n > layout.shard[0]:
         raise StoreError(f"a shard of shape {layout.shard} cannot hold rows of shape {rows.shape}")
     data = np.ascontiguousarray(rows, dtype=layout.dtype)
-    if n < layout.shard[0]:
+    if n < layout.shard[0] and -(-n // layout.chunk[0]) * layout.chunk[0] > n:  # a straddling chunk
         pad = np.full((layout.shard[0] - n, *layout.shard[1:]), layout.fill_value, dtype=layout.dtype)
         data = np.concatenate([data, pad])
     codec = layout.codec()
     index = np.full((*layout.grid, 2), _EMPTY, dtype="<u8")
-    parts: list[bytes] = []
     offset = 0
     for coords in _chunk_order(layout.grid):
         if coords[0] * layout.chunk[0] >= n:  # past the end of the array: not stored (as zarr does)
             continue
         sel = tuple(slice(c * k, (c + 1) * k) for c, k in zip(coords, layout.chunk, strict=True))
-        raw = np.ascontiguousarray(data[sel]).view(np.uint8).reshape(-1)
-        enc = bytes(codec.encode(raw))
+        enc = codec.encode(np.ascontiguousarray(data[sel]).view(np.uint8).reshape(-1))
         index[coords] = (offset, len(enc))
-        parts.append(enc)
         offset += len(enc)
+        yield enc
     index_bytes = index.tobytes()
-    parts.append(index_bytes)
-    parts.append(np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes())
-    return b"".join(parts)
+    yield index_bytes + np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
 
 
 class ShardFileReader:
@@ -372,12 +367,14 @@ class ShardBlob:
             ) from None
 
 
-def write_shard_file(path: str | os.PathLike, data: bytes) -> None:
-    """Write one shard file atomically: ``data`` into ``.NAME.tmp`` beside it, fsynced, then renamed.
+def write_shard_file(path: str | os.PathLike, data: bytes | Iterable[bytes]) -> str:
+    """Write one shard file atomically: ``data`` (bytes, or parts such as :func:`shard_parts`) into
+    ``.NAME.tmp`` beside it, fsynced, then renamed; returns the sha256 of what was written.
 
-    The temp file's name is fixed (one writer owns a shard), so a run killed mid-write leaves at most
-    one temp file per shard file, which the rerun truncates and renames: nothing is listed or cleaned
-    per shard, and the cost of a shard does not grow with the shards already written.
+    Each part is hashed and written as it comes (both release the GIL). The temp file's name is fixed
+    (one writer owns a shard): a run killed mid-write leaves at most one temp file per shard file, which
+    the rerun truncates and renames; nothing is listed per shard, so its cost does not grow with the
+    shards already written.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -386,11 +383,15 @@ def write_shard_file(path: str | os.PathLike, data: bytes) -> None:
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    digest = hashlib.sha256()
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        for part in (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data:
+            digest.update(part)
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    return digest.hexdigest()

@@ -7,7 +7,6 @@ each array's shard in one assignment, so its file is written once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from cospress.store.metadata import array_encoding, metadata_files
 from cospress.store.projection import read_projection, write_projection
 from cospress.store.records import NEW, StorePaths
 from cospress.store.schema import check_schema_version
-from cospress.store.shardio import ShardLayout, encode_shard
+from cospress.store.shardio import ShardLayout, shard_parts
 from cospress.utils import keys_sha256
 
 log = logging.getLogger(__name__)
@@ -307,18 +306,16 @@ class StoreWriter:
     def _write_array_shard(self, name: str, key: str, start: int, stop: int, value: np.ndarray) -> str:
         """Write one array's shard file whole; returns its sha256.
 
-        Arrays whose codecs `shardio` handles are encoded here and the file is replaced atomically
-        through a temp file named after it (zarr would spend ~1 ms per inner chunk: ~1 s for a tokens
-        shard); others go through zarr. Nothing here lists a folder: the cost of a shard does not
+        Arrays whose codecs `shardio` handles are encoded here, chunk by chunk, each chunk hashed and
+        written as it comes, into a temp file named after the shard file, then renamed (zarr would spend
+        ~1 ms per inner chunk: ~1 s for a tokens shard); others go through zarr. Nothing here lists a folder: the cost of a shard does not
         grow with the shards already written.
         """
         layout = self.layouts[name]
         if layout is None:
             self.arrays[name][start:stop] = value  # one assignment per shard: its file is written once
             return self.dest.sha256(key)
-        data = encode_shard(layout, value)
-        self.dest.write_bytes(key, data)
-        return hashlib.sha256(data).hexdigest()
+        return self.dest.write_bytes(key, shard_parts(layout, value))
 
     def finalize(self, extra: dict | None = None) -> dict:
         """Write manifest.json (last, atomically) once every shard is committed; returns it."""
