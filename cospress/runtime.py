@@ -162,6 +162,16 @@ def dtype_name(dtype: torch.dtype | None) -> str:
     )
 
 
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host tensor on ``device`` (as ``dtype``): on CUDA through pinned memory without blocking (a
+    pageable ``.to(device)`` or ``torch.tensor(..., device=)`` is a copy plus a wait for the stream);
+    elsewhere ``t.to(device, dtype)``, the same values."""
+    t = t if dtype is None else t.to(dtype)
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()

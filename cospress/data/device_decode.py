@@ -1,30 +1,26 @@
 """Bytes mode: workers only read encoded bytes; JPEGs are decoded batch-wise on the compute device.
 
-On a GPU the CPU image pipeline is the wall (PIL decode + crop ~270 images/s per core against
-~9,000 with nvjpeg). In bytes mode a DataLoader worker reads a sample's bytes
-(:meth:`Source.read_bytes`) and parses only the JPEG header (size, EXIF orientation, sanity); the
-main process then decodes a whole batch in one ``torchvision.io.decode_jpeg(list, device=...)``
-call (nvjpeg on CUDA; libjpeg-turbo on the CPU, which is how the tests run the same code path)
-and replays the views there with :func:`cospress.data.views.replay_views_batch`.
+On a GPU the CPU image pipeline is the wall (PIL decode + crop ~270 images/s per core, nvjpeg ~9,000).
+A DataLoader worker reads a sample's bytes and parses only the JPEG header (size, EXIF orientation,
+sanity); the main process decodes a batch in one ``torchvision.io.decode_jpeg(list, device=...)`` call
+(nvjpeg on CUDA; libjpeg-turbo on the CPU, how the tests run the same code path) and replays the
+views there (:func:`cospress.data.views.replay_views_batch`).
 
 A sample takes the CPU path in its worker (decoded exactly as :meth:`Source.load`, shipped as a
 uint8 tensor) when the source has no bytes (Fashion-MNIST), when the bytes are not a baseline /
 progressive JPEG in RGB or grey (PNG, WebP, CMYK JPEG, ...), when the JPEG has no end marker
-(truncated: PIL refuses those, so the CPU path gives the same error), or when its header cannot
-be parsed. A JPEG the device decoder rejects is retried alone, then decoded by
-:func:`cospress.data.sources.decode_image`, so errors carry the same reasons as the CPU path
-(``not an image``, ``truncated image: ...``, ``too many pixels ...``, ``unreadable: ...``).
+(truncated: PIL refuses those, so the CPU path gives the same error), or when its header cannot be
+parsed. A JPEG the device decoder rejects is retried alone, then decoded by `decode_image`, so errors
+carry the CPU path's reasons (``not an image``, ``truncated image: ...``, ``unreadable: ...``).
+EXIF orientation, read from the header in the worker, is applied to the decoded tensor with the flips
+and rotations of ``PIL.ImageOps.exif_transpose`` (torchvision applies it on the CPU only).
+Pixels: libjpeg-turbo in torchvision equals PIL's decode exactly; nvjpeg (its own IDCT and chroma
+upsampling) may differ by a few grey levels (``pipelines/bench/bench_gpu.py`` measures it).
 
-EXIF orientation is read from the header in the worker and applied to the decoded tensor with the
-same flips/rotations as ``PIL.ImageOps.exif_transpose`` (torchvision applies it on the CPU only).
-
-Pixel agreement with the CPU path: libjpeg-turbo in torchvision equals PIL's decode exactly (0
-grey levels); nvjpeg uses its own IDCT / chroma upsampling and may differ by a few grey levels
-(``pipelines/bench/bench_gpu.py`` measures it on the GPU).
-
-Batches travel as one :class:`EncodedBatch`: all JPEG bytes in one uint8 buffer and all CPU-decoded
-pixels in another (two shared-memory segments per batch instead of one per image), pinned by the
-DataLoader's pin-memory thread (:meth:`EncodedBatch.pin_memory`) and copied with ``non_blocking``.
+Stage 2's batches travel as one :class:`EncodedBatch` (all JPEG bytes in one uint8 buffer, all
+CPU-decoded pixels in another), stage 1's as per-image :class:`Encoded`; both pinned by the DataLoader's
+pin-memory thread and copied with ``non_blocking`` (never concatenated: a ``torch.cat`` of pinned tensors
+is pageable).
 """
 
 from __future__ import annotations
@@ -304,15 +300,20 @@ def decode_batch(
     images[i] is uint8 [3, H_i, W_i] on ``device`` (EXIF orientation applied) or None when sample i
     cannot be decoded; errors[i] is then its reason (as :func:`decode_image`), else "".
     """
-    if not isinstance(batch, EncodedBatch):
-        batch = pack(batch)
+    if isinstance(batch, EncodedBatch):
+        kinds, errors, orientation, sizes = batch.kinds, list(batch.errors), batch.orientation, batch.sizes
+        buffers = [batch.jpeg if k == KIND_JPEG else batch.pixels for k in kinds]
+        data = [buf[slice(*sp)] for buf, sp in zip(buffers, batch.spans, strict=True)]
+    else:  # samples (stage 1): their own tensors, pinned by the DataLoader (a torch.cat would be pageable)
+        kinds, errors = [it.kind for it in batch], [it.error for it in batch]
+        orientation, sizes = [it.orientation for it in batch], [(it.width, it.height) for it in batch]
+        data = [it.data if it.kind == KIND_JPEG else it.pixels for it in batch]
     device = torch.device(device)
-    n = len(batch)
+    n = len(kinds)
     images: list[torch.Tensor | None] = [None] * n
-    errors = list(batch.errors)
-    jpeg_rows = [i for i in range(n) if batch.kinds[i] == KIND_JPEG]
+    jpeg_rows = [i for i in range(n) if kinds[i] == KIND_JPEG]
     if jpeg_rows:
-        datas = [batch.jpeg[slice(*batch.spans[i])] for i in jpeg_rows]
+        datas = [data[i] for i in jpeg_rows]
         for i, d, img in zip(jpeg_rows, datas, _decode_jpegs(datas, device), strict=True):
             if img is None:  # the device decoder refused it: the CPU decoder decides (image or reason)
                 try:
@@ -322,13 +323,12 @@ def decode_batch(
                     errors[i] = str(e) or "unreadable"
                     continue
             else:
-                img = apply_orientation(img, batch.orientation[i])
+                img = apply_orientation(img, orientation[i])
             images[i] = img
     for i in range(n):
-        if batch.kinds[i] == KIND_PIXELS:
-            w, h = batch.sizes[i]
-            flat = batch.pixels[slice(*batch.spans[i])]
-            images[i] = flat.view(3, h, w).to(device, non_blocking=True)
+        if kinds[i] == KIND_PIXELS:
+            w, h = sizes[i]
+            images[i] = data[i].view(3, h, w).to(device, non_blocking=True)
     return images, errors
 
 

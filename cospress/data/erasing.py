@@ -21,6 +21,8 @@ import math
 import numpy as np
 import torch
 
+from cospress.runtime import to_device
+
 MEAN = (0.485, 0.456, 0.406)  # ImageNet, as timm's defaults
 NOISE_STD = (0.229, 0.224, 0.225)
 _MASK32 = 0xFFFFFFFF
@@ -65,7 +67,7 @@ def hash_noise(seeds: torch.Tensor, height: int, width: int, device: torch.devic
     c = torch.arange(3, dtype=torch.int64, device=device).view(1, 3, 1, 1) << 24
     yy = torch.arange(height, dtype=torch.int64, device=device).view(1, 1, -1, 1) << 12
     xx = torch.arange(width, dtype=torch.int64, device=device).view(1, 1, 1, -1)
-    s = _mix32(seeds.to(device, torch.int64).view(n, 1, 1, 1) & _MASK32)
+    s = _mix32(to_device(seeds, device, torch.int64).view(n, 1, 1, 1) & _MASK32)
     a = _mix32((_mix32(c | yy | xx) ^ s) & _MASK32)
     b = _mix32((a ^ 0x9E3779B9) & _MASK32)
     u1 = ((a >> 8).double() + 0.5) / (1 << 24)
@@ -101,12 +103,12 @@ def apply_erasing(x: torch.Tensor, erase: torch.Tensor) -> torch.Tensor:
     n_i, dy, dx = np.nonzero(valid)  # [m]: the pixels of every box
     flat = torch.from_numpy((n_i * hb + dy) * wb + dx)
     where = [torch.from_numpy(v) for v in (rows.numpy()[n_i], top[n_i] + dy, left[n_i] + dx)]
-    fill = e[:, 4:7].double().to(device).view(-1, 3, 1, 1).expand(-1, -1, hb, wb)
+    fill = to_device(e[:, 4:7], device, torch.float64).view(-1, 3, 1, 1).expand(-1, -1, hb, wb)
     if bool((e[:, 7] > 0).any()):
-        std = torch.tensor(NOISE_STD, dtype=torch.float64, device=device).view(1, 3, 1, 1)
-        noisy = (e[:, 7] > 0).to(device, torch.float64).view(-1, 1, 1, 1)
+        std = to_device(torch.tensor(NOISE_STD, dtype=torch.float64), device).view(1, 3, 1, 1)
+        noisy = to_device(e[:, 7] > 0, device, torch.float64).view(-1, 1, 1, 1)
         fill = fill + hash_noise(e[:, 7].double(), hb, wb, device) * std * noisy
     values = fill.clamp(0.0, 1.0).to(x.dtype).permute(0, 2, 3, 1).reshape(-1, 3)
-    n_idx, y_idx, x_idx = (t.to(device) for t in where)
-    x[n_idx, :, y_idx, x_idx] = values.index_select(0, flat.to(device))
+    n_idx, y_idx, x_idx = (to_device(t, device) for t in where)
+    x[n_idx, :, y_idx, x_idx] = values.index_select(0, to_device(flat, device))
     return x

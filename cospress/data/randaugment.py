@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from cospress.errors import ConfigError
+from cospress.runtime import to_device
 
 RA_SLOTS = 4  # op slots recorded per view (n <= 4); unused slots are zeros (no op)
 OPS: tuple[str, ...] = (
@@ -259,14 +260,6 @@ def _geometric(y: torch.Tensor, names: list[str], values: list[float]) -> torch.
     )
     fill = torch.stack([y.new_full((), float(v)) for v in FILL]).view(1, 3, 1, 1)  # filled there: no copy
     return torch.where(inside, _trunc(warped), fill)
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device``: on CUDA through pinned memory without blocking (a pageable
-    ``.to(device)`` is a copy plus a wait for the stream); elsewhere ``t.to(device)``."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def apply_rand_augment(x: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:

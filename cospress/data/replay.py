@@ -37,6 +37,7 @@ from cospress.data.erasing import apply_erasing
 from cospress.data.policy import ERASE_NAMES, IDX, PARAM_NAMES, RA_NAMES, layout_version
 from cospress.data.randaugment import apply_rand_augment
 from cospress.data.resize import batched_crop_resize, box_pixels, resize
+from cospress.runtime import to_device
 
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision
 _E0, _RA0 = IDX[ERASE_NAMES[0]], IDX[RA_NAMES[0]]
@@ -150,7 +151,7 @@ def _blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         r = _kernel_size(s, size) // 2
         pdf = torch.exp(-0.5 * (pos / s) ** 2) * (pos.abs() <= r)
         weights[i] = pdf / pdf.sum()
-    kern = weights.to(x.device).repeat_interleave(c, 0)  # [B*3, K]
+    kern = to_device(weights, x.device).repeat_interleave(c, 0)  # [B*3, K]
     y = F.pad(x.reshape(1, bsz * c, size, size), (radius, radius, radius, radius), mode="reflect")
     y = F.conv2d(y, kern[:, None, None, :], groups=bsz * c)
     y = F.conv2d(y, kern[:, None, :, None], groups=bsz * c)
@@ -163,7 +164,7 @@ def _colour_batch(x: torch.Tensor, p: torch.Tensor, p_cpu: torch.Tensor, size: i
 
     def rows(mask: torch.Tensor) -> torch.Tensor | None:
         idx = torch.nonzero(mask).flatten()
-        return idx.to(device) if len(idx) else None
+        return to_device(idx, device) if len(idx) else None
 
     def factor(idx: torch.Tensor, name: str) -> torch.Tensor:
         return p[idx, IDX[name]].view(-1, 1, 1, 1)
@@ -223,9 +224,9 @@ def replay_views_batch(
     else:
         x = _crop_resize_loop(imgs, p_cpu, size)
     x = x.clamp_(0.0, 1.0)
-    p = p_cpu.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else p_cpu.to(device)
+    p = to_device(p_cpu, device)
     if (idx := torch.nonzero(p_cpu[:, IDX["flip"]] > 0.5).flatten()).numel():
-        idx = idx.to(device)
+        idx = to_device(idx, device)
         x.index_copy_(0, idx, x[idx].flip(-1))
     if version == 2:
         x = apply_rand_augment(x, p_cpu[:, _RA0:])

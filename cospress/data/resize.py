@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cospress.runtime import to_device
 from cospress.similarity import full_fp32_matmul
 
 PRESHRINK_ABOVE = 64
@@ -116,8 +117,8 @@ def _weights(
     """float32 [..., size, full] on `device`: :func:`axis_weights` for arrays of crops (length 0 = zeros).
 
     Built on the device from the crop numbers (no large copies); pre-shrunk axes (rare) on the CPU."""
-    st = torch.from_numpy(start.astype(np.float64)).to(device)[..., None, None]
-    ln = torch.from_numpy(length.astype(np.float64)).to(device)[..., None, None]
+    st = to_device(torch.from_numpy(start.astype(np.float64)), device)[..., None, None]
+    ln = to_device(torch.from_numpy(length.astype(np.float64)), device)[..., None, None]
     scale = (ln / size).clamp_min(1e-12)
     support = scale.clamp_min(1.0)
     invscale = torch.where(scale >= 1.0, 1.0 / scale, torch.ones_like(scale))
@@ -129,7 +130,9 @@ def _weights(
     total = taps.sum(-1, keepdim=True)
     w = torch.where(total > 0, taps / total.clamp_min(1e-300), taps).to(torch.float32)
     for pos in zip(*np.nonzero(length > PRESHRINK_ABOVE * size), strict=True):
-        w[pos] = torch.from_numpy(axis_weights(int(start[pos]), int(length[pos]), full, size)).to(device)
+        w[pos] = to_device(
+            torch.from_numpy(axis_weights(int(start[pos]), int(length[pos]), full, size)), device
+        )
     return w
 
 
@@ -155,13 +158,13 @@ def _group_resize(
         out = torch.bmm(rows.reshape(g * vmax, size * 3, wmax), wx.transpose(1, 2))  # [g*V, S*3, S]
     out = out.reshape(g * vmax, size, 3, size).permute(0, 2, 1, 3)
     keep = torch.tensor([u * vmax + j for u, views in enumerate(group) for j in range(len(views))])
-    return out.index_select(0, keep.to(device))
+    return out.index_select(0, to_device(keep, device))
 
 
 def batched_crop_resize(imgs: list[torch.Tensor], p_cpu: torch.Tensor, size: int) -> torch.Tensor:
     """Crop + antialiased resize of B views (images may repeat): float [B, 3, size, size] in [0, 1]."""
     out = torch.empty(len(imgs), 3, size, size, dtype=torch.float32, device=imgs[0].device)
     for group in _groups(imgs):
-        order = torch.tensor([b for views in group for b in views], device=out.device)
+        order = to_device(torch.tensor([b for views in group for b in views]), out.device)
         out.index_copy_(0, order, _group_resize(imgs, group, p_cpu, size))
     return out

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from cospress.data.device_decode import decode_view_items
+from cospress.data.prefetch import prefetch
 from cospress.extract.config import ExtractConfig
 from cospress.models.teachers import build_teacher
 from cospress.runtime import autocast
@@ -36,6 +37,22 @@ class TeacherPass:
     skipped: int = 0
     reading: float = 0.0
     teacher: float = 0.0
+
+
+AHEAD = 1  # batches decoded ahead of the teacher's; 0: decoded in the loop's thread, in turn
+
+
+def decoded(batches: Iterable[list[dict]], size: int, device: torch.device) -> Iterator[list[dict]]:
+    """The batches with their views decoded + replayed on ``device`` (bytes mode; `decode_view_items`),
+    batch k+1 in a thread while the caller runs the teacher on batch k: on CUDA on a side stream, the
+    compute stream waiting for its event (`cospress.data.prefetch`). A pure function of each batch, so
+    the features are bitwise those of decoding in turn (``AHEAD`` 0; tests/test_stage1_prefetch.py)."""
+
+    def prepare(items: list[dict]) -> list[dict]:
+        decode_view_items(items, size, device)
+        return items
+
+    return prefetch(batches, prepare, device, AHEAD, lambda items: [it["images"] for it in items])
 
 
 def _batch(images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -125,13 +142,13 @@ def run_teacher(
     images, as numpy (both None when every image of the batch was skipped).
 
     Batch k is yielded once batch k+1's teacher forward is queued (its features come back meanwhile,
-    :class:`HostCopies`). Seconds spent reading and in the teacher are added to ``res``.
+    :class:`HostCopies`); bytes mode decodes + replays batch k+1 while the teacher runs on batch k
+    (:func:`decoded`). Seconds spent reading (and waiting for a decode) and in the teacher go to ``res``.
     """
     copies, pending = HostCopies(device), None
     t0 = time.perf_counter()
-    for items in batches:
+    for items in decoded(batches, teacher.input_size, device):
         res.reading += time.perf_counter() - t0
-        decode_view_items(items, teacher.input_size, device)  # bytes mode: decode + replay here
         good = [it["images"] for it in items if it["images"] is not None]
         t1 = time.perf_counter()
         feats = _features(teacher, good, tokens, device, amp) if good else None
