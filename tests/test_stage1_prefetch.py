@@ -21,7 +21,9 @@ from cospress.runtime import to_device
 from tests.test_device_decode import _jpeg, _smooth
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-V2 = ViewPolicy(rand_augment="rand-m9-mstd0.5-inc1", erase_prob=0.5, color_jitter=0.8, blur=0.5, grayscale=0.2)
+V2 = ViewPolicy(
+    rand_augment="rand-m9-mstd0.5-inc1", erase_prob=0.5, color_jitter=0.8, blur=0.5, grayscale=0.2
+)
 
 
 def _folder(root: Path, n: int = 10) -> str:

@@ -26,10 +26,12 @@ def pair_indices(n: int, max_pairs: int, seed: int = 0) -> tuple[np.ndarray, np.
     return i, j
 
 
-def pairwise_cosines(x: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
-    """Cosine similarity of the pairs (i[p], j[p]) of rows of x [N, D] -> [P]."""
+def pairwise_cosines(x: np.ndarray, i: np.ndarray, j: np.ndarray, budget: int = 32 << 20) -> np.ndarray:
+    """Cosine similarity of the pairs (i[p], j[p]) of rows of x [N, D] -> [P], gathering at most
+    ``budget`` bytes of rows per side at a time (2 M pairs of 1,280-d rows gathered at once: 20 GB)."""
     x = l2_normalize(x)
     out = np.empty(len(i), dtype=np.float64)
+    chunk = max(1, budget // max(1, x.shape[1] * x.itemsize))
     for s in range(0, len(i), chunk):
         out[s : s + chunk] = np.einsum("pd,pd->p", x[i[s : s + chunk]], x[j[s : s + chunk]])
     return out
