@@ -181,3 +181,36 @@ def test_writer_threads_setting():
     assert ExtractConfig(writer_threads=3).writer_threads == 3
     with pytest.raises(ConfigError, match="--writer-threads must be at least 1"):
         ExtractConfig(writer_threads=0).validate()
+
+
+def test_a_reused_shard_buffer_writes_what_a_fresh_one_writes(tmp_path):
+    """A written shard's buffer serves the next shard (no fresh shard-sized arrays for the teacher's
+    thread to page-fault in): rows skipped there are zero-filled, the store is the one fresh buffers write."""
+    import time
+
+    n, shard = 9, 3
+    d = data(n, seed=4)
+    d["valid"][:] = 1
+    d["valid"][[4, 7, 8]] = 0  # shard 0 whole, shards 1 and 2 skip rows that shard 0's buffer filled
+    stores = {}
+    for reuse in (False, True):
+        w = open_writer(tmp_path / f"reuse{int(reuse)}", n, shard)
+        with ShardSink(w, d["keys"], list(d["labels"]), 1) as sink:
+            for s in range(w.num_shards):
+                a, b = w.shard_rows(s)
+                assert sink.buffer(s).reused == (reuse and s > 0)
+                items = [{"row": r, "images": True if d["valid"][r] else None, "params": d["views"][r],
+                          "reason": "not an image"} for r in range(a, b)]  # fmt: skip
+                good = [r for r in range(a, b) if d["valid"][r]]
+                sink.add(items, d["cls"][good], d["tokens"][good])
+                while sink.committed < s + 1 and sink.error is None:  # written: its buffer is free
+                    time.sleep(0.01)
+                while not reuse and not sink.free.empty():
+                    sink.free.get_nowait()
+        w.finalize()
+        stores[reuse] = files(w.path)
+    assert stores[False] == stores[True]
+    out = StoreReader(tmp_path / "reuse1").read_rows(np.arange(n))
+    bad = d["valid"] == 0
+    assert not out["cls"][bad].any() and not out["tokens"][bad].any()
+    np.testing.assert_array_equal(out["tokens"][~bad], d["tokens"][~bad])

@@ -140,7 +140,7 @@ def test_batched_replay_on_cuda_makes_no_pageable_copy():
 
 
 @CUDA
-def test_pinned_samples_are_decoded_without_a_pageable_copy(tmp_path):
+def test_pinned_samples_are_decoded_on_cuda_without_a_pageable_copy(tmp_path):
     samples = [s.pin_memory() for s in _samples(_folder(tmp_path / "images"))]
     cuda = torch.device("cuda")
     dd.decode_batch(samples, cuda)

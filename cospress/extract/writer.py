@@ -42,14 +42,32 @@ class ShardBuffer:
     def __init__(self, layout: StoreLayout, shard: int, keys: list[str], labels: list[int]) -> None:
         start, stop = layout.shard_rows(shard)
         n, v, d = stop - start, layout.stored_views, layout.dim
-        self.start, self.remaining = start, n
         self.cls = np.zeros((n, v, d), np.float16)
         self.tokens = np.zeros((n, v, layout.num_tokens, d), np.float16) if layout.tokens else None
         self.views = np.zeros((n, v, layout.num_params), np.float32)
         self.valid = np.zeros(n, np.uint8)
+        self.reused = False  # fresh arrays are zeros: nothing to clear
+        self.reset(layout, shard, keys, labels)
+
+    def reset(self, layout: StoreLayout, shard: int, keys: list[str], labels: list[int]) -> None:
+        """Hold ``shard`` (of this buffer's row count): its keys and labels, no row arrived. The feature
+        arrays keep their old values: every row's views are written by `fill`, and `complete` zeroes
+        the features of the rows that were skipped (so a reused buffer costs no page faults nor memset)."""
+        start, stop = layout.shard_rows(shard)
+        self.start, self.remaining = start, stop - start
+        self.valid[:] = 0
         self.keys = keys[start:stop]
         self.labels = np.asarray(labels[start:stop], np.int64)
         self.skipped: list[dict[str, str]] = []
+
+    def complete(self) -> None:
+        """Every row has arrived: in a reused buffer the features of skipped rows are zero-filled (a
+        store's rule; a fresh buffer's are zeros already)."""
+        bad = np.flatnonzero(self.valid == 0) if self.reused else []
+        if len(bad):
+            self.cls[bad] = 0
+            if self.tokens is not None:
+                self.tokens[bad] = 0
 
     def fill(self, items: list[dict], cls: np.ndarray | None, tok: np.ndarray | None) -> int:
         """Write a batch's rows (`ViewDataset` items; cls / tok of its good images, in order) into
@@ -111,6 +129,7 @@ class ShardSink:
         self.writer, self.keys, self.labels = writer, keys, labels
         self.buffers: dict[int, ShardBuffer] = {}
         self.queue: queue.Queue = queue.Queue(maxsize=max(2, threads))
+        self.free: queue.SimpleQueue = queue.SimpleQueue()  # written shards' buffers, to reuse
         self.threads = [
             threading.Thread(target=self._run, daemon=True, name=f"cospress-shard-writer-{i}")
             for i in range(max(1, threads))
@@ -130,8 +149,21 @@ class ShardSink:
         return skipped
 
     def buffer(self, shard: int) -> ShardBuffer:
+        """The buffer of ``shard``: a written shard's buffer of the same size when one is free (reused:
+        a fresh shard-sized array is page-faulted in by the teacher's thread, ~1.6 GB per default
+        ViT-S/14 shard), else a new one."""
         if shard not in self.buffers:
-            self.buffers[shard] = ShardBuffer(self.writer.layout, shard, self.keys, self.labels)
+            layout, buf = self.writer.layout, None
+            start, stop = layout.shard_rows(shard)
+            while buf is None and not self.free.empty():
+                buf = self.free.get_nowait()
+                buf = buf if len(buf.valid) == stop - start else None
+            if buf is None:
+                buf = ShardBuffer(layout, shard, self.keys, self.labels)
+            else:
+                buf.reused = True
+                buf.reset(layout, shard, self.keys, self.labels)
+            self.buffers[shard] = buf
         return self.buffers[shard]
 
     def filled(self, shard: int, rows: int) -> None:
@@ -141,6 +173,7 @@ class ShardSink:
         if buf.remaining == 0:
             if self.error is not None:
                 raise self.error
+            buf.complete()
             self.queue.put((shard, self.buffers.pop(shard)))
 
     def _run(self) -> None:
@@ -152,6 +185,7 @@ class ShardSink:
             t0 = time.perf_counter()
             try:
                 self.writer.write_shard(shard, **buf.contents())
+                self.free.put(buf)  # written: its arrays serve a later shard
             except BaseException as e:  # surfaced by the main thread
                 self.error = e
             with self._lock:

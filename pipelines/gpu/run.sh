@@ -46,7 +46,7 @@ if [ "$SMOKE" = 1 ]; then
   timeout 300 "$PY" pipelines/bench/bench_gpu.py --cpu-smoke --out "$OUTDIR"
 else
   timeout "${BENCH_TIMEOUT:-380}" "$PY" pipelines/bench/bench_gpu.py --out "$OUTDIR" || say "bench_gpu exit $?"
-  timeout 90 "$PY" pipelines/bench/bench_writer.py --out "$OUTDIR/bench_writer.json" --shards 32 --rounds 2 \
+  timeout 90 "$PY" pipelines/bench/bench_writer.py --out "$OUTDIR/bench_writer.json" --shards 8 --rounds 2 \
     --tiny-shards 2000 --note "GPU node, after bench_gpu" || say "bench_writer exit $?"
 fi
 say "done in $(( $(date +%s) - t0 )) s; CUDA tests exit $tests_rc"
