@@ -198,3 +198,31 @@ def test_resuming_a_streamed_epoch_with_other_workers_is_refused(local):
     check_stream_resume(data, cfg, {**state, "position": 0})  # at an epoch boundary: any settings
     check_stream_resume(data, cfg, {**state, "config": {**state["config"], "workers": 2}})
     check_stream_resume(SimpleNamespace(stream=None), cfg, state)  # random access: workers do not matter
+
+
+def test_compressor_first_over_a_streamed_store_reads_whole_shard_files(local, tmp_path, monkeypatch):
+    """--compressor-first fits h from the stream (each shard file once per fit epoch), never row by
+    row through the random-access reader (from a bucket: ~8 requests per image per epoch)."""
+    import cospress.distill.data as distill_data
+    from cospress.store.stream import StreamReader
+
+    def no_row_reads(*args, **kwargs):
+        raise AssertionError("the compressor fit read rows at random access")
+
+    monkeypatch.setattr(distill_data, "read_targets", no_row_reads)
+    gets = []
+    fetch = StreamReader.fetch
+    monkeypatch.setattr(
+        StreamReader, "fetch", lambda self, shard, extra=None: gets.append(shard) or fetch(self, shard, extra)
+    )
+    url, spec = local
+    cfg = tiny_cfg(
+        "file://" + url, tmp_path / "h", data=spec, compressor_first=True, compressor_epochs=2, **KW
+    )
+    out = _run(cfg)
+    rows = [
+        r for r in map(__import__("json").loads, (tmp_path / "h" / "metrics.jsonl").read_text().splitlines())
+    ]
+    fit = [r for r in rows if r.get("phase") == "compressor"]
+    assert len(fit) >= 2 and all(np.isfinite(r["loss/total"]) for r in fit) and out["steps"] >= 8
+    assert len(gets) <= 8 * (2 + 2)  # 8 shards: at most once per fit epoch and per training epoch

@@ -205,19 +205,30 @@ class Schedule:
 
 
 def make_optimizer(
-    model: DistillModel, cfg: Any, data: TrainData, *, fit: bool, log_metric: Callable[[dict], None]
+    model: DistillModel,
+    cfg: Any,
+    data: TrainData,
+    *,
+    fit: bool,
+    log_metric: Callable[[dict], None],
 ) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters of ``model`` (``cfg``: the run's DistillConfig).
 
     With ``cfg.compressor_first`` the compressor is first fitted from the store features of the
-    training rows (when ``fit``: not on resume, the checkpoint holds it) and frozen.
+    training rows (when ``fit``: not on resume, the checkpoint holds it) and frozen; read as the
+    run reads the store (streamed: whole shard files; else at random access).
     """
     if cfg.compressor_first:
         if fit:
             log.info("fitting the compressor from the store features (%d epochs)", cfg.compressor_epochs)
             device = next(model.parameters()).device
-            train = data.split.train
-            fit_compressor(model.compressor, data.reader, train, cfg, device, data.use_tokens, log_metric)
+            if data.stream is not None:
+                from cospress.distill.streaming import stream_feature_batches
+
+                features = stream_feature_batches(data, cfg)
+            else:
+                features = random_feature_batches(data, cfg)
+            fit_compressor(model.compressor, features, cfg, device, data.use_tokens, log_metric)
         for p in model.compressor.parameters():
             p.requires_grad_(False)
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
@@ -265,8 +276,7 @@ def train_step(
 # ============================================================================ compressor-first
 def fit_compressor(
     compressor: nn.Module,
-    reader: Any,
-    rows: np.ndarray,
+    features: FeatureBatches,
     cfg: Any,
     device: torch.device,
     use_tokens: bool,
@@ -280,18 +290,11 @@ def fit_compressor(
     from cospress.losses import similarity_kl
 
     opt = torch.optim.AdamW(param_groups(compressor, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
-    steps = (len(rows) // (cfg.batch_size // cfg.views_per_image)) * cfg.compressor_epochs
+    batches_of, per_epoch = features
+    steps = per_epoch * cfg.compressor_epochs
     step = 0
     for epoch in range(cfg.compressor_epochs):
-        for batch in feature_batches(
-            reader,
-            rows,
-            seed=cfg.seed,
-            epoch=epoch,
-            batch_size=cfg.batch_size,
-            views_per_image=cfg.views_per_image,
-            tokens=use_tokens,
-        ):
+        for batch in batches_of(epoch):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps, 0, cfg.lr, cfg.min_lr)
             cls = batch["cls"].to(device).float()
@@ -319,6 +322,20 @@ def fit_compressor(
     runtime.broadcast_module(compressor)
     for p in compressor.parameters():
         p.requires_grad_(False)
+
+
+FeatureBatches = tuple[Callable[[int], Iterator[dict[str, Any]]], int]  # (epoch -> batches, steps per epoch)
+
+
+def random_feature_batches(data: TrainData, cfg: Any) -> FeatureBatches:
+    """The compressor fit's batches read at random access from ``data.reader``."""
+    rows = data.split.train
+
+    def batches_of(epoch: int) -> Iterator[dict[str, Any]]:
+        return feature_batches(data.reader, rows, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
+                               views_per_image=cfg.views_per_image, tokens=data.use_tokens)  # fmt: skip
+
+    return batches_of, len(rows) // (cfg.batch_size // cfg.views_per_image)
 
 
 def feature_batches(

@@ -11,6 +11,7 @@ batch at or after the recorded position, without fetching the shards it skips. T
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -286,6 +287,29 @@ class ImageRanges:
             self._fs[url] = fsspec.core.url_to_fs(url, skip_instance_cache=True)
         fs, path = self._fs[url]
         return netio.retry(lambda: fs.cat_file(path, start=start, end=stop), f"{url} bytes {start}-{stop}")
+
+
+def stream_feature_batches(data: TrainData, cfg: Any) -> tuple[Any, int]:
+    """compressor_first over a streamed store: (epoch -> batches of CLS and decoded tokens, steps per
+    epoch) in the stream order of one lane (every rank runs the same fit), from whole shard files."""
+    from cospress.store.codecs import decode_tokens
+
+    s = data.stream
+
+    def batches_of(epoch: int):
+        order = _order(data, cfg, world=1, rank=0, epoch=epoch, lanes=1)
+        for _, rows, held in lane_batches(order, 0, 0, s.reader, s.depth):
+            stored = data.reader.stored_views
+            views = np.stack(
+                [choose_views(cfg.seed, epoch, int(r), stored, cfg.views_per_image) for r in rows]
+            )
+            got = gather(held, order.shard_size, rows, views, s.view_map)
+            if "tokens" in got and s.codec == "int8":
+                got["tokens"] = decode_tokens("int8", got.pop("tokens"), got.pop("token_scale"), None)
+            t = _targets(got, dataclasses.replace(s, codec="fp16") if s.codec == "int8" else s)
+            yield {"cls": t["cls"], "tokens": t["tokens"]}
+
+    return batches_of, len(_order(data, cfg, world=1, rank=0, epoch=0, lanes=1))
 
 
 def _targets(got: dict[str, np.ndarray], setup: StreamSetup) -> dict[str, Any]:
