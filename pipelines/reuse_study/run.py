@@ -291,9 +291,11 @@ def plot(rows: list[dict], teacher: dict, path: Path) -> None:
         ax.scatter([r["reuse"] for r in cached], [r[key] for r in cached], color="tab:blue", s=14)
         means = [statistics.mean(r[key] for r in cached if r["reuse"] == u) for u in reuses]
         ax.plot(reuses, means, "-o", color="tab:blue", label="cached (K views)")
-        for f in sorted({r["refresh"] for r in hybrid}):
+        for f, color in zip(
+            sorted({r["refresh"] for r in hybrid}), ("tab:green", "tab:purple", "tab:red"), strict=False
+        ):
             rs = [r for r in hybrid if r["refresh"] == f]
-            ax.scatter([r["reuse"] for r in rs], [r[key] for r in rs], color="tab:green", marker="^", s=30,
+            ax.scatter([r["reuse"] for r in rs], [r[key] for r in rs], color=color, marker="^", s=30,
                        label=f"K = {rs[0]['arm'][1:].partition('r')[0]} + --refresh {f:g} (stored reuse)")  # fmt: skip
         online = [r[key] for r in rows if r["reuse"] is None]
         if online:
