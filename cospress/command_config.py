@@ -99,6 +99,10 @@ class PlanConfig:
     )
     views_per_image: int = setting(3, help="R: views of each image per batch.")
     epochs: float = setting(100.0, help="Training epochs.")
+    refresh: float = setting(
+        0.0,
+        help="distill --refresh F: the fraction of each batch's views drawn fresh (stored views shown 1 - F as often).",
+    )
     store: str | None = setting(None, help="Read N, K and the size per view from this store.")
     dim: int = setting(384, help="Teacher dim, for the size without --store (ViT-S: 384).")
     num_tokens: int = setting(

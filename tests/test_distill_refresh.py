@@ -227,6 +227,10 @@ def test_reuse_counts_show_stored_views_less_and_count_fresh_ones():
         and "add --refresh" not in warn
     )
     assert "add --refresh 0.25" in ru.reuse_warning(100, 1, 1)  # a cached run past the loss is told of it
+    proc = run_cli("plan", "--images", "400", "--views", "1", "--views-per-image", "1", "--epochs", "100",
+                   "--refresh", "0.25")  # fmt: skip
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert "75.0" in out and "fresh views per image" in out and "warning" not in out  # measured: no warning
     line = ru.plan_line(400, 100, 1, 1, refresh=0.25)
     assert "~75.0 times" in line and "~25 fresh views per image" in line and "10,000 teacher forwards" in line
 
@@ -247,3 +251,34 @@ def test_refresh_sigkill_then_resume_gives_the_same_weights(setup, tmp_path):
     cfg = to_dict(refresh_cfg(k2, weights, images, tmp_path / "killed", workers=1, **KW))
     assert 2 <= kill_after_two_steps(cfg) < steps
     _resume_and_compare(cfg, tmp_path / "ref", steps)
+
+
+def test_refresh_torchrun_two_ranks_match_one_rank(setup, tmp_path):
+    """Two gloo ranks (each running the teacher on its images' fresh views) start with the one-rank losses:
+    the fresh slots are chosen over the global batch, not per rank."""
+    import subprocess
+
+    from tests.helpers import cli_env, torchrun_cli
+
+    images, weights, k2, _ = setup
+    one = refresh_cfg(k2, weights, images, tmp_path / "one", epochs=1, refresh=0.5)
+    run_distill(one)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in to_dict(one).items() if k in FLAGS]
+    out = tmp_path / "two"
+    cmd = torchrun_cli("distill", *flags, "--out", str(out), "--temperatures", "0.02,0.1", "--no-progress")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def first(run: Path) -> dict:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return next(r for r in rows if r["phase"] == "train")
+
+    a, b = first(tmp_path / "one"), first(out)
+    for k in ("loss/local", "loss/global", "loss/tokens", "loss/cls"):
+        assert abs(a[k] - b[k]) < 1e-4 * max(1.0, abs(a[k])), k
+
+
+FLAGS = (
+    "store", "weights", "data", "refresh", "student", "student_size", "epochs", "batch_size", "views_per_image",
+    "workers", "precision", "val_fraction", "warmup_epochs", "device", "seed",
+)  # fmt: skip

@@ -287,16 +287,22 @@ def plan_store(cfg: Any) -> dict[str, Any]:
         tokens = cfg.num_tokens > 0
         one = StoreLayout(1, 1, 1, cfg.dim, max(cfg.num_tokens, 1), 11, tokens)
         per_view = one.estimate_bytes()
-    r, epochs = cfg.views_per_image, cfg.epochs
-    rec = max(recommend_k(epochs, r), 1)
+    r, epochs, f = cfg.views_per_image, cfg.epochs, float(getattr(cfg, "refresh", 0.0) or 0.0)
+    if not 0.0 <= f <= 1.0:
+        raise ConfigError(f"refresh={f} must be a fraction of each batch's views, 0 < F <= 1 (0 = off)")
+    rec = max(recommend_k(epochs, r, refresh=f), 1)
     gib = 2**30
+    fresh = {"fresh views per image (--refresh)": f"{epochs * r * f:g}"} if f else {}
     return {
         "images (N)": n,
         "views per image (K)": k,
         "R x epochs": f"{r} x {epochs:g}",
-        "reuse (epochs x R / K)": f"{planned_reuse(epochs, r, k):.1f}",
+        "reuse (epochs x R / K)"
+        if not f
+        else "reuse (epochs x R x (1 - F) / K)": f"{planned_reuse(epochs, r, k, f):.1f}",
+        **fresh,
         "store size": f"{n * k * per_view / gib:,.2f} GiB",
         "recommended K": f"{rec} (reuse <= {safe_reuse():.3g}, {STUDY})",
         "store size at the recommended K": f"{n * rec * per_view / gib:,.2f} GiB",
-        "warning": reuse_warning(epochs, r, k),
+        "warning": reuse_warning(epochs, r, k, f),
     }
