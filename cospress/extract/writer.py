@@ -121,8 +121,9 @@ class ShardSink:
     Each thread writes whole shards (every writer owns whole shards: zarr's shard files are rewritten
     whole), so up to ``threads`` shards are compressed, hashed and written at once: blosc, sha256 and
     the file writes release the GIL. At most ``threads`` full shards wait in the queue, so host memory
-    holds up to 2 x ``threads`` full shard buffers beside the ones being filled. Use as a context
-    manager: leaving it waits for the last shards and raises a write error.
+    holds up to 2 x ``threads`` full shard buffers beside the ones being filled; a written shard's buffer
+    is kept for a later shard (`buffer`), so that peak is never exceeded and stays allocated until the
+    sink is left. Use as a context manager: leaving it waits for the last shards and raises a write error.
     """
 
     def __init__(self, writer: StoreWriter, keys: list[str], labels: list[int], threads: int = 1) -> None:
