@@ -73,18 +73,36 @@ def test_quantize_round_trip_error_is_half_a_step():
     assert np.all(err <= (step * np.ones_like(x))[s > 0] * 0.5 * (1 + 1e-3))
 
 
-def test_writer_threads_run_torch_with_one_thread():
-    from cospress.extract.writer import _one_torch_thread
-
-    seen = []
-
-    def run():
-        _one_torch_thread()
-        seen.append(torch.get_num_threads())
+def test_writer_threads_run_torch_with_one_thread(tmp_path):
+    """A writer thread's torch ops use one thread; the main thread keeps its pool, and a thread started
+    after the sink is left gets the main thread's count again (torch keeps the last count set as the
+    default of new threads)."""
+    from cospress.extract.writer import ShardSink
+    from tests.test_parallel_writer import data, open_writer
 
     before = torch.get_num_threads()
-    t = threading.Thread(target=run)
+    seen = []
+
+    class Probe(ShardSink):
+        def _run(self) -> None:
+            super()._run()
+            seen.append(torch.get_num_threads())  # after the thread's own set-up
+
+    d = data(6)
+    w = open_writer(tmp_path / "s", 6, 3)
+    with Probe(w, d["keys"], list(d["labels"]), 2) as sink:
+        for s in range(w.num_shards):
+            buf = sink.buffer(s)
+            buf.cls[:], buf.tokens[:], buf.valid[:] = (
+                d["cls"][3 * s : 3 * s + 3],
+                d["tokens"][3 * s : 3 * s + 3],
+                1,
+            )
+            sink.filled(s, 3)
+    assert seen == [1, 1]
+    assert torch.get_num_threads() == before
+    later = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
     t.start()
     t.join()
-    assert seen == [1]
-    assert torch.get_num_threads() == before  # the main thread keeps its pool
+    assert later == [before]

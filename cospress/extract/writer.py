@@ -109,10 +109,19 @@ def _kill_after() -> int | None:
 def _one_torch_thread() -> None:
     """Torch ops in this thread (a writer thread's codec fidelity) use one thread, not the process's
     pool: each writer thread is one core's work, and two threads sharing the pool of a 2-core machine
-    slowed each other. Per thread (OpenMP's setting of the calling thread): the main thread keeps its pool."""
+    slowed each other. OpenMP's setting is the calling thread's (the main thread keeps its pool), but
+    torch also keeps it as the default of threads started later: `ShardSink` restores that on exit."""
     import torch
 
+    torch.get_num_threads()  # this thread's own setting is made first (torch sets it lazily)
     torch.set_num_threads(1)
+
+
+def _restore_torch_threads() -> None:
+    """Torch's default for threads started from now on: the calling (main) thread's own count again."""
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())
 
 
 class ShardSink:
@@ -205,6 +214,7 @@ class ShardSink:
             self.queue.put(None)
         for t in self.threads:
             t.join()
+        _restore_torch_threads()
         if self.error is not None:
             raise self.error
 
