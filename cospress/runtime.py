@@ -210,12 +210,23 @@ class DistContext:
         return self.world > 1
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistContext:
+DIST_TIMEOUT_ENV = "COSPRESS_DIST_TIMEOUT"  # seconds a rank waits for the others (default 1800)
+
+
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistContext:
     """Initialise the default process group when torchrun started several processes.
 
     The backend is nccl when the device is CUDA, gloo otherwise. Each CUDA rank takes device
-    ``cuda:LOCAL_RANK``. Calling it twice is harmless.
+    ``cuda:LOCAL_RANK``. Calling it twice is harmless. ``timeout_s`` (default ``$COSPRESS_DIST_TIMEOUT``
+    or 1800): how long a rank waits for the others in the set-up and in every collective; past it the
+    rank fails, so `torchrun --max-restarts N` restarts the group instead of waiting on a lost peer.
     """
+    if timeout_s is None:
+        raw = os.environ.get(DIST_TIMEOUT_ENV) or "1800"
+        try:
+            timeout_s = float(raw)
+        except ValueError:
+            raise ConfigError(f"{DIST_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
     rank, world, local = dist_info()
     dev = pick_device(device)
     if dev.type == "cuda" and world > 1:

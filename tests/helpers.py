@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -73,17 +74,48 @@ def torchrun_cli(*args: str, extra: tuple[str, ...] = ()) -> list[str]:
 
 
 def run_group(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a torchrun command in a process group of its own. Past ``timeout`` the whole group (the
-    ranks too, so none keeps a port) is killed and the test fails with the tail of what it printed."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun ran past {timeout:.0f} s; its stderr ended with:\n{err[-6000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    """Run a torchrun command and every process it starts to completion or to ``timeout``.
+
+    Its output goes to files, not pipes: a rank left behind by an agent that died would hold a pipe
+    open and block the reader. Each process carries a marker in its environment; whatever still runs
+    with it at the end (a rank in a session of its own) is killed. Past ``timeout`` the test fails
+    with the tail of what the command printed."""
+    import tempfile
+    import uuid
+
+    marker = uuid.uuid4().hex
+    env = {**env, "COSPRESS_TEST_GROUP": marker, "PYTHONFAULTHANDLER": "1"}  # SIGABRT: stacks to stderr
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_marked(marker, signal.SIGABRT)  # every process prints where it waits, then ends
+            time.sleep(3)
+        finally:
+            _kill_marked(marker)
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if timed_out:
+        pytest.fail(f"torchrun ran past {timeout:.0f} s; its stderr ended with:\n{stderr[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _kill_marked(marker: str, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to every process whose environment holds ``COSPRESS_TEST_GROUP=marker``."""
+    want = f"COSPRESS_TEST_GROUP={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if want in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), sig)
+        except OSError:
+            pass
 
 
 def cli_env() -> dict[str, str]:
