@@ -231,8 +231,8 @@ class StreamBatches(torch.utils.data.IterableDataset):
 class ImageRanges:
     """The images of a store shard's rows fetched as one byte range per tar (``wds:`` sources).
 
-    Store rows are in source order (stage 1 writes them so), so the images of a store shard lie in
-    one contiguous run of one or two tars: fetched with the shard's files, in the prefetch thread,
+    A wds: source's rows are in source order (stage 1's ``--row-order auto``), so the images of a store
+    shard lie in one contiguous run of one or two tars: fetched with the shard's files, in the prefetch thread,
     one GET per tar instead of one read per image. A tar whose wanted images are scattered (a store of
     a subset, an appended store: the range would be > 4x their bytes) is left to per-image reads.
     ``source`` serves the held bytes and falls back to the source's own reads.
