@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import logging
 import os
 import random
@@ -234,12 +235,19 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend,
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        # gloo's connect of a restarted group can wait past the timeout (seen on a loaded CPU: both
+        # ranks in connectFullMesh): a rank that has not joined by then prints its stack and exits 1,
+        # so torchrun restarts the group rather than waiting forever
+        faulthandler.dump_traceback_later(timeout_s, exit=True)
+        try:
+            dist.init_process_group(
+                backend=backend,
+                rank=rank,
+                world_size=world,
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
+        finally:
+            faulthandler.cancel_dump_traceback_later()
         log.info("initialised torch.distributed: backend=%s rank=%d world=%d", backend, rank, world)
     return DistContext(rank=rank, world=world, local_rank=local, device=dev)
 
