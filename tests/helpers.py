@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -116,6 +117,27 @@ def _kill_marked(marker: str, sig: int = signal.SIGKILL) -> None:
                 os.kill(int(entry.name), sig)
         except OSError:
             pass
+
+
+def two_ranks_start_like_one(one: Any, one_out: Path, names: tuple[str, ...], out: Path) -> None:
+    """Run distill with the settings ``names`` of the config ``one`` (already run into ``one_out``) as
+    2 gloo ranks into ``out``; the first training row's loss terms must equal the one-rank run's."""
+    import json
+
+    from cospress.config import to_dict
+
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in to_dict(one).items() if k in names]
+    cmd = torchrun_cli("distill", *flags, "--out", str(out), "--temperatures", "0.02,0.1", "--no-progress")
+    proc = run_group(cmd, cli_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def first(run: Path) -> dict:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return next(r for r in rows if r["phase"] == "train")
+
+    a, b = first(one_out), first(out)
+    for k in ("loss/local", "loss/global", "loss/tokens", "loss/cls"):
+        assert abs(a[k] - b[k]) < 1e-4 * max(1.0, abs(a[k])), k
 
 
 def cli_env() -> dict[str, str]:

@@ -256,26 +256,12 @@ def test_refresh_sigkill_then_resume_gives_the_same_weights(setup, tmp_path):
 def test_refresh_torchrun_two_ranks_match_one_rank(setup, tmp_path):
     """Two gloo ranks (each running the teacher on its images' fresh views) start with the one-rank losses:
     the fresh slots are chosen over the global batch, not per rank."""
-    import subprocess
-
-    from tests.helpers import cli_env, torchrun_cli
+    from tests.helpers import two_ranks_start_like_one
 
     images, weights, k2, _ = setup
     one = refresh_cfg(k2, weights, images, tmp_path / "one", epochs=1, refresh=0.5)
     run_distill(one)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in to_dict(one).items() if k in FLAGS]
-    out = tmp_path / "two"
-    cmd = torchrun_cli("distill", *flags, "--out", str(out), "--temperatures", "0.02,0.1", "--no-progress")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    def first(run: Path) -> dict:
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return next(r for r in rows if r["phase"] == "train")
-
-    a, b = first(tmp_path / "one"), first(out)
-    for k in ("loss/local", "loss/global", "loss/tokens", "loss/cls"):
-        assert abs(a[k] - b[k]) < 1e-4 * max(1.0, abs(a[k])), k
+    two_ranks_start_like_one(one, tmp_path / "one", FLAGS, tmp_path / "two")
 
 
 FLAGS = (

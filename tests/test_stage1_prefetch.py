@@ -19,6 +19,7 @@ from cospress.data.views import replay_views_batch, sample_view_params
 from cospress.extract import teacher as tm
 from cospress.runtime import to_device
 from tests.test_device_decode import _jpeg, _smooth
+from tests.test_stage1_copies import _pageable_copies
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 V2 = ViewPolicy(
@@ -114,15 +115,6 @@ def _v2_views(n: int = 12) -> tuple[list[torch.Tensor], torch.Tensor]:
     refs = [images[i // 3] for i in range(n)]
     params = [sample_view_params(V2, 0, f"k{i // 3}", i % 3, 50, 40 + i // 3) for i in range(n)]
     return refs, torch.from_numpy(np.stack(params))
-
-
-def _pageable_copies(fn) -> list[str]:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if "HtoD" in e.name and "Pageable" in e.name]
 
 
 @CUDA
