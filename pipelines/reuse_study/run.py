@@ -36,30 +36,25 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from study import (  # noqa: E402  (pipelines/tools/study.py: what the studies share)
+    METRIC_COLUMNS,
+    ROOT,
+    cli,
+    metrics,
+    plot_metrics,
+    row_cells,
+    save_rows,
+    summary_cells,
+    teacher_cells,
+    write_results,
+)  # fmt: skip
+
 TEACHER, TEACHER_SIZE = "efficientnet_lite0", 112
 STUDENT, STUDENT_SIZE = "vit_tiny_patch16_224", 64
 DEPTH = 6  # the 6-block ViT-Ti/16 of the one-hour recipe: half the student's cost
-
-
-def cli(*args: str, log: Path) -> float:
-    """Run `cospress ARGS` in its own process (output appended to `log`); return its wall time in s."""
-    print("+ cospress " + " ".join(args), flush=True)
-    t0 = time.perf_counter()
-    with log.open("a") as f:
-        f.write("+ cospress " + " ".join(args) + "\n")
-        f.flush()
-        subprocess.run(
-            [sys.executable, "-m", "cospress", *args],
-            check=True,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-    return time.perf_counter() - t0
 
 
 class Study:
@@ -155,7 +150,7 @@ def arm_parts(arm: str) -> tuple[int | None, float]:
 
 
 def row(study: Study, arm: str, seed: int, report: dict) -> dict:
-    fid, t, a = report.get("fidelity") or {}, study.times, study.a
+    t, a = study.times, study.a
     k, refresh = arm_parts(arm)
     return {
         "arm": arm,
@@ -163,11 +158,7 @@ def row(study: Study, arm: str, seed: int, report: dict) -> dict:
         "reuse": None if k is None else a.passes * (1.0 - refresh) / k,
         "refresh": refresh,
         "fresh_per_image": a.passes * (1.0 if k is None else refresh),
-        "top1": report["top1"],
-        "auroc": report["auroc"],
-        "fpr95": report["fpr95"],
-        "spearman": fid.get("spearman"),
-        "overlap10": fid.get("knn10_overlap"),
+        **metrics(report),
         "steps": study.steps(arm, seed),
         "distill_s": t.get(f"distill-{arm}-s{seed}"),
         "extract_s": t.get(f"extract-k{k}", 0.0),
@@ -221,20 +212,9 @@ def main() -> None:
     for arm, seed in plan(a):
         report = study.evaluate(f"{arm}-s{seed}", str(study.distill(arm, seed)))
         rows.append(row(study, arm, seed, report))
-        (study.out / "results.json").write_text(json.dumps({"teacher": teacher, "rows": rows}, indent=1))
+        save_rows(study.out, teacher, rows)
     text = table(rows, teacher, a)
-    (study.out / "results.md").write_text(text)
-    plot(rows, teacher, study.out / "reuse_study.png")
-    if a.write_doc:
-        Path(a.write_doc).write_text(text)
-    print(text)
-
-
-def _ms(values: list[float], digits: int, scale: float = 1.0) -> str:
-    vals = [v * scale for v in values if v is not None]
-    if len(vals) < 2:
-        return f"{vals[0]:.{digits}f}" if vals else "—"
-    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+    write_results(study.out, text, lambda path: plot(rows, teacher, path), "reuse_study.png", a.write_doc)
 
 
 def _reuse(r: dict) -> str:
@@ -245,29 +225,18 @@ def _reuse(r: dict) -> str:
 
 
 def table(rows: list[dict], teacher: dict, a: argparse.Namespace) -> str:
-    head = "| arm | reuse | seed | steps | kNN top-1 % | OOD AUROC | FPR95 % | Spearman ρ | 10-NN overlap | distill min | store min | eval min |"
-    lines = [head, "|" + "---|" * 12]
-    for r in rows:
-        lines.append(
-            f"| {r['arm']} | {_reuse(r)} | {r['seed']} | {r['steps']} | {r['top1']:.2f} | {r['auroc']:.3f} "
-            f"| {100 * r['fpr95']:.1f} | {r['spearman']:.3f} | {r['overlap10']:.3f} | {r['distill_s'] / 60:.1f} "
-            f"| {r['extract_s'] / 60:.1f} | {(r['eval_s'] or 0) / 60:.1f} |"
-        )
-    lines += [
-        "",
-        "| arm | reuse | seeds | kNN top-1 % | OOD AUROC | FPR95 % | Spearman ρ | 10-NN overlap |",
-        "|" + "---|" * 8,
+    lines = [
+        f"| arm | reuse | seed | steps | {METRIC_COLUMNS} | distill min | store min | eval min |",
+        "|" + "---|" * 12,
     ]
-    lines.append(
-        f"| teacher @112 | — | — | {teacher['top1']:.2f} | {teacher['auroc']:.3f} | {100 * teacher['fpr95']:.1f} | 1 | 1 |"
-    )
+    for r in rows:
+        times = f"{r['distill_s'] / 60:.1f} | {r['extract_s'] / 60:.1f} | {(r['eval_s'] or 0) / 60:.1f}"
+        lines.append(f"| {r['arm']} | {_reuse(r)} | {r['seed']} | {r['steps']} | {row_cells(r)} | {times} |")
+    lines += ["", f"| arm | reuse | seeds | {METRIC_COLUMNS} |", "|" + "---|" * 8]
+    lines.append(f"| teacher @112 | — | — | {teacher_cells(teacher)} |")
     for arm in dict.fromkeys(r["arm"] for r in rows):
         rs = [r for r in rows if r["arm"] == arm]
-        lines.append(
-            f"| {arm} | {_reuse(rs[0])} | {len(rs)} | {_ms([r['top1'] for r in rs], 2)} | {_ms([r['auroc'] for r in rs], 3)} "
-            f"| {_ms([r['fpr95'] for r in rs], 1, 100)} | {_ms([r['spearman'] for r in rs], 3)} "
-            f"| {_ms([r['overlap10'] for r in rs], 3)} |"
-        )
+        lines.append(f"| {arm} | {_reuse(rs[0])} | {len(rs)} | {summary_cells(rs)} |")
     setup = (
         f"Reuse study: {a.passes} views of every training image per run ({a.passes // a.r} epochs at R = {a.r}, "
         f"batch {a.batch}), {a.train_per_class} training images per class, student ViT-Ti/16 depth {DEPTH} @64; "
@@ -277,17 +246,11 @@ def table(rows: list[dict], teacher: dict, a: argparse.Namespace) -> str:
 
 
 def plot(rows: list[dict], teacher: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = (("top1", "kNN top-1 %"), ("auroc", "OOD AUROC"), ("spearman", "Spearman ρ to the teacher"))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     cached = [r for r in rows if r["reuse"] is not None and not r.get("refresh")]
     hybrid = [r for r in rows if r.get("refresh")]
     reuses = sorted({r["reuse"] for r in cached})
-    for ax, (key, label) in zip(axes, metrics, strict=True):
+
+    def draw(ax, key: str) -> None:
         ax.scatter([r["reuse"] for r in cached], [r[key] for r in cached], color="tab:blue", s=14)
         means = [statistics.mean(r[key] for r in cached if r["reuse"] == u) for u in reuses]
         ax.plot(reuses, means, "-o", color="tab:blue", label="cached (K views)")
@@ -301,21 +264,13 @@ def plot(rows: list[dict], teacher: dict, path: Path) -> None:
         if online:
             lo, hi, mid = min(online), max(online), statistics.mean(online)
             ax.axhspan(lo, hi if hi > lo else lo + 1e-9, color="tab:orange", alpha=0.25)
-            ax.axhline(
-                mid,
-                color="tab:orange",
-                ls="--",
-                label=f"online, fresh views ({len(online)} seeds: band = range)",
-            )
-        if key != "spearman":
-            ax.axhline(teacher[key], color="gray", ls=":", label="teacher")
+            label = f"online, fresh views ({len(online)} seeds: band = range)"
+            ax.axhline(mid, color="tab:orange", ls="--", label=label)
         ax.set_xscale("log")
         ax.set_xticks(reuses, [f"{u:.3g}" for u in reuses])
         ax.set_xlabel("reuse = epochs x R / K (times each stored view is shown)")
-        ax.set_title(label)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+
+    plot_metrics(path, teacher, draw, legend_size=7)
 
 
 if __name__ == "__main__":

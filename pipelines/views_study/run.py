@@ -30,25 +30,25 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from study import (  # noqa: E402  (pipelines/tools/study.py: what the studies share)
+    METRIC_COLUMNS,
+    ROOT,
+    cli,
+    metrics,
+    plot_metrics,
+    row_cells,
+    save_rows,
+    summary_cells,
+    teacher_cells,
+    write_results,
+)  # fmt: skip
+
 TEACHER, TEACHER_SIZE = "efficientnet_lite0", 112
 STUDENT, STUDENT_SIZE = "vit_tiny_patch16_224", 64
 BATCH, MAX_R = 192, 3
-
-
-def cli(*args: str, log: Path) -> float:
-    """Run `cospress ARGS` (output appended to `log`); return its wall time in seconds."""
-    cmd = [sys.executable, "-m", "cospress", *args]
-    print("+ cospress " + " ".join(args), flush=True)
-    t0 = time.perf_counter()
-    with log.open("a") as f:
-        f.write("+ cospress " + " ".join(args) + "\n")
-        f.flush()
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    return time.perf_counter() - t0
 
 
 class Study:
@@ -124,21 +124,10 @@ class Study:
 
 
 def row(study: Study, arm: str, seed: int, report: dict) -> dict:
-    fid = report.get("fidelity") or {}
     t = study.times
     extract = t.get(f"extract-{arm}", 0.0) / len(study.a.seeds)
-    return {
-        "arm": arm,
-        "seed": seed,
-        "top1": report["top1"],
-        "auroc": report["auroc"],
-        "fpr95": report["fpr95"],
-        "spearman": fid.get("spearman"),
-        "overlap10": fid.get("knn10_overlap"),
-        "steps": study.steps(arm, seed),
-        "distill_s": t.get(f"distill-{arm}-s{seed}"),
-        "extract_share_s": extract,
-    }
+    return {"arm": arm, "seed": seed, **metrics(report), "steps": study.steps(arm, seed),
+            "distill_s": t.get(f"distill-{arm}-s{seed}"), "extract_share_s": extract}  # fmt: skip
 
 
 def main() -> None:
@@ -166,45 +155,24 @@ def main() -> None:
         for arm in arms:
             report = study.evaluate(f"{arm}-s{seed}", str(study.distill(arm, seed)))
             rows.append(row(study, arm, seed, report))
-            (study.out / "results.json").write_text(json.dumps({"teacher": teacher, "rows": rows}, indent=1))
+            save_rows(study.out, teacher, rows)
     text = table(rows, teacher, a)
-    (study.out / "results.md").write_text(text)
-    plot(rows, teacher, study.out / "views_study.png")
-    if a.write_doc:
-        Path(a.write_doc).write_text(text)
-    print(text)
-
-
-def _ms(values: list[float], digits: int, scale: float = 1.0) -> str:
-    vals = [v * scale for v in values if v is not None]
-    if len(vals) < 2:
-        return f"{vals[0]:.{digits}f}" if vals else "—"
-    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+    write_results(study.out, text, lambda path: plot(rows, teacher, path), "views_study.png", a.write_doc)
 
 
 def table(rows: list[dict], teacher: dict, a: argparse.Namespace) -> str:
-    head = "| arm | seed | steps | kNN top-1 % | OOD AUROC | FPR95 % | Spearman ρ | 10-NN overlap | distill min | + store share min |"
-    lines = [head, "|" + "---|" * 10]
-    for r in rows:
-        lines.append(
-            f"| {r['arm']} | {r['seed']} | {r['steps']} | {r['top1']:.2f} | {r['auroc']:.3f} | {100 * r['fpr95']:.1f} "
-            f"| {r['spearman']:.3f} | {r['overlap10']:.3f} | {r['distill_s'] / 60:.1f} | {r['extract_share_s'] / 60:.1f} |"
-        )
-    lines += [
-        "",
-        "| arm | seeds | kNN top-1 % | OOD AUROC | FPR95 % | Spearman ρ | 10-NN overlap |",
-        "|" + "---|" * 7,
+    lines = [
+        f"| arm | seed | steps | {METRIC_COLUMNS} | distill min | + store share min |",
+        "|" + "---|" * 10,
     ]
-    lines.append(
-        f"| teacher @112 | — | {teacher['top1']:.2f} | {teacher['auroc']:.3f} | {100 * teacher['fpr95']:.1f} | 1 | 1 |"
-    )
+    for r in rows:
+        times = f"{r['distill_s'] / 60:.1f} | {r['extract_share_s'] / 60:.1f}"
+        lines.append(f"| {r['arm']} | {r['seed']} | {r['steps']} | {row_cells(r)} | {times} |")
+    lines += ["", f"| arm | seeds | {METRIC_COLUMNS} |", "|" + "---|" * 7]
+    lines.append(f"| teacher @112 | — | {teacher_cells(teacher)} |")
     for arm in dict.fromkeys(r["arm"] for r in rows):
         rs = [r for r in rows if r["arm"] == arm]
-        lines.append(
-            f"| {arm} | {len(rs)} | {_ms([r['top1'] for r in rs], 2)} | {_ms([r['auroc'] for r in rs], 3)} "
-            f"| {_ms([r['fpr95'] for r in rs], 1, 100)} | {_ms([r['spearman'] for r in rs], 3)} "
-            f"| {_ms([r['overlap10'] for r in rs], 3)} |"
-        )
+        lines.append(f"| {arm} | {len(rs)} | {summary_cells(rs)} |")
     setup = (
         f"Views study: {a.passes} views of every training image per run (batch {BATCH}, R = min(3, K)), "
         f"seeds {','.join(map(str, a.seeds))}; extra extract flags {' '.join(a.extract_args) or 'none'}, "
@@ -214,15 +182,9 @@ def table(rows: list[dict], teacher: dict, a: argparse.Namespace) -> str:
 
 
 def plot(rows: list[dict], teacher: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = (("top1", "kNN top-1 %"), ("auroc", "OOD AUROC"), ("spearman", "Spearman ρ to the teacher"))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     cached = sorted({int(r["arm"][1:]) for r in rows if r["arm"] != "online"})
-    for ax, (key, label) in zip(axes, metrics, strict=True):
+
+    def draw(ax, key: str) -> None:
         for k in cached:
             vals = [r[key] for r in rows if r["arm"] == f"k{k}"]
             ax.scatter([k] * len(vals), vals, color="tab:blue", s=14)
@@ -231,15 +193,11 @@ def plot(rows: list[dict], teacher: dict, path: Path) -> None:
         online = [r[key] for r in rows if r["arm"] == "online"]
         if online:
             ax.axhline(statistics.mean(online), color="tab:orange", ls="--", label="online (fresh views)")
-        if key != "spearman":
-            ax.axhline(teacher[key], color="gray", ls=":", label="teacher")
         ax.set_xscale("log", base=2)
         ax.set_xticks(cached, [str(k) for k in cached])
         ax.set_xlabel("K (cached views per image)")
-        ax.set_title(label)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+
+    plot_metrics(path, teacher, draw)
 
 
 if __name__ == "__main__":
