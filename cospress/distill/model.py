@@ -205,12 +205,7 @@ class Schedule:
 
 
 def make_optimizer(
-    model: DistillModel,
-    cfg: Any,
-    data: TrainData,
-    *,
-    fit: bool,
-    log_metric: Callable[[dict], None],
+    model: DistillModel, cfg: Any, data: TrainData, *, fit: bool, log_metric: Callable[[dict], None]
 ) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters of ``model`` (``cfg``: the run's DistillConfig).
 

@@ -11,7 +11,6 @@ batch at or after the recorded position, without fetching the shards it skips. T
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -294,22 +293,27 @@ def stream_feature_batches(data: TrainData, cfg: Any) -> tuple[Any, int]:
     epoch) in the stream order of one lane (every rank runs the same fit), from whole shard files."""
     from cospress.store.codecs import decode_tokens
 
-    s = data.stream
+    s, stored = data.stream, data.reader.stored_views
 
     def batches_of(epoch: int):
         order = _order(data, cfg, world=1, rank=0, epoch=epoch, lanes=1)
         for _, rows, held in lane_batches(order, 0, 0, s.reader, s.depth):
-            stored = data.reader.stored_views
             views = np.stack(
                 [choose_views(cfg.seed, epoch, int(r), stored, cfg.views_per_image) for r in rows]
             )
             got = gather(held, order.shard_size, rows, views, s.view_map)
-            if "tokens" in got and s.codec == "int8":
-                got["tokens"] = decode_tokens("int8", got.pop("tokens"), got.pop("token_scale"), None)
-            t = _targets(got, dataclasses.replace(s, codec="fp16") if s.codec == "int8" else s)
-            yield {"cls": t["cls"], "tokens": t["tokens"]}
+            tokens = got.get("tokens")
+            if tokens is not None:  # float16 whatever the codec, as read_targets gives them
+                tokens = _flat(decode_tokens(s.codec, tokens, got.get("token_scale"), s.projection))
+            yield {"cls": _flat(got["cls"]), "tokens": tokens}
 
     return batches_of, len(_order(data, cfg, world=1, rank=0, epoch=0, lanes=1))
+
+
+def _flat(a: np.ndarray) -> torch.Tensor:
+    """[n, R, ...] -> [n*R, ...] (image-major, as read_targets flattens)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.reshape(-1, *t.shape[2:])
 
 
 def _targets(got: dict[str, np.ndarray], setup: StreamSetup) -> dict[str, Any]:
@@ -317,17 +321,13 @@ def _targets(got: dict[str, np.ndarray], setup: StreamSetup) -> dict[str, Any]:
     (``keep_int8``: int8 tokens stay raw with their scale; pca tokens are decoded)."""
     from cospress.store.codecs import decode_tokens
 
-    def flat(a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(a))
-        return t.reshape(-1, *t.shape[2:])
-
-    out = {"cls": flat(got["cls"]), "tokens": None, "token_scale": None}
+    out = {"cls": _flat(got["cls"]), "tokens": None, "token_scale": None}
     if "tokens" not in got:
         return out
     if setup.codec == "pca":
-        out["tokens"] = flat(decode_tokens("pca", got["tokens"], got["token_scale"], setup.projection))
+        out["tokens"] = _flat(decode_tokens("pca", got["tokens"], got["token_scale"], setup.projection))
         return out
-    out["tokens"] = flat(got["tokens"])
+    out["tokens"] = _flat(got["tokens"])
     if setup.codec == "int8":
-        out["token_scale"] = flat(got["token_scale"])
+        out["token_scale"] = _flat(got["token_scale"])
     return out

@@ -75,7 +75,7 @@ def _extract(
         param_names=policy.param_names, precision=dtype_name(amp),
         decode=decode if decode == "cpu" else f"{decode}:{ctx.device.type}",
     )  # fmt: skip
-    if _row_order(cfg, source.kind) == SHUFFLED and not cfg.append:
+    if not cfg.append and _row_order(cfg, source.kind) == SHUFFLED:
         identity["row_order"] = SHUFFLED  # an append keeps the store's order (`plan_append`)
     if extending is not None:
         extending.check(identity)
