@@ -16,6 +16,7 @@ import torch
 import zarr
 from PIL import Image
 
+from cospress.extract.writer_proc import processes_supported
 from cospress.store import StoreReader
 from cospress.store.records import NEW, read_record
 from tests.helpers import cli_env, make_image_folder, make_tiny_teacher_weights, run_cli, torchrun_cli
@@ -172,10 +173,17 @@ def _commits(store: Path) -> int:
     return len(list((store / NEW.commits).glob("shard-*/zarr.json")))
 
 
-def test_sigkill_then_rerun_is_bitwise_identical(reference_store, images, weights, tmp_path):
-    """SIGKILL the run at several moments (before any commit, mid-run); rerunning completes it bit for bit."""
+PROCESSES = ("--writers", "2", "--writer-kind", "process")
+
+
+@pytest.mark.parametrize("writers", [(), PROCESSES], ids=["thread", "processes"])
+def test_sigkill_then_rerun_is_bitwise_identical(reference_store, images, weights, tmp_path, writers):
+    """SIGKILL the run at several moments (before any commit, mid-run); rerunning completes it bit for bit
+    (with writer processes too: they die with the run)."""
+    if writers and not processes_supported():
+        pytest.skip("writer processes need Linux")
     out = tmp_path / "store"
-    cmd = [sys.executable, "-m", "cospress", *_args(images, weights, out)]
+    cmd = [sys.executable, "-m", "cospress", *_args(images, weights, out, *writers)]
     kills = 0
     for target in (0, 1, 3):  # kill once the store holds this many committed shards
         proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -192,7 +200,17 @@ def test_sigkill_then_rerun_is_bitwise_identical(reference_store, images, weight
         assert not (out / NEW.manifest).exists() or proc.returncode == 0
     assert kills >= 2, "the runs finished before they could be killed"
     assert _commits(out) < 5
-    run_cli(*_args(images, weights, out))
+    run_cli(*_args(images, weights, out, *writers))
+    _assert_same(_arrays(reference_store), _arrays(out))
+    assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_writer_processes_write_the_store_one_thread_writes(reference_store, images, weights, tmp_path):
+    if not processes_supported():
+        pytest.skip("writer processes need Linux")
+    out = tmp_path / "store"
+    proc = run_cli(*_args(images, weights, out, *PROCESSES))
+    assert "shard writers: 2 processes" in proc.stderr
     _assert_same(_arrays(reference_store), _arrays(out))
     assert run_cli("verify", str(out)).returncode == 0
 

@@ -130,6 +130,18 @@ def test_two_ranks_to_s3_killed_then_rerun_equal_a_local_extract(
     print(f"\nrequests killed run {first}, rerun {rerun}; {stored} bytes in the bucket")
 
 
+def test_writer_processes_write_to_s3_what_a_local_extract_holds(s3, images, weights, local_store):
+    """Writer processes open the bucket store themselves (credentials and endpoint from the environment)."""
+    from cospress.extract.writer_proc import processes_supported
+
+    if not processes_supported():
+        pytest.skip("writer processes need Linux")
+    url = "s3://bucket/extract/processes"
+    run_cli(*_args(images, weights, url), "--writers", "2", "--writer-kind", "process")
+    s3.invalidate_cache()
+    _check_equal(s3, url, local_store)
+
+
 @pytest.mark.skipif(
     not os.environ.get("COSPRESS_TEST_TORCHRUN_RESTART"),
     reason="torchrun's in-job restart of a gloo group is unreliable on a loaded 2-core CPU (1 run in 2-3: "

@@ -1,6 +1,7 @@
-"""The parallel shard writer (issue 26): several threads write whole shards; the store is byte for
-byte the one a single thread writes, a kill -9 mid-shard resumes, and a shard's cost does not grow
-with the shards already written (nothing lists a folder per shard)."""
+"""The parallel shard writer (issue 26): several threads or writer processes write whole shards; the
+store is byte for byte the one a single thread writes, a kill -9 mid-shard resumes (of the run, or of
+one writer process), and a shard's cost does not grow with the shards already written (nothing lists
+a folder per shard)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cospress.errors import ConfigError
+from cospress.errors import ConfigError, StoreError
 from cospress.extract import ExtractConfig
 from cospress.extract.writer import ShardSink
+from cospress.extract.writer_proc import processes_supported
 from cospress.store import StoreLayout, StoreReader, StoreWriter, make_identity
 from cospress.store.records import NEW, read_record
 
@@ -51,9 +53,12 @@ def open_writer(path: Path, n: int, shard: int, codec: str = "fp16") -> StoreWri
     return StoreWriter.open(path, identity(n, codec), layout)
 
 
-def write(writer: StoreWriter, d: dict, threads: int, shards: list[int] | None = None) -> None:
-    """Every shard (or ``shards``) through a `ShardSink` of ``threads`` threads, as stage 1 does."""
-    with ShardSink(writer, d["keys"], list(d["labels"]), threads) as sink:
+def write(
+    writer: StoreWriter, d: dict, threads: int, shards: list[int] | None = None, kind: str = "thread"
+) -> None:
+    """Every shard (or ``shards``) through a `ShardSink` of ``threads`` writers (threads, or processes
+    with ``kind="process"``), as stage 1 does."""
+    with ShardSink(writer, d["keys"], list(d["labels"]), threads, kind) as sink:
         for s in range(writer.num_shards) if shards is None else shards:
             a, b = writer.shard_rows(s)
             buf = sink.buffer(s)
@@ -79,25 +84,32 @@ def files(store: Path) -> dict[str, bytes]:
     return out
 
 
+needs_processes = pytest.mark.skipif(not processes_supported(), reason="writer processes need Linux")
+
+
 @pytest.mark.parametrize("codec", ["fp16", "int8"])
-def test_threads_write_the_store_a_single_thread_writes(tmp_path, codec):
+def test_threads_and_processes_write_the_store_a_single_thread_writes(tmp_path, codec):
     n, shard = 23, 3
     d = data(n, seed=1)
     stores = {}
-    for threads in (1, 3):
-        w = open_writer(tmp_path / f"t{threads}", n, shard, codec)
-        write(w, d, threads)
+    writers = [("thread", 1), ("thread", 3)] + [("process", 2)] * processes_supported()
+    for kind, count in writers:
+        w = open_writer(tmp_path / f"{kind}{count}", n, shard, codec)
+        write(w, d, count, kind=kind)
         w.finalize()
-        stores[threads] = files(w.path)
-    assert stores[1].keys() == stores[3].keys() and len(stores[1]) > 3 * 8
-    assert [k for k in stores[1] if stores[1][k] != stores[3][k]] == []
-    r = StoreReader(tmp_path / "t3")
+        stores[kind, count] = files(w.path)
+    one = stores["thread", 1]
+    assert len(one) > 3 * 8
+    for other in stores.values():
+        assert other.keys() == one.keys()
+        assert [k for k in one if one[k] != other[k]] == []
+    r = StoreReader(w.path)
     assert r.verify() == []
     out = r.read_rows(np.arange(n))
     np.testing.assert_array_equal(out["cls"], d["cls"])
     if codec == "fp16":
         np.testing.assert_array_equal(out["tokens"], d["tokens"])
-    meta = json.loads((tmp_path / "t3" / "tokens" / "zarr.json").read_text())
+    meta = json.loads((w.path / "tokens" / "zarr.json").read_text())
     blosc = meta["codecs"][0]["configuration"]["codecs"][1]["configuration"]
     assert (blosc["cname"], blosc["clevel"], blosc["shuffle"]) == ("lz4", 1, "noshuffle")
 
@@ -148,6 +160,104 @@ def test_kill_9_mid_shard_then_resume_gives_the_clean_store(tmp_path):
     assert StoreReader(store).verify() == []
 
 
+# Loaded as sitecustomize by the run and its writer processes: the victim file's writer leaves half of it
+# in the temp file, then SIGKILLs itself ("writer") or the run that started it ("run": the writer
+# process must die with it, not finish the shard 5 s later).
+_PATCH = """
+import os, signal, time
+from pathlib import Path
+import cospress.store.dest as sw
+real = sw.write_shard_file
+def write_shard_file(path, blob):
+    blob = blob if isinstance(blob, bytes) else b"".join(blob)
+    if str(path).endswith(os.environ["TEST_VICTIM"]):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).with_name("." + Path(path).name + ".tmp").write_bytes(blob[: len(blob) // 2])
+        Path(os.environ["TEST_PIDFILE"]).write_text(str(os.getpid()))
+        os.kill(os.getpid() if os.environ["TEST_KILL"] == "writer" else os.getppid(), signal.SIGKILL)
+        time.sleep(5)
+    return real(path, blob)
+sw.write_shard_file = write_shard_file
+"""
+_RUN = """
+import sys
+from pathlib import Path
+from tests.test_parallel_writer import data, open_writer, write
+write(open_writer(Path(sys.argv[1]), 29, 3), data(29, seed=2), 2, kind="process")
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z")  # a zombie is dead
+    except FileNotFoundError:
+        return True
+
+
+@needs_processes
+@pytest.mark.parametrize("who", ["writer", "run"])
+def test_a_killed_writer_process_or_run_resumes_to_the_clean_store(tmp_path, who):
+    """kill -9 of one writer process mid-shard: the run stops with one line naming it and the shard; kill
+    -9 of the run: its writer processes die with it (never committing a shard after it). Either way
+    the rerun completes the store the clean run writes."""
+    import time
+
+    n, shard = 29, 3
+    d = data(n, seed=2)
+    clean = open_writer(tmp_path / "clean", n, shard)
+    write(clean, d, 1)
+    clean.finalize()
+    site, store, pidfile = tmp_path / "site", tmp_path / "killed", tmp_path / "victim.pid"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_PATCH)
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", TEST_KILL=who, TEST_PIDFILE=str(pidfile))
+    env["TEST_VICTIM"] = "tokens/c/6/0/0/0"  # shard 6's tokens file
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN, str(store)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    pid = int(pidfile.read_text())
+    if who == "writer":
+        assert proc.returncode == 1, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "shard writer process" in last and "died (signal SIGKILL) while writing shard 6" in last, last
+        assert "rerun the same command" in last
+    else:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        deadline = time.monotonic() + 3  # well before the victim's 5 s sleep ends
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(pid), "a writer process outlived the run"
+        time.sleep(0.5)
+    w = open_writer(store, n, shard)  # the rerun: the same command
+    done = w.committed_shards()
+    assert 6 not in done and len(done) < w.num_shards
+    assert (store / "tokens/c/6/0/0/.0.tmp").exists()  # what the kill left
+    write(w, d, 2, [s for s in range(w.num_shards) if s not in done], kind="process")
+    w.finalize()
+    assert sorted(p.name for p in store.rglob("*.tmp")) == []
+    assert files(store) == files(clean.path)
+    assert StoreReader(store).verify() == []
+
+
+@needs_processes
+def test_a_write_error_in_a_writer_process_is_raised_by_the_run(tmp_path):
+    """What a writer process raises (here: rewriting a shard an append protects) is the run's error, as
+    it would be from a thread; the shards before it are committed."""
+    n, shard = 9, 3
+    d = data(n)
+    w = open_writer(tmp_path / "s", n, shard)
+    write(w, d, 1, [0])
+    w.protected_shards = 1
+    with pytest.raises(StoreError, match="shard 0 of .* is published in its manifest"):
+        write(w, d, 2, [1, 0, 2], kind="process")
+    assert {1} <= w.committed_shards()
+
+
 _AUDIT = """
 import sys
 from pathlib import Path
@@ -176,11 +286,19 @@ def test_writing_a_shard_lists_no_folder(tmp_path):
     assert proc.stdout.strip() == "0"
 
 
-def test_writer_threads_setting():
-    assert ExtractConfig().writer_threads == max(1, (os.cpu_count() or 2) // 4)
-    assert ExtractConfig(writer_threads=3).writer_threads == 3
-    with pytest.raises(ConfigError, match="--writer-threads must be at least 1"):
-        ExtractConfig(writer_threads=0).validate()
+def test_writers_setting():
+    assert ExtractConfig().writers == max(1, (os.cpu_count() or 2) // 4)
+    assert ExtractConfig(writers=3).writers == 3
+    assert ExtractConfig(writers=1).writer_kind_used() == "thread"
+    assert ExtractConfig(writers=3).writer_kind_used() == ("process" if processes_supported() else "thread")
+    assert ExtractConfig(writers=3, writer_kind="thread").writer_kind_used() == "thread"
+    assert ExtractConfig(writers=1, writer_kind="process").writer_kind_used() == "process"
+    with pytest.raises(ConfigError, match="--writers must be at least 1"):
+        ExtractConfig(writers=0).validate()
+    from cospress.config import from_dict
+
+    with pytest.raises(ConfigError, match="fork"):
+        from_dict(ExtractConfig, {"writer_kind": "fork"})
 
 
 def test_a_reused_shard_buffer_writes_what_a_fresh_one_writes(tmp_path):

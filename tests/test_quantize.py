@@ -84,8 +84,8 @@ def test_writer_threads_run_torch_with_one_thread(tmp_path):
     seen = []
 
     class Probe(ShardSink):
-        def _run(self) -> None:
-            super()._run()
+        def _run(self, proc) -> None:
+            super()._run(proc)
             seen.append(torch.get_num_threads())  # after the thread's own set-up
 
     d = data(6)

@@ -17,8 +17,11 @@ if TYPE_CHECKING:
     from cospress.store.codecs import CodecSpec
 
 
-def default_writer_threads() -> int:
-    """Shard-writing threads: a quarter of the cores (the rest decode views), at least 1."""
+WRITER_KINDS = ("auto", "process", "thread")
+
+
+def default_writers() -> int:
+    """Shard writers: a quarter of the cores (the rest decode views), at least 1."""
     return max(1, (os.cpu_count() or 2) // 4)
 
 
@@ -48,11 +51,18 @@ class ExtractConfig:
     center_view: bool = setting(False, help="Also store the full-image view (as view index K).")
     seed: int = setting(0, help="Seed of the view parameters.")
     workers: int = shared.workers_setting("decode + replay of the views")
-    writer_threads: int = setting(
-        help="Threads compressing, hashing and writing shards (each writes whole shards; ~0.6 GB/s each "
-        "with the default codecs, docs/performance.md).",
-        factory=lambda: default_writer_threads(),
+    writers: int = setting(
+        help="Shard writers: each compresses, hashes and writes whole shards (~0.85 GB/s of fp16 features "
+        "per writer with the default codecs, docs/performance.md).",
+        factory=lambda: default_writers(),
         shown="cores / 4, at least 1",
+    )
+    writer_kind: str = setting(
+        "auto",
+        choices=WRITER_KINDS,
+        help="process: each writer a process of its own, its shard buffers in shared memory (no GIL "
+        "shared with the teacher's loop; Linux); thread: threads of this process; auto: processes for 2 "
+        "or more writers where possible, else a thread.",
     )
     batch_size: int = setting(256, help="Views per teacher forward.")
     shard_size: int = setting(1024, help="Images per shard.")
@@ -101,8 +111,15 @@ class ExtractConfig:
             raise ConfigError(f"--shard-size must be at least 1, got {self.shard_size}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.writer_threads < 1:
-            raise ConfigError(f"--writer-threads must be at least 1, got {self.writer_threads}")
+        if self.writers < 1:
+            raise ConfigError(f"--writers must be at least 1, got {self.writers}")
+        if self.writer_kind == "process":
+            from cospress.extract.writer_proc import processes_supported
+
+            if not processes_supported():
+                raise ConfigError(
+                    "--writer-kind process needs Linux (memfd_create); use --writer-kind thread"
+                )
         if self.workers < 0:
             raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
         from cospress.store.codecs import parse_codec
@@ -126,6 +143,14 @@ class ExtractConfig:
         if not 0 < self.scale_min <= self.scale_max <= 1:
             raise ConfigError(f"need 0 < scale-min <= scale-max <= 1, got {self.scale_min}, {self.scale_max}")
         self.policy()  # a bad RandAugment string or probability fails here, in one line
+
+    def writer_kind_used(self) -> str:
+        """``writer_kind`` with auto resolved: processes for 2 or more writers where supported."""
+        if self.writer_kind != "auto":
+            return self.writer_kind
+        from cospress.extract.writer_proc import processes_supported
+
+        return "process" if self.writers >= 2 and processes_supported() else "thread"
 
     @property
     def stored_views(self) -> int:

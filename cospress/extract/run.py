@@ -102,7 +102,10 @@ def _extract(
     loader = view_loader(dataset, batches, cfg.workers, pin_memory=ctx.device.type == "cuda")
     # the loop: read -> teacher -> write (batch k leaves the teacher once batch k+1's forward is queued)
     t0, res = time.perf_counter(), TeacherPass()
-    with ShardSink(writer, store.keys, store.labels, cfg.writer_threads) as sink:
+    kind = cfg.writer_kind_used()
+    if ctx.is_main:
+        log.info("shard writers: %d %s", cfg.writers, "processes" if kind == "process" else "threads")
+    with ShardSink(writer, store.keys, store.labels, cfg.writers, kind) as sink:
         for items, cls, tokens in run_teacher(loader, teacher, cfg.tokens, ctx.device, amp, res):
             res.skipped += sink.add(items, cls, tokens)
             res.done += len(items)

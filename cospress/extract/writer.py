@@ -21,6 +21,7 @@ from cospress.config import save_config, to_dict
 from cospress.errors import StoreError
 from cospress.extract.codec_fit import choose_codec, stored_codec
 from cospress.extract.config import ExtractConfig
+from cospress.extract.writer_proc import SharedArrays, WriterProcess
 from cospress.runtime import barrier
 from cospress.store import StoreLayout, StoreWriter
 from cospress.store.append import open_append, plan_append
@@ -36,16 +37,26 @@ class ShardBuffer:
     """One shard's rows, filled batch by batch until every row has arrived.
 
     cls float16 [n, V, D], tokens float16 [n, V, T, D] (None without tokens), views float32 [n, V, P],
-    valid uint8 [n], keys and labels [n], skipped [{key, reason}].
+    valid uint8 [n], keys and labels [n], skipped [{key, reason}]. With ``shared`` the arrays live in
+    shared memory that writer processes map (`writer_proc.SharedArrays`), else in this process's.
     """
 
-    def __init__(self, layout: StoreLayout, shard: int, keys: list[str], labels: list[int]) -> None:
+    def __init__(
+        self, layout: StoreLayout, shard: int, keys: list[str], labels: list[int], shared: bool = False
+    ) -> None:
         start, stop = layout.shard_rows(shard)
         n, v, d = stop - start, layout.stored_views, layout.dim
-        self.cls = np.zeros((n, v, d), np.float16)
-        self.tokens = np.zeros((n, v, layout.num_tokens, d), np.float16) if layout.tokens else None
-        self.views = np.zeros((n, v, layout.num_params), np.float32)
-        self.valid = np.zeros(n, np.uint8)
+        specs = {
+            "cls": ((n, v, d), "float16"),
+            "views": ((n, v, layout.num_params), "float32"),
+            "valid": ((n,), "uint8"),
+        }
+        if layout.tokens:
+            specs["tokens"] = ((n, v, layout.num_tokens, d), "float16")
+        self.shared = SharedArrays(specs) if shared else None
+        arrays = self.shared.arrays if shared else {k: np.zeros(*spec) for k, spec in specs.items()}
+        self.cls, self.views, self.valid = arrays["cls"], arrays["views"], arrays["valid"]
+        self.tokens = arrays.get("tokens")
         self.reused = False  # fresh arrays are zeros: nothing to clear
         self.reset(layout, shard, keys, labels)
 
@@ -125,34 +136,40 @@ def _restore_torch_threads() -> None:
 
 
 class ShardSink:
-    """The shard buffers of one rank; ``threads`` threads write and commit the full ones.
+    """The shard buffers of one rank; ``writers`` writers write and commit the full ones.
 
-    Each thread writes whole shards (every writer owns whole shards: zarr's shard files are rewritten
-    whole), so up to ``threads`` shards are compressed, hashed and written at once: blosc, sha256 and
-    the file writes release the GIL. At most ``threads`` full shards wait in the queue, so host memory
-    holds up to 2 x ``threads`` full shard buffers beside the ones being filled; a written shard's buffer
-    is kept for a later shard (`buffer`), so that peak is never exceeded and stays allocated until the
-    sink is left. Use as a context manager: leaving it waits for the last shards and raises a write error.
+    A writer is a thread (``kind="thread"``) or a process of its own (``"process"``,
+    `cospress.extract.writer_proc`: the buffers are then in shared memory, and no GIL is shared with
+    the teacher's loop or another writer). Each writer writes whole shards (zarr's shard files are
+    rewritten whole), so up to ``writers`` shards are compressed, hashed and written at once. At most
+    ``writers`` full shards wait in the queue, so host memory holds up to 2 x ``writers`` full shard
+    buffers beside the ones being filled; a written shard's buffer is kept for a later shard
+    (`buffer`), so that peak is never exceeded and stays allocated until the sink is left. Use as a
+    context manager: leaving it waits for the last shards and raises a write error.
     """
 
-    def __init__(self, writer: StoreWriter, keys: list[str], labels: list[int], threads: int = 1) -> None:
-        self.writer, self.keys, self.labels = writer, keys, labels
+    def __init__(
+        self, writer: StoreWriter, keys: list[str], labels: list[int], writers: int = 1, kind: str = "thread"
+    ) -> None:
+        if kind not in ("thread", "process"):
+            raise ValueError(f"a shard writer is a thread or a process, not {kind!r}")
+        self.writer, self.keys, self.labels, self.kind = writer, keys, labels, kind
         self.buffers: dict[int, ShardBuffer] = {}
-        self.queue: queue.Queue = queue.Queue(maxsize=max(2, threads))
+        self.queue: queue.Queue = queue.Queue(maxsize=max(2, writers))
         self.free: queue.SimpleQueue = queue.SimpleQueue()  # written shards' buffers, to reuse
-        self.threads = [
-            threading.Thread(target=self._run, daemon=True, name=f"cospress-shard-writer-{i}")
-            for i in range(max(1, threads))
-        ]
+        self.count = max(1, writers)
+        self.procs: list[WriterProcess] = []
+        self.threads: list[threading.Thread] = []
         self.error: BaseException | None = None
-        self.seconds = 0.0  # spent writing, summed over the threads
+        self.seconds = 0.0  # spent writing, summed over the writers
+        self.cpu_seconds = 0.0  # the writers' CPU time (a writer process's own)
         self.committed = 0
         self._lock = threading.Lock()
         self._kill_after = _kill_after()
 
     def add(self, items: list[dict], cls: np.ndarray | None, tok: np.ndarray | None) -> int:
         """A batch's rows (one shard's: `ShardBuffer.fill`) into that shard's buffer, which goes to the
-        writing threads once full. Returns how many rows were skipped."""
+        writers once full. Returns how many rows were skipped."""
         shard = items[0]["row"] // self.writer.layout.shard_size
         skipped = self.buffer(shard).fill(items, cls, tok)
         self.filled(shard, len(items))
@@ -167,17 +184,26 @@ class ShardSink:
             start, stop = layout.shard_rows(shard)
             while buf is None and not self.free.empty():
                 buf = self.free.get_nowait()
-                buf = buf if len(buf.valid) == stop - start else None
+                if len(buf.valid) != stop - start:
+                    self._drop(buf)
+                    buf = None
             if buf is None:
-                buf = ShardBuffer(layout, shard, self.keys, self.labels)
+                buf = ShardBuffer(layout, shard, self.keys, self.labels, shared=self.kind == "process")
             else:
                 buf.reused = True
                 buf.reset(layout, shard, self.keys, self.labels)
             self.buffers[shard] = buf
         return self.buffers[shard]
 
+    def _drop(self, buf: ShardBuffer) -> None:
+        """A buffer no longer used: its shared memory released here and in the writer processes."""
+        if buf.shared is not None:
+            for proc in self.procs:
+                proc.forget(buf.shared)
+            buf.shared.close()
+
     def filled(self, shard: int, rows: int) -> None:
-        """``rows`` more rows of ``shard`` have arrived; a full shard goes to the writing threads."""
+        """``rows`` more rows of ``shard`` have arrived; a full shard goes to the writers."""
         buf = self.buffers[shard]
         buf.remaining -= rows
         if buf.remaining == 0:
@@ -186,25 +212,54 @@ class ShardSink:
             buf.complete()
             self.queue.put((shard, self.buffers.pop(shard)))
 
-    def _run(self) -> None:
-        _one_torch_thread()
+    def ready(self) -> None:
+        """Wait until every writer process has opened the store (benchmarks; a run need not)."""
+        for proc in self.procs:
+            proc.ready.wait()
+
+    def _write_here(self, shard: int, buf: ShardBuffer) -> float:
+        """Write and commit ``shard`` in this thread; returns the thread's CPU seconds."""
+        cpu = time.thread_time()
+        self.writer.write_shard(shard, **buf.contents())
+        return time.thread_time() - cpu
+
+    def _run(self, proc: WriterProcess | None) -> None:
+        if proc is None:
+            _one_torch_thread()
+            write = self._write_here
+        else:
+            write = proc.write
+            try:
+                proc.opened()
+            except BaseException as e:
+                self.error = e
         while (item := self.queue.get()) is not None:
             shard, buf = item
             if self.error is not None:
                 continue
-            t0 = time.perf_counter()
+            t0, cpu = time.perf_counter(), 0.0
             try:
-                self.writer.write_shard(shard, **buf.contents())
+                cpu = write(shard, buf)
                 self.free.put(buf)  # written: its arrays serve a later shard
             except BaseException as e:  # surfaced by the main thread
                 self.error = e
             with self._lock:
                 self.seconds += time.perf_counter() - t0
+                self.cpu_seconds += cpu
                 self.committed += self.error is None
                 if self._kill_after is not None and self.committed >= self._kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)  # tests: a rank dies mid-run
+        if proc is not None:
+            proc.close()
 
     def __enter__(self) -> ShardSink:
+        if self.kind == "process":  # started from this thread: they die with it (PR_SET_PDEATHSIG)
+            self.procs = [WriterProcess(self.writer, i) for i in range(self.count)]
+        workers = self.procs or [None] * self.count
+        self.threads = [
+            threading.Thread(target=self._run, args=(p,), daemon=True, name=f"cospress-shard-writer-{i}")
+            for i, p in enumerate(workers)
+        ]
         for t in self.threads:
             t.start()
         return self
@@ -214,7 +269,13 @@ class ShardSink:
             self.queue.put(None)
         for t in self.threads:
             t.join()
-        _restore_torch_threads()
+        if self.kind == "thread":
+            _restore_torch_threads()
+        self.procs = []  # exited: the shared buffers are released here alone
+        for buf in self.buffers.values():
+            self._drop(buf)
+        while not self.free.empty():
+            self._drop(self.free.get_nowait())
         if self.error is not None:
             raise self.error
 

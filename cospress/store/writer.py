@@ -62,6 +62,10 @@ class StoreWriter:
         # Arrays whose shard files `shardio` encodes (None: written through zarr)
         self.layouts = {n: ShardLayout.from_metadata(a.metadata.to_dict()) for n, a in arrays.items()}
 
+    def reopen_args(self) -> tuple[str, dict, StoreLayout]:
+        """What another process passes to `open` (``create=False``) to write this store's shards."""
+        return str(self.path), self.identity, self.layout
+
     @classmethod
     def open(
         cls,

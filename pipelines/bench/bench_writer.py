@@ -5,13 +5,14 @@ Three sections, each written to ``--out`` (JSON) and ``--out`` with ``.md`` (a t
 (a) codecs: per array (fp16 tokens, int8 tokens, CLS) and blosc setting, the compression ratio and
     the encode / decode MB/s per CPU-second of one thread (one call per inner chunk, as
     `store.shardio` does; CPU time, so a loaded machine does not skew it);
-(b) threads: `ShardSink` with 1 and 2 writer threads, rounds interleaved, each writing ``--shards``
-    shards of ``--shard-images`` images x ``--views`` views x 257 tokens x 384 (fp16 and int8 stores)
-    into ``--dir`` (default /dev/shm: the CPU cost of compress + hash + write, not the disk's speed);
-    GB/s of the float16 features handed to the writer (wall, and per CPU-second of the process) and
-    the wall-time ratio 2 threads / 1; beside them, interleaved, the ceiling: sha256 of the same bytes
-    in 1 and 2 threads (pure C, no GIL), i.e. the ratio this machine gives two busy threads right now;
-    the 1-minute load average is recorded before and after each section;
+(b) threads: `ShardSink` with 1 and 2 writers, threads and processes (``--kinds``), rounds interleaved,
+    each writing ``--shards`` shards of ``--shard-images`` images x ``--views`` views x 257 tokens x 384
+    (fp16 and int8 stores) into ``--dir`` (default /dev/shm: the CPU cost of compress + hash + write,
+    not the disk's speed); GB/s of the float16 features handed to the writers (wall, and per
+    CPU-second of the process and its writer processes) and the wall-time ratio to one writer thread;
+    beside them, interleaved, the ceiling: sha256 of the same bytes in 1 and 2 threads (pure C, no
+    GIL), i.e. the ratio this machine gives two busy threads right now; the 1-minute load average is
+    recorded before and after each section;
 (c) per-shard cost: ``--tiny-shards`` tiny shards written one after another into a store, the
     median ms per shard (wall, and CPU of the process) over the first and the last 100 (and the old per-shard glob of the
     array folders, done beside it on a second store: what the writer did before issue 26).
@@ -46,7 +47,7 @@ import cospress  # noqa: E402, F401  first: it sets the OpenMP wait policy befor
 import numpy as np  # noqa: E402
 from numcodecs import Blosc  # noqa: E402
 
-from cospress.extract.writer import ShardSink  # noqa: E402
+from cospress.extract.writer import ShardBuffer, ShardSink  # noqa: E402
 from cospress.runtime import tune_malloc  # noqa: E402
 from cospress.store import StoreLayout, StoreWriter, make_identity  # noqa: E402
 from cospress.store.codecs import encode_tokens  # noqa: E402
@@ -132,25 +133,32 @@ def open_store(
 
 
 def timed_sink(
-    root: Path, a, codec: str, threads: int, cls: np.ndarray, tok: np.ndarray
+    root: Path, a, codec: str, writers: int, kind: str, cls: np.ndarray, tok: np.ndarray
 ) -> tuple[float, float]:
-    """(wall, CPU) seconds for a `ShardSink` of ``threads`` threads to write ``a.shards`` shards (buffers
-    filled first). CPU seconds are the process's: on a loaded machine they, not the wall time, say
-    what one core does."""
+    """(wall, CPU) seconds for a `ShardSink` of ``writers`` writers (threads or processes) to write
+    ``a.shards`` shards, as a run does: a pool of filled shard buffers reused from shard to shard (the
+    contents are kept, so this thread's work is next to nothing) and the writer processes started
+    first (a run starts them while the teacher computes its first shard). CPU seconds are this
+    process's plus its writer processes': on a loaded machine they, not the wall time, say what one
+    core does."""
     n = a.shards * a.shard_images
     w = open_store(Path(tempfile.mkdtemp(dir=root)), n, a.shard_images, a.views, DT, T, codec)
     keys = [f"k{i}" for i in range(n)]
-    sink = ShardSink(w, keys, [0] * n, threads)
-    for s in range(a.shards):
-        buf = sink.buffer(s)
-        buf.cls[:], buf.tokens[:], buf.valid[:] = cls, tok, 1
-    t0, c0 = time.perf_counter(), time.process_time()
+    sink = ShardSink(w, keys, [0] * n, writers, kind)
+    pool = max(2, writers) + writers + 1  # the queue, the shards being written, the one being filled
+    for _ in range(pool):
+        buf = ShardBuffer(w.layout, 0, keys, [0] * n, shared=kind == "process")
+        buf.cls[:], buf.tokens[:] = cls, tok
+        sink.free.put(buf)
     with sink:
+        sink.ready()
+        t0, c0 = time.perf_counter(), time.process_time()
         for s in range(a.shards):
+            sink.buffer(s).valid[:] = 1  # a reused buffer: the same features, every row valid
             sink.filled(s, a.shard_images)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     shutil.rmtree(w.path)
-    return seconds, cpu
+    return seconds, cpu + (sink.cpu_seconds if kind == "process" else 0.0)
 
 
 def timed_hash(blob: bytes, threads: int, repeats: int) -> tuple[float, float]:
@@ -168,28 +176,31 @@ def timed_hash(blob: bytes, threads: int, repeats: int) -> tuple[float, float]:
 
 
 def bench_threads(a, cls: np.ndarray, tok: np.ndarray) -> list[dict]:
+    """Each store (fp16, int8) with 1 and 2 writers of each kind, and the sha256 ceiling in 1 and 2
+    threads; the ratio is to one writer thread (the default of a 1-writer run), measured in the same rounds."""
     root = Path(tempfile.mkdtemp(dir=a.dir, prefix="bench-writer-"))
     fp16_bytes = a.shards * (cls.nbytes + tok.nbytes)
     blob, repeats = tok.tobytes(), max(1, a.shards // 2)
-    codecs = ("fp16", "int8", "sha256 only (ceiling)")
-    times = {(c, t): [] for c in codecs for t in (1, 2)}
+    cases = [(codec, kind, n) for codec in ("fp16", "int8") for kind in a.kinds.split(",") for n in (1, 2)]
+    cases += [("sha256 only (ceiling)", "thread", n) for n in (1, 2)]
+    times = {case: [] for case in cases}
     for _ in range(a.rounds):  # every round runs everything, so each ratio is measured under one load
-        for codec in codecs:
-            for threads in (1, 2):
-                if codec.startswith("sha256"):  # the same bytes per thread count as the writer's
-                    wall, cpu = timed_hash(blob, threads, repeats)
-                    scale = fp16_bytes / (threads * repeats * len(blob))
-                    times[codec, threads].append((wall * scale, cpu * scale))
-                else:
-                    times[codec, threads].append(timed_sink(root, a, codec, threads, cls, tok))
+        for codec, kind, n in cases:
+            if codec.startswith("sha256"):  # the same bytes per thread count as the writer's
+                wall, cpu = timed_hash(blob, n, repeats)
+                scale = fp16_bytes / (n * repeats * len(blob))
+                times[codec, kind, n].append((wall * scale, cpu * scale))
+            else:
+                times[codec, kind, n].append(timed_sink(root, a, codec, n, kind, cls, tok))
     rows = []
-    for (codec, threads), ts in times.items():
+    for (codec, kind, n), ts in times.items():
         best, cpu = min(ts)
         rows.append({
-            "codec": codec, "threads": threads, "seconds": best, "cpu_seconds": cpu, "all": ts,
-            "gb_s": fp16_bytes / best / 1e9, "gb_s_per_core": fp16_bytes / best / 1e9 / threads,
+            "codec": codec, "kind": kind, "writers": n, "seconds": best, "cpu_seconds": cpu, "all": ts,
+            "gb_s": fp16_bytes / best / 1e9, "gb_s_per_core": fp16_bytes / best / 1e9 / n,
             "gb_per_cpu_s": fp16_bytes / cpu / 1e9, "views_s": a.shards * a.shard_images * a.views / best,
-            "ratio_to_1_thread": min(times[codec, 1])[0] / best,
+            "ratio_to_1_thread": min(times[codec, "thread", 1])[0] / best,
+            "ratio_to_1_of_kind": min(times[codec, kind, 1])[0] / best,
         })  # fmt: skip
     os.rmdir(root)
     return rows
@@ -239,10 +250,11 @@ def markdown(res: dict) -> str:
                   for r in res["codecs"]]  # fmt: skip
         lines.append("")
     if "threads" in res:
-        lines += ["| store | threads | wall GB/s (fp16 in) | wall GB/s per thread | GB per CPU-second | views/s | "
-                  "x 1 thread (wall) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {r['codec']} | {r['threads']} | {r['gb_s']:.2f} | {r['gb_s_per_core']:.2f} | {r['gb_per_cpu_s']:.2f} | "
-                  f"{r['views_s']:.0f} | {r['ratio_to_1_thread']:.2f} |" for r in res["threads"]]  # fmt: skip
+        lines += ["| store | writers | wall GB/s (fp16 in) | wall GB/s per writer | GB per CPU-second | views/s | "
+                  "x 1 thread (wall) | x 1 of its kind |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['codec']} | {r['writers']} {r['kind']}{'s' * (r['writers'] > 1)} | {r['gb_s']:.2f} | "
+                  f"{r['gb_s_per_core']:.2f} | {r['gb_per_cpu_s']:.2f} | {r['views_s']:.0f} | "
+                  f"{r['ratio_to_1_thread']:.2f} | {r['ratio_to_1_of_kind']:.2f} |" for r in res["threads"]]  # fmt: skip
         lines.append("")
     if "flat" in res:
         lines += ["| writer | time | ms/shard, shards 1-100 | last 100 | last / first | medians per 500 shards |",
@@ -263,7 +275,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-writer.json"))
     ap.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
     ap.add_argument("--flat-dir", default=None, help="where the tiny-shard stores go (default: --dir)")
-    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--shards", type=int, default=32)
     ap.add_argument(
         "--shard-images",
         type=int,
@@ -273,6 +285,7 @@ def main() -> None:
     )
     ap.add_argument("--views", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--kinds", default="thread,process", help="writer kinds in the threads section")
     ap.add_argument("--tiny-shards", type=int, default=5000)
     ap.add_argument("--sections", default="codecs,threads,flat")
     ap.add_argument("--note", default="", help="what else ran on the machine")
@@ -300,7 +313,7 @@ def main() -> None:
         elif section == "threads":
             res["threads"] = bench_threads(a, cls, tok)
             res["projection_16_cores"] = {
-                "writer_threads": 4, "gb_s": 4 * max(r["gb_per_cpu_s"] for r in res["threads"] if r["codec"] == "fp16"),
+                "writers": 4, "gb_s": 4 * max(r["gb_per_cpu_s"] for r in res["threads"] if r["codec"] == "fp16"),
                 "h100_vit_s14_gb_s": H100_BYTES / 1e9,
             }  # fmt: skip
         elif section == "flat":
