@@ -81,23 +81,41 @@ def _fused_self_test(device: torch.device) -> None:
             raise RuntimeError(f"self-test mismatch against the plain loss: relative error {err:.2e}")
 
 
+def _log_joint(x: torch.Tensor, taus: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
+    """log P [B, T, N, N] of one side (see `similarity_kl`), diagonal 0."""
+    logits = cosine_matrix(x)[:, None] / taus[None, :, None, None]  # [B, T, N, N]
+    # The diagonal is excluded with -inf (exp -> exactly 0), then replaced by a finite 0 so that
+    # logaddexp and its gradient never see -inf - (-inf); torch.where passes no gradient there.
+    logp = torch.log_softmax(logits.masked_fill(eye, float("-inf")), dim=-1)
+    logp = torch.where(eye, torch.zeros((), device=x.device), logp)
+    return torch.logaddexp(logp, logp.transpose(-1, -2)) - math.log(2 * x.shape[1])
+
+
+def _kl_of_joints(log_p: torch.Tensor, log_q: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
+    kl = torch.where(eye, torch.zeros((), device=log_p.device), log_p.exp() * (log_p - log_q))
+    return kl.sum(dim=(-1, -2)).mean()
+
+
 def _similarity_kl_plain(t: torch.Tensor, z: torch.Tensor, temperatures: Sequence[float]) -> torch.Tensor:
     """Reference implementation with autograd; holds several [B, T, N, N] float32 tensors."""
-    b, n, _ = t.shape
-    taus = torch.tensor([float(x) for x in temperatures], dtype=torch.float32, device=t.device)
-    eye = torch.eye(n, dtype=torch.bool, device=t.device)
-    log2n = math.log(2 * n)
-    joints = []
-    for x in (t, z):
-        logits = cosine_matrix(x)[:, None] / taus[None, :, None, None]  # [B, T, N, N]
-        # The diagonal is excluded with -inf (exp -> exactly 0), then replaced by a finite 0 so that
-        # logaddexp and its gradient never see -inf - (-inf); torch.where passes no gradient there.
-        logp = torch.log_softmax(logits.masked_fill(eye, float("-inf")), dim=-1)
-        logp = torch.where(eye, torch.zeros((), device=t.device), logp)
-        joints.append(torch.logaddexp(logp, logp.transpose(-1, -2)) - log2n)
-    log_p, log_q = joints
-    kl = torch.where(eye, torch.zeros((), device=t.device), log_p.exp() * (log_p - log_q))
-    return kl.sum(dim=(-1, -2)).mean()
+    return similarity_kls([t, z], [(0, 1)], temperatures)[0]
+
+
+def similarity_kls(
+    sets: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]], temperatures: Sequence[float]
+) -> list[torch.Tensor]:
+    """`similarity_kl` (the plain implementation) of each pair ``(i, j)`` of ``sets`` (t = sets[i],
+    z = sets[j]), each set's log P computed once: what several measures of the same sets cost (a
+    store commit's codec fidelity: three pairs of three sets, half the work of three calls)."""
+    for i, j in pairs:
+        check_similarity_inputs(sets[i], sets[j], temperatures)
+    first = sets[0]
+    taus = torch.tensor([float(x) for x in temperatures], dtype=torch.float32, device=first.device)
+    eye = torch.eye(first.shape[1], dtype=torch.bool, device=first.device)
+    with torch.autocast(device_type=first.device.type, enabled=False):
+        used = sorted({k for pair in pairs for k in pair})
+        joints = {k: _log_joint(sets[k].float(), taus, eye) for k in used}
+        return [_kl_of_joints(joints[i], joints[j], eye) for i, j in pairs]
 
 
 def similarity_kl(
