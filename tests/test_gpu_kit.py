@@ -59,7 +59,7 @@ def test_kit_installs_and_runs_in_a_python_without_its_packages(tmp_path, wheels
     assert proc.returncode == 0 and proc.stdout.startswith("ok " + str(REPO)), proc.stderr
     # pytest from the kit runs a store test (zarr + numcodecs + the shard writer) in the image Python
     proc = subprocess.run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_shardio.py",
-                           "tests/test_parallel_writer.py::test_threads_write_the_store_a_single_thread_writes"],
+                           "tests/test_parallel_writer.py::test_threads_and_processes_write_the_store_a_single_thread_writes"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout

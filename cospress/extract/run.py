@@ -102,10 +102,7 @@ def _extract(
     loader = view_loader(dataset, batches, cfg.workers, pin_memory=ctx.device.type == "cuda")
     # the loop: read -> teacher -> write (batch k leaves the teacher once batch k+1's forward is queued)
     t0, res = time.perf_counter(), TeacherPass()
-    kind = cfg.writer_kind_used()
-    if ctx.is_main:
-        log.info("shard writers: %d %s", cfg.writers, "processes" if kind == "process" else "threads")
-    with ShardSink(writer, store.keys, store.labels, cfg.writers, kind) as sink:
+    with _sink(cfg, ctx, store) as sink:
         for items, cls, tokens in run_teacher(loader, teacher, cfg.tokens, ctx.device, amp, res):
             res.skipped += sink.add(items, cls, tokens)
             res.done += len(items)
@@ -122,6 +119,14 @@ def _extract(
             extending.register(manifest)  # the store's extension index, written last
     barrier()
     return summary
+
+
+def _sink(cfg: ExtractConfig, ctx: DistContext, store: OpenedStore) -> ShardSink:
+    """This rank's shard writers (`--writers`, `--writer-kind`), said once in the log."""
+    kind = cfg.writer_kind_used()
+    if ctx.is_main:
+        log.info("shard writers: %d %s", cfg.writers, "processes" if kind == "process" else "threads")
+    return ShardSink(store.writer, store.keys, store.labels, cfg.writers, kind)
 
 
 def _row_order(cfg: ExtractConfig, source_kind: str) -> str:
