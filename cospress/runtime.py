@@ -214,6 +214,22 @@ class DistContext:
 DIST_TIMEOUT_ENV = "COSPRESS_DIST_TIMEOUT"  # seconds a rank waits for the others (default 1800)
 
 
+def _attempt_store(world: int, timeout: datetime.timedelta) -> Any:
+    """Under torchrun's agent store (the c10d rendezvous), the store of this attempt of the worker group:
+    the agent's store under a prefix per restart; None otherwise (init_process_group's own ``env://``).
+
+    The agent keeps one store for the whole job, so without a prefix a restarted group reads the keys
+    its dead predecessor wrote: gloo connected to a killed rank's old address ("Connection refused",
+    or a wait in connectFullMesh until the timeout, attempt after attempt), as NCCL would read an old
+    unique id."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_PORT" not in os.environ:
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"cospress/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistContext:
     """Initialise the default process group when torchrun started several processes.
 
@@ -235,16 +251,18 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        # gloo's connect of a restarted group can wait past the timeout (seen on a loaded CPU: both
-        # ranks in connectFullMesh): a rank that has not joined by then prints its stack and exits 1,
-        # so torchrun restarts the group rather than waiting forever
+        # gloo's connect can wait past the timeout (both ranks in connectFullMesh, as with the stale
+        # keys `_attempt_store` avoids): a rank that has not joined by then prints its stack and exits
+        # 1, so torchrun restarts the group rather than waiting forever
         faulthandler.dump_traceback_later(timeout_s, exit=True)
+        timeout = datetime.timedelta(seconds=timeout_s)
         try:
             dist.init_process_group(
                 backend=backend,
                 rank=rank,
                 world_size=world,
-                timeout=datetime.timedelta(seconds=timeout_s),
+                timeout=timeout,
+                store=_attempt_store(world, timeout),
             )
         finally:
             faulthandler.cancel_dump_traceback_later()

@@ -111,3 +111,75 @@ def test_sigkill_inside_a_save_then_resume_gives_the_same_weights(reference, tmp
     assert proc.returncode == -signal.SIGKILL  # killed inside the save, at the hook
     assert ckpt.exists(out, "last")  # a complete checkpoint is always there to resume from
     _resume_and_compare(cfg, ref, steps)
+
+
+def _rank_pids(marker: str, rank: str) -> list[int]:
+    """The processes of a torchrun group (marked by ``marker``) that are rank ``rank`` of its first attempt."""
+    want = {
+        f"COSPRESS_TEST_GROUP={marker}".encode(),
+        f"RANK={rank}".encode(),
+        b"TORCHELASTIC_RESTART_COUNT=0",
+    }
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and want <= set((entry / "environ").read_bytes().split(b"\0")):
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_torchrun_restarts_a_killed_rank_and_distill_resumes(reference, tmp_path):
+    """Stage 2 under `torchrun --max-restarts 3` with --resume from the first launch: rank 1 killed once
+    `last` holds step 2; torchrun restarts the group, which meets at once (one restart: each attempt
+    has its own store prefix, `runtime._attempt_store`), resumes from `last` and trains every step once."""
+    import tempfile
+    import uuid
+
+    from tests.helpers import _kill_marked, cli_env, free_port, torchrun_cli
+
+    url, _, _ = reference
+    out = tmp_path / "run"
+    rdzv = (
+        "--nnodes",
+        "1",
+        "--max-restarts",
+        "3",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+    )
+    cmd = torchrun_cli(
+        "distill", "--store", url, "--out", str(out), "--epochs", "30", "--save-every", "1", "--val-fraction", "0.2",
+        "--batch-size", "12", "--views-per-image", "3", "--workers", "0", "--precision", "fp32",
+        "--warmup-epochs", "0.5", "--temperatures", "0.02,0.1", "--student", "test_vit", "--student-size", "32",
+        "--resume", "--no-progress", extra=rdzv,
+    )  # fmt: skip
+    marker = uuid.uuid4().hex
+    env = {**cli_env(), "COSPRESS_TEST_GROUP": marker, "LOGLEVEL": "INFO", "COSPRESS_DIST_TIMEOUT": "60"}
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True, start_new_session=True
+        )
+        try:
+            deadline = time.time() + 180
+            while _state_step(out) < 2 and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            victims = _rank_pids(marker, "1")
+            assert proc.poll() is None and victims, "the run ended before rank 1 could be killed"
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
+            proc.wait(timeout=300)
+        finally:
+            _kill_marked(marker)
+            proc.wait()
+        err.seek(0)
+        stderr = err.read()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "restart_count=1" in stderr and "restart_count=2" not in stderr, stderr[-3000:]
+    _, state = ckpt.load_checkpoint(out, "last")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["phase"] == "train"] == list(range(1, state["step"] + 1))
+    assert len([r for r in rows if r["phase"] == "val"]) == 30
