@@ -175,6 +175,16 @@ def timed_hash(blob: bytes, threads: int, repeats: int) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def prefault(gb: float) -> None:
+    """Allocate and touch ``gb`` GB, then free it: on a virtual machine whose memory the host backs lazily
+    (and takes back once the guest frees it: a Firecracker guest's free page reporting), a case that
+    writes more than the memory freed just before pays the host's page faults in its own CPU time
+    (measured: 55 -> 550 ms per 200 MB tokens file after ~3 GB; docs/performance.md)."""
+    if gb > 0:
+        block = np.ones(int(gb * 1e9), np.uint8)
+        del block
+
+
 def bench_threads(a, cls: np.ndarray, tok: np.ndarray) -> list[dict]:
     """Each store (fp16, int8) with 1 and 2 writers of each kind, and the sha256 ceiling in 1 and 2
     threads; the ratio is to one writer thread (the default of a 1-writer run), measured in the same rounds."""
@@ -191,6 +201,7 @@ def bench_threads(a, cls: np.ndarray, tok: np.ndarray) -> list[dict]:
                 scale = fp16_bytes / (n * repeats * len(blob))
                 times[codec, kind, n].append((wall * scale, cpu * scale))
             else:
+                prefault(a.prefault_gb)
                 times[codec, kind, n].append(timed_sink(root, a, codec, n, kind, cls, tok))
     rows = []
     for (codec, kind, n), ts in times.items():
@@ -286,6 +297,12 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kinds", default="thread,process", help="writer kinds in the threads section")
+    ap.add_argument(
+        "--prefault-gb",
+        type=float,
+        default=0.0,
+        help="touch this many GB before each writer case (a VM that backs its memory lazily: see prefault)",
+    )
     ap.add_argument("--tiny-shards", type=int, default=5000)
     ap.add_argument("--sections", default="codecs,threads,flat")
     ap.add_argument("--note", default="", help="what else ran on the machine")
