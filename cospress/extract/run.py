@@ -125,7 +125,12 @@ def _sink(cfg: ExtractConfig, ctx: DistContext, store: OpenedStore) -> ShardSink
     """This rank's shard writers (`--writers`, `--writer-kind`), said once in the log."""
     kind = cfg.writer_kind_used()
     if ctx.is_main:
-        log.info("shard writers: %d %s", cfg.writers, "processes" if kind == "process" else "threads")
+        log.info(
+            "shard writers: %d %s%s",
+            cfg.writers,
+            kind,
+            ("es" if kind == "process" else "s") * (cfg.writers > 1),
+        )
     return ShardSink(store.writer, store.keys, store.labels, cfg.writers, kind)
 
 
