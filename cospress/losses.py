@@ -98,7 +98,19 @@ def _kl_of_joints(log_p: torch.Tensor, log_q: torch.Tensor, eye: torch.Tensor) -
 
 def _similarity_kl_plain(t: torch.Tensor, z: torch.Tensor, temperatures: Sequence[float]) -> torch.Tensor:
     """Reference implementation with autograd; holds several [B, T, N, N] float32 tensors."""
-    return similarity_kls([t, z], [(0, 1)], temperatures)[0]
+    return _plain_kls([t, z], [(0, 1)], temperatures)[0]
+
+
+def _plain_kls(
+    sets: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]], temperatures: Sequence[float]
+) -> list[torch.Tensor]:
+    """KL(P_i || P_j) of each pair of ``sets``, each set's log P computed once (inputs checked and cast
+    by the caller)."""
+    first = sets[0]
+    taus = torch.tensor([float(x) for x in temperatures], dtype=torch.float32, device=first.device)
+    eye = torch.eye(first.shape[1], dtype=torch.bool, device=first.device)
+    joints = {k: _log_joint(sets[k], taus, eye) for k in sorted({k for pair in pairs for k in pair})}
+    return [_kl_of_joints(joints[i], joints[j], eye) for i, j in pairs]
 
 
 def similarity_kls(
@@ -109,13 +121,8 @@ def similarity_kls(
     store commit's codec fidelity: three pairs of three sets, half the work of three calls)."""
     for i, j in pairs:
         check_similarity_inputs(sets[i], sets[j], temperatures)
-    first = sets[0]
-    taus = torch.tensor([float(x) for x in temperatures], dtype=torch.float32, device=first.device)
-    eye = torch.eye(first.shape[1], dtype=torch.bool, device=first.device)
-    with torch.autocast(device_type=first.device.type, enabled=False):
-        used = sorted({k for pair in pairs for k in pair})
-        joints = {k: _log_joint(sets[k].float(), taus, eye) for k in used}
-        return [_kl_of_joints(joints[i], joints[j], eye) for i, j in pairs]
+    with torch.autocast(device_type=sets[0].device.type, enabled=False):
+        return _plain_kls([x.float() for x in sets], pairs, temperatures)
 
 
 def similarity_kl(

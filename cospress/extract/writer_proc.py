@@ -1,9 +1,9 @@
 """Shard writers in processes of their own (``--writer-kind process``).
 
-Writer threads share the GIL with each other and with the teacher's loop: on two free cores two
-threads wrote 1.5-1.7x what one writes, int8 stores 1.4x (their quantization is many short numpy
-calls), and a thread's page faults take the process's memory-map lock. A writer process has its
-own interpreter and address space, so N processes scale with N cores (docs/performance.md).
+Writer threads share the GIL and one address space with each other and with the teacher's loop: on
+two free cores two threads wrote 1.6-1.7x what one writes (int8 stores 1.4x: their quantization is
+many short numpy calls), spending 7-15% more CPU per byte; two writer processes wrote 1.8-1.9x and
+spent what one does (docs/performance.md).
 
 No feature byte is copied or pickled on the way: a shard buffer's arrays live in one anonymous
 shared-memory file (``memfd_create``), whose descriptor is passed once to each writer process
@@ -38,8 +38,6 @@ from typing import Any
 import numpy as np
 
 from cospress.errors import StoreError
-
-log = logging.getLogger(__name__)
 
 _ALIGN = 64
 _ids = itertools.count()
