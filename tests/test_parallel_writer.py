@@ -114,62 +114,16 @@ def test_threads_and_processes_write_the_store_a_single_thread_writes(tmp_path, 
     assert (blosc["cname"], blosc["clevel"], blosc["shuffle"]) == ("lz4", 1, "noshuffle")
 
 
-_KILLER = """
-import os, signal, sys
-from pathlib import Path
-import cospress.store.dest as sw
-from tests.test_parallel_writer import data, open_writer, write
-victim = sys.argv[2]
-real = sw.write_shard_file
-def write_shard_file(path, blob):
-    blob = blob if isinstance(blob, bytes) else b"".join(blob)  # a shard comes in parts
-    if str(path).endswith(victim):  # half the bytes reach the temp file, then the process dies
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).with_name("." + Path(path).name + ".tmp").write_bytes(blob[: len(blob) // 2])
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(path, blob)
-sw.write_shard_file = write_shard_file
-write(open_writer(Path(sys.argv[1]), 29, 3), data(29, seed=2), threads=2)
-"""
-
-
-def test_kill_9_mid_shard_then_resume_gives_the_clean_store(tmp_path):
-    n, shard = 29, 3
-    d = data(n, seed=2)
-    clean = open_writer(tmp_path / "clean", n, shard)
-    write(clean, d, 1)
-    clean.finalize()
-    store = tmp_path / "killed"
-    victim = "tokens/c/6/0/0/0"  # shard 6's tokens file
-    proc = subprocess.run(
-        [sys.executable, "-c", _KILLER, str(store), victim],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    w = open_writer(store, n, shard)  # the rerun: the same command
-    done = w.committed_shards()
-    assert 6 not in done and len(done) < w.num_shards
-    assert (store / "tokens/c/6/0/0/.0.tmp").exists()  # what the kill left
-    write(w, d, 2, [s for s in range(w.num_shards) if s not in done])
-    w.finalize()
-    assert sorted(p.name for p in store.rglob("*.tmp")) == []
-    assert files(store) == files(clean.path)
-    assert StoreReader(store).verify() == []
-
-
 # Loaded as sitecustomize by the run and its writer processes: the victim file's writer leaves half of it
-# in the temp file, then SIGKILLs itself ("writer") or the run that started it ("run": the writer
-# process must die with it, not finish the shard 5 s later).
+# in the temp file, then SIGKILLs itself ("writer": a writer thread's is the run itself) or the run that
+# started it ("run": the writer process must die with it, not finish the shard 5 s later).
 _PATCH = """
 import os, signal, time
 from pathlib import Path
 import cospress.store.dest as sw
 real = sw.write_shard_file
 def write_shard_file(path, blob):
-    blob = blob if isinstance(blob, bytes) else b"".join(blob)
+    blob = blob if isinstance(blob, bytes) else b"".join(blob)  # a shard comes in parts
     if str(path).endswith(os.environ["TEST_VICTIM"]):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).with_name("." + Path(path).name + ".tmp").write_bytes(blob[: len(blob) // 2])
@@ -183,7 +137,7 @@ _RUN = """
 import sys
 from pathlib import Path
 from tests.test_parallel_writer import data, open_writer, write
-write(open_writer(Path(sys.argv[1]), 29, 3), data(29, seed=2), 2, kind="process")
+write(open_writer(Path(sys.argv[1]), 29, 3), data(29, seed=2), 2, kind=sys.argv[2])
 """
 
 
@@ -194,6 +148,47 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _kill_mid_shard(tmp_path: Path, kind: str, who: str) -> tuple[subprocess.CompletedProcess, int]:
+    """Run the 29-row store with 2 writers of ``kind`` into tmp_path/killed; shard 6's tokens file is
+    half written, then its writer (``who="writer"``) or the run (``"run"``) is SIGKILLed. Returns the
+    run and the pid of the victim file's writer."""
+    site, pidfile = tmp_path / "site", tmp_path / "victim.pid"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_PATCH)
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", TEST_KILL=who, TEST_PIDFILE=str(pidfile))
+    env["TEST_VICTIM"] = "tokens/c/6/0/0/0"  # shard 6's tokens file
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN, str(tmp_path / "killed"), kind],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    return proc, int(pidfile.read_text())
+
+
+def _resume_gives_the_clean_store(tmp_path: Path, kind: str) -> None:
+    """The rerun after `_kill_mid_shard`: shard 6 uncommitted with its temp file left, then the store
+    the clean run writes, byte for byte."""
+    n, shard, store = 29, 3, tmp_path / "killed"
+    d = data(n, seed=2)
+    clean = open_writer(tmp_path / "clean", n, shard)
+    write(clean, d, 1)
+    clean.finalize()
+    w = open_writer(store, n, shard)  # the rerun: the same command
+    done = w.committed_shards()
+    assert 6 not in done and len(done) < w.num_shards
+    assert (store / "tokens/c/6/0/0/.0.tmp").exists()  # what the kill left
+    write(w, d, 2, [s for s in range(w.num_shards) if s not in done], kind=kind)
+    w.finalize()
+    assert sorted(p.name for p in store.rglob("*.tmp")) == []
+    assert files(store) == files(clean.path)
+    assert StoreReader(store).verify() == []
+
+
+def test_kill_9_mid_shard_then_resume_gives_the_clean_store(tmp_path):
+    proc, _ = _kill_mid_shard(tmp_path, "thread", "writer")  # a writer thread's kill is the run's
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    _resume_gives_the_clean_store(tmp_path, "thread")
+
+
 @needs_processes
 @pytest.mark.parametrize("who", ["writer", "run"])
 def test_a_killed_writer_process_or_run_resumes_to_the_clean_store(tmp_path, who):
@@ -202,25 +197,7 @@ def test_a_killed_writer_process_or_run_resumes_to_the_clean_store(tmp_path, who
     the rerun completes the store the clean run writes."""
     import time
 
-    n, shard = 29, 3
-    d = data(n, seed=2)
-    clean = open_writer(tmp_path / "clean", n, shard)
-    write(clean, d, 1)
-    clean.finalize()
-    site, store, pidfile = tmp_path / "site", tmp_path / "killed", tmp_path / "victim.pid"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_PATCH)
-    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", TEST_KILL=who, TEST_PIDFILE=str(pidfile))
-    env["TEST_VICTIM"] = "tokens/c/6/0/0/0"  # shard 6's tokens file
-    proc = subprocess.run(
-        [sys.executable, "-c", _RUN, str(store)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    pid = int(pidfile.read_text())
+    proc, pid = _kill_mid_shard(tmp_path, "process", who)
     if who == "writer":
         assert proc.returncode == 1, proc.stderr
         last = proc.stderr.strip().splitlines()[-1]
@@ -233,15 +210,7 @@ def test_a_killed_writer_process_or_run_resumes_to_the_clean_store(tmp_path, who
             time.sleep(0.05)
         assert _gone(pid), "a writer process outlived the run"
         time.sleep(0.5)
-    w = open_writer(store, n, shard)  # the rerun: the same command
-    done = w.committed_shards()
-    assert 6 not in done and len(done) < w.num_shards
-    assert (store / "tokens/c/6/0/0/.0.tmp").exists()  # what the kill left
-    write(w, d, 2, [s for s in range(w.num_shards) if s not in done], kind="process")
-    w.finalize()
-    assert sorted(p.name for p in store.rglob("*.tmp")) == []
-    assert files(store) == files(clean.path)
-    assert StoreReader(store).verify() == []
+    _resume_gives_the_clean_store(tmp_path, "process")
 
 
 @needs_processes
